@@ -1,0 +1,96 @@
+// Weighted accumulation from compressed forms (portable C++, auto-vectorised loops).
+#include <cstring>
+
+#include "aggregate.h"
+#include "common.h"
+
+namespace edgefed {
+
+float half_to_float(uint16_t h) {
+  // Branch-light conversion: normals/Inf/NaN by re-biasing the exponent, subnormals by
+  // a float multiply (exact: 2^-24 scaling of an integer < 1024).
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    float f = static_cast<float>(man) * 5.9604644775390625e-08f;  // 2^-24
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+void acc_dense_f32(float* sums, const float* x, std::size_t n, float w, int threads) {
+  parallel_for(n, effective_threads(n, threads), 1024, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t i = b; i < e; ++i) sums[i] += w * x[i];
+  });
+}
+
+void acc_dense_f16(float* sums, const uint16_t* h, std::size_t n, float w, int threads) {
+  parallel_for(n, effective_threads(n, threads), 1024, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t i = b; i < e; ++i) sums[i] += w * half_to_float(h[i]);
+  });
+}
+
+void acc_dense_int8(float* sums, const int8_t* q, std::size_t n, const float* scales,
+                    std::size_t block, float w, int threads) {
+  const std::size_t nb = (n + block - 1) / block;
+  parallel_for(nb, effective_threads(n, threads) > 1 ? effective_threads(nb, threads, 1) : 1, 1,
+               [&](std::size_t b0, std::size_t b1, int) {
+                 for (std::size_t bl = b0; bl < b1; ++bl) {
+                   const float s = w * scales[bl];
+                   std::size_t b = bl * block, e = b + block < n ? b + block : n;
+                   for (std::size_t i = b; i < e; ++i) sums[i] += s * static_cast<float>(q[i]);
+                 }
+               });
+}
+
+void acc_dense_int4(float* sums, const uint8_t* packed, std::size_t n, const float* scales,
+                    std::size_t block, float w, int threads) {
+  parallel_for(n, effective_threads(n, threads), 2, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t i = b; i < e; ++i) {
+      uint8_t nib = (packed[i / 2] >> ((i & 1) * 4)) & 0x0f;
+      int8_t v = static_cast<int8_t>(static_cast<int8_t>(nib << 4) >> 4);
+      sums[i] += w * scales[i / block] * static_cast<float>(v);
+    }
+  });
+}
+
+namespace {
+template <class Value>
+void acc_sparse(float* sums, float* wsums, const uint32_t* idx, std::size_t count, float vw,
+                float w, int threads, Value&& value) {
+  parallel_for(count, effective_threads(count, threads, 1 << 15), 1,
+               [&](std::size_t b, std::size_t e, int) {
+                 for (std::size_t j = b; j < e; ++j) sums[idx[j]] += vw * value(j);
+                 if (wsums)
+                   for (std::size_t j = b; j < e; ++j) wsums[idx[j]] += w;
+               });
+}
+}  // namespace
+
+void acc_sparse_f32(float* sums, float* wsums, const uint32_t* idx, const float* v,
+                    std::size_t count, float w, int threads) {
+  acc_sparse(sums, wsums, idx, count, w, w, threads, [&](std::size_t j) { return v[j]; });
+}
+
+void acc_sparse_f16(float* sums, float* wsums, const uint32_t* idx, const uint16_t* h,
+                    std::size_t count, float w, int threads) {
+  acc_sparse(sums, wsums, idx, count, w, w, threads,
+             [&](std::size_t j) { return half_to_float(h[j]); });
+}
+
+void acc_sparse_int8(float* sums, float* wsums, const uint32_t* idx, const int8_t* q,
+                     std::size_t count, float scale, float w, int threads) {
+  acc_sparse(sums, wsums, idx, count, w * scale, w, threads,
+             [&](std::size_t j) { return static_cast<float>(q[j]); });
+}
+
+}  // namespace edgefed
