@@ -1,0 +1,190 @@
+// The quantization kernels written once over a small vector-traits type V (MLAS style:
+// thin per-ISA wrappers over one template). Each ISA file defines V and instantiates
+// make_kernels<V>(). V must provide, with W lanes:
+//   F load(const float*), store(float*, F), set1(float), div, mul, sub, orf(F, F)
+//   vmax(a, b) == (a > b ? a : b), vmin(a, b) == (a < b ? a : b)   (x86 maxps/minps rules:
+//       a NaN in `a` yields b, which clamps NaN to the lower bound)
+//   I cvt(F) (round half to even, default rounding mode), F i2f(I), I iadd(I, I), I set1i(int)
+//   store_bytes4(uint8_t*, I, I, I, I): low byte of each lane, 4*W bytes
+//   load_bytes4(const uint8_t*, bool is_signed, I&, I&, I&, I&): 4*W bytes, sign/zero-extended
+//   bool has_nan(F)
+// Tails (n % 4W) go through the same vector body on a zero-padded stack buffer, so a tail
+// element is rounded exactly like a body element.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "quantize.h"
+
+namespace edgefed::quant::impl {
+
+template <class V>
+struct Impl {
+  using F = typename V::F;
+  using I = typename V::I;
+  static constexpr std::size_t W = V::W, B = 4 * V::W;
+
+  static bool minmax(const float* x, std::size_t n, float* mn_out, float* mx_out) {
+    const F zero = V::set1(0.f);
+    F mn0 = V::set1(x[0]), mn1 = mn0, mx0 = mn0, mx1 = mn0, bad = zero;
+    std::size_t i = 0;
+    for (; i + B <= n; i += B) {
+      F a = V::load(x + i), b = V::load(x + i + W), c = V::load(x + i + 2 * W),
+        d = V::load(x + i + 3 * W);
+      bad = V::orf(bad, V::orf(V::orf(V::mul(a, zero), V::mul(b, zero)),
+                               V::orf(V::mul(c, zero), V::mul(d, zero))));
+      mn0 = V::vmin(a, mn0), mn1 = V::vmin(b, mn1), mx0 = V::vmax(a, mx0), mx1 = V::vmax(b, mx1);
+      mn0 = V::vmin(c, mn0), mn1 = V::vmin(d, mn1), mx0 = V::vmax(c, mx0), mx1 = V::vmax(d, mx1);
+    }
+    alignas(64) float lo[2 * W], hi[2 * W];
+    V::store(lo, mn0), V::store(lo + W, mn1), V::store(hi, mx0), V::store(hi + W, mx1);
+    float mn = lo[0], mx = hi[0];
+    bool nonfinite = V::has_nan(bad);
+    for (std::size_t k = 0; k < 2 * W; ++k) {
+      mn = lo[k] < mn ? lo[k] : mn;
+      mx = hi[k] > mx ? hi[k] : mx;
+    }
+    for (; i < n; ++i) {
+      const float v = x[i];
+      nonfinite |= (v * 0.f) != 0.f;
+      mn = v < mn ? v : mn;
+      mx = v > mx ? v : mx;
+    }
+    *mn_out = mn, *mx_out = mx;
+    return nonfinite;
+  }
+
+  static bool minmax_cols(const float* x, std::size_t n, float* mn, float* mx) {
+    const F zero = V::set1(0.f);
+    F bad = zero;
+    std::size_t i = 0;
+    for (; i + W <= n; i += W) {
+      F a = V::load(x + i);
+      bad = V::orf(bad, V::mul(a, zero));
+      V::store(mn + i, V::vmin(a, V::load(mn + i)));
+      V::store(mx + i, V::vmax(a, V::load(mx + i)));
+    }
+    bool nonfinite = V::has_nan(bad);
+    for (; i < n; ++i) {
+      const float v = x[i];
+      nonfinite |= (v * 0.f) != 0.f;
+      mn[i] = v < mn[i] ? v : mn[i];
+      mx[i] = v > mx[i] ? v : mx[i];
+    }
+    return nonfinite;
+  }
+
+  static inline I q1(F x, F s, F lo, F hi, I zi) {
+    return V::iadd(V::cvt(V::vmin(V::vmax(V::div(x, s), lo), hi)), zi);
+  }
+
+  static bool quant(const float* x, std::size_t n, float scale, float zp, float qmin, float qmax,
+                    std::uint8_t* out) {
+    const F s = V::set1(scale), lo = V::set1(qmin - zp), hi = V::set1(qmax - zp),
+            zero = V::set1(0.f);
+    const I zi = V::set1i(static_cast<int>(zp));
+    F bad = zero;
+    auto body = [&](const float* xp, std::uint8_t* op) {
+      F a = V::load(xp), b = V::load(xp + W), c = V::load(xp + 2 * W), d = V::load(xp + 3 * W);
+      bad = V::orf(bad, V::orf(V::orf(V::mul(a, zero), V::mul(b, zero)),
+                               V::orf(V::mul(c, zero), V::mul(d, zero))));
+      V::store_bytes4(op, q1(a, s, lo, hi, zi), q1(b, s, lo, hi, zi), q1(c, s, lo, hi, zi),
+                      q1(d, s, lo, hi, zi));
+    };
+    std::size_t i = 0;
+    for (; i + B <= n; i += B) body(x + i, out + i);
+    if (i < n) {
+      alignas(64) float xb[B] = {};
+      alignas(64) std::uint8_t ob[B];
+      std::memcpy(xb, x + i, (n - i) * sizeof(float));
+      body(xb, ob);
+      std::memcpy(out + i, ob, n - i);
+    }
+    return V::has_nan(bad);
+  }
+
+  static bool quant_vec(const float* x, std::size_t n, const float* scale, const float* zp,
+                        float qmin, float qmax, std::uint8_t* out) {
+    const F zero = V::set1(0.f), vqmin = V::set1(qmin), vqmax = V::set1(qmax);
+    F bad = zero;
+    auto one = [&](const float* xp, const float* sp, const float* zpp) {
+      F a = V::load(xp), z = V::load(zpp);
+      bad = V::orf(bad, V::mul(a, zero));
+      return q1(a, V::load(sp), V::sub(vqmin, z), V::sub(vqmax, z), V::cvt(z));
+    };
+    auto body = [&](const float* xp, const float* sp, const float* zpp, std::uint8_t* op) {
+      I a = one(xp, sp, zpp), b = one(xp + W, sp + W, zpp + W),
+        c = one(xp + 2 * W, sp + 2 * W, zpp + 2 * W), d = one(xp + 3 * W, sp + 3 * W, zpp + 3 * W);
+      V::store_bytes4(op, a, b, c, d);
+    };
+    std::size_t i = 0;
+    for (; i + B <= n; i += B) body(x + i, scale + i, zp + i, out + i);
+    if (i < n) {
+      alignas(64) float xb[B] = {}, sb[B], zb[B] = {};
+      alignas(64) std::uint8_t ob[B];
+      std::fill(sb, sb + B, 1.f);
+      std::memcpy(xb, x + i, (n - i) * sizeof(float));
+      std::memcpy(sb, scale + i, (n - i) * sizeof(float));
+      std::memcpy(zb, zp + i, (n - i) * sizeof(float));
+      body(xb, sb, zb, ob);
+      std::memcpy(out + i, ob, n - i);
+    }
+    return V::has_nan(bad);
+  }
+
+  static void dequant(const std::uint8_t* q, std::size_t n, bool is_signed, float scale,
+                      float zp, float* out) {
+    const F s = V::set1(scale), z = V::set1(zp);
+    auto body = [&](const std::uint8_t* qp, float* op) {
+      I a, b, c, d;
+      V::load_bytes4(qp, is_signed, a, b, c, d);
+      V::store(op, V::mul(V::sub(V::i2f(a), z), s));
+      V::store(op + W, V::mul(V::sub(V::i2f(b), z), s));
+      V::store(op + 2 * W, V::mul(V::sub(V::i2f(c), z), s));
+      V::store(op + 3 * W, V::mul(V::sub(V::i2f(d), z), s));
+    };
+    std::size_t i = 0;
+    for (; i + B <= n; i += B) body(q + i, out + i);
+    if (i < n) {
+      alignas(64) std::uint8_t qb[B] = {};
+      alignas(64) float ob[B];
+      std::memcpy(qb, q + i, n - i);
+      body(qb, ob);
+      std::memcpy(out + i, ob, (n - i) * sizeof(float));
+    }
+  }
+
+  static void dequant_vec(const std::uint8_t* q, std::size_t n, bool is_signed,
+                          const float* scale, const float* zp, float* out) {
+    auto body = [&](const std::uint8_t* qp, const float* sp, const float* zpp, float* op) {
+      I v[4];
+      V::load_bytes4(qp, is_signed, v[0], v[1], v[2], v[3]);
+      for (std::size_t k = 0; k < 4; ++k)
+        V::store(op + k * W,
+                 V::mul(V::sub(V::i2f(v[k]), V::load(zpp + k * W)), V::load(sp + k * W)));
+    };
+    std::size_t i = 0;
+    for (; i + B <= n; i += B) body(q + i, scale + i, zp + i, out + i);
+    if (i < n) {
+      alignas(64) std::uint8_t qb[B] = {};
+      alignas(64) float sb[B] = {}, zb[B] = {}, ob[B];
+      std::memcpy(qb, q + i, n - i);
+      std::memcpy(sb, scale + i, (n - i) * sizeof(float));
+      std::memcpy(zb, zp + i, (n - i) * sizeof(float));
+      body(qb, sb, zb, ob);
+      std::memcpy(out + i, ob, (n - i) * sizeof(float));
+    }
+  }
+};
+
+template <class V>
+Kernels make_kernels(const char* name) {
+  using K = Impl<V>;
+  return Kernels{name, &K::minmax, &K::minmax_cols, &K::quant, &K::quant_vec, &K::dequant,
+                 &K::dequant_vec};
+}
+
+}  // namespace edgefed::quant::impl
