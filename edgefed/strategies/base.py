@@ -181,6 +181,9 @@ class Strategy(ABC):
     """Base class. ``max_update_norm`` (optional) bounds every update's L2 norm first."""
 
     name: ClassVar[str] = "base"
+    # Optional adaptive bound (edgefed.security.norm_bound.AdaptiveNormBound, issue 7): when
+    # set, its ``bound`` replaces max_update_norm. Typed Any: strategies must not import security.
+    norm_bound: Any = None
 
     def __init__(self, max_update_norm: float | None = None) -> None:
         if max_update_norm is not None and max_update_norm <= 0:
@@ -201,14 +204,14 @@ class Strategy(ABC):
             except UpdateRejected as e:
                 bad.append(e)
                 continue
-            if self.max_update_norm is not None:
-                u = ClientUpdate(
-                    u.device_id,
-                    clip_update(u.delta, self.max_update_norm)[0],
-                    u.num_samples,
-                    u.mask,
-                    u.loss,
-                )
+            nb = self.norm_bound
+            bound = self.max_update_norm if nb is None else nb.bound
+            norm = update_norm(u.delta) if nb is not None and bound is None else None
+            if bound is not None:
+                delta, norm = clip_update(u.delta, bound)
+                u = ClientUpdate(u.device_id, delta, u.num_samples, u.mask, u.loss)
+            if nb is not None and norm is not None:
+                nb.observe(u.device_id, norm)
             ok.append(u)
         return ok, bad
 
@@ -220,7 +223,10 @@ class Strategy(ABC):
             raise bad[0]
         if not ok:
             return {k: v.copy() for k, v in global_params.items()}
-        return self._aggregate(rnd, global_params, ok)
+        new = self._aggregate(rnd, global_params, ok)
+        if self.norm_bound is not None:
+            self.norm_bound.end_round()
+        return new
 
     @abstractmethod
     def _aggregate(self, rnd: int, global_params: Params, updates: list[ClientUpdate]) -> Params:
