@@ -32,14 +32,11 @@ void check_array(const py::array& a, const std::string& what, bool writeable) {
 }
 
 std::size_t numel(const py::array& a) {
-  // Overflow-safe element count (a stride-trick view can claim any shape).
+  // Overflow-checked element count (a stride-trick view can claim any shape); saturates.
   std::size_t n = 1;
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-    const auto d = static_cast<std::size_t>(a.shape(i));
-    if (d != 0 && n > q::kMaxElements / d + 1) n = q::kMaxElements + 1;
-    else n *= d;
-  }
-  return std::min(n, q::kMaxElements + 1);
+  for (py::ssize_t i = 0; i < a.ndim(); ++i)
+    if (__builtin_mul_overflow(n, static_cast<std::size_t>(a.shape(i)), &n)) return SIZE_MAX;
+  return n;
 }
 
 void check_float_input(const py::array& x, const std::string& name) {
