@@ -1,0 +1,351 @@
+"""Run an exported training step (see edgefed.train_export) with plain onnxruntime. No torch.
+
+The session is created once. Parameters, optimizer state and BatchNorm statistics live in two
+sets of numpy buffers wrapped by OrtValues (no copies): each step binds set A as inputs and set
+B as outputs through io_binding, then the sets swap. Inputs are validated against the manifest
+(names, dtypes, shapes, finiteness) before anything runs, with errors that name the tensor.
+
+This module needs nothing from ``edgefed._core``: numpy + onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .dataset import DatasetError, batch_order, load_npz
+
+FORMAT = "edgefed.train_step/1"
+_PERSISTENT = ("param", "frozen", "buffer", "state", "step")
+_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float64": np.float64}
+
+
+class TrainerError(ValueError):
+    """Bad step graph, manifest, parameters or data for the trainer."""
+
+
+@dataclass
+class TrainStats:
+    """What one ``train_epochs`` call did (loss is the sample-weighted mean per epoch)."""
+
+    steps: int = 0
+    samples: int = 0
+    epoch_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.epoch_loss[-1] if self.epoch_loss else float("nan")
+
+
+def _read_bytes(obj: bytes | str | Path) -> bytes:
+    return obj if isinstance(obj, bytes) else Path(obj).read_bytes()
+
+
+def _read_manifest(obj: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    try:
+        return json.loads(Path(obj).read_text())
+    except (OSError, ValueError) as e:
+        raise TrainerError(f"manifest {obj}: unreadable: {e}") from e
+
+
+def _session(data: bytes, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise TrainerError(f"onnxruntime cannot load the graph: {e}") from e
+
+
+def _np_dtype(name: str) -> np.dtype[Any]:
+    if name not in _DTYPES:
+        raise TrainerError(f"manifest dtype {name!r} not supported")
+    return np.dtype(_DTYPES[name])
+
+
+class StepTrainer:
+    """Trains on local data by running the exported step graph in onnxruntime."""
+
+    def __init__(
+        self,
+        step_onnx: bytes | str | Path,
+        manifest: Mapping[str, Any] | str | Path,
+        threads: int = 1,
+        inference_onnx: bytes | str | Path | None = None,
+    ) -> None:
+        if threads < 1:
+            raise TrainerError(f"threads must be >= 1, got {threads}")
+        self.manifest = _read_manifest(manifest)
+        if self.manifest.get("format") != FORMAT:
+            raise TrainerError(f"manifest format {self.manifest.get('format')!r} != {FORMAT!r}")
+        self.threads = threads
+        self._sess = _session(_read_bytes(step_onnx), threads)
+        self._inf_bytes = _read_bytes(inference_onnx) if inference_onnx is not None else None
+        self._inf_sess: ort.InferenceSession | None = None
+        self._in = {e["name"]: e for e in self.manifest["inputs"]}
+        self._out = {e["name"]: e for e in self.manifest["outputs"]}
+        sess_in = [i.name for i in self._sess.get_inputs()]
+        sess_out = [o.name for o in self._sess.get_outputs()]
+        if sess_in != list(self._in) or sess_out != list(self._out):
+            raise TrainerError("step graph inputs/outputs do not match the manifest")
+        self._by_role: dict[str, list[dict[str, Any]]] = {}
+        for e in self.manifest["inputs"]:
+            self._by_role.setdefault(e["role"], []).append(e)
+        # Two buffer sets for everything the step rewrites, one for what it only reads.
+        self._cur: dict[str, np.ndarray] = {}
+        self._nxt: dict[str, np.ndarray] = {}
+        self._ov_cur: dict[str, ort.OrtValue] = {}
+        self._ov_nxt: dict[str, ort.OrtValue] = {}
+        fed = {e["feeds"] for e in self.manifest["outputs"] if "feeds" in e}
+        for name, e in self._in.items():
+            if e["role"] in _PERSISTENT or e["role"] == "global":
+                shape = tuple(int(s) for s in e["shape"])
+                self._cur[name] = np.zeros(shape, _np_dtype(e["dtype"]))
+                self._ov_cur[name] = ort.OrtValue.ortvalue_from_numpy(self._cur[name])
+                if name in fed:
+                    self._nxt[name] = np.zeros(shape, _np_dtype(e["dtype"]))
+                    self._ov_nxt[name] = ort.OrtValue.ortvalue_from_numpy(self._nxt[name])
+        self._loss = np.zeros((), np.float32)
+        self._ov_loss = ort.OrtValue.ortvalue_from_numpy(self._loss)
+        self._scalars = {k: np.zeros((), np.float32) for k in ("lr", "mu", "adam_eps")}
+        eps = self.manifest["optimizer"].get("eps")
+        if eps is not None:
+            self._scalars["adam_eps"][()] = eps
+        self._binding = self._sess.io_binding()
+        self._param_keys = {
+            e["key"]: e["name"]
+            for e in self.manifest["inputs"]
+            if e["role"] in ("param", "frozen", "buffer")
+        }
+        self._x = self._in["x"]
+        self._y = self._in["y"]
+
+    # ----- parameters and state -------------------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        """Names settable/readable through params (baked constants excluded)."""
+        return list(self._param_keys)
+
+    def set_params(self, params: Mapping[str, np.ndarray], strict: bool = True) -> None:
+        """Copy parameters in (validated first; nothing changes if any tensor is bad).
+
+        ``strict``: every graph parameter must be given. Baked (constant) tensors may be given
+        too: they are checked against the sha256 recorded at export, never silently ignored.
+        """
+        baked = self.manifest.get("baked", {})
+        unknown = [k for k in params if k not in self._param_keys and k not in baked]
+        if unknown:
+            raise TrainerError(f"unknown parameter names: {unknown[:5]}")
+        missing = [k for k in self._param_keys if k not in params]
+        if strict and missing:
+            raise TrainerError(f"missing parameters: {missing[:5]}")
+        staged: list[tuple[str, np.ndarray]] = []
+        for k, v in params.items():
+            a = np.asarray(v)
+            if k in baked:
+                b = baked[k]
+                if (
+                    list(a.shape) != b["shape"]
+                    or hashlib.sha256(
+                        np.ascontiguousarray(a, dtype=_np_dtype(b["dtype"])).tobytes()
+                    ).hexdigest()
+                    != b["sha256"]
+                ):
+                    raise TrainerError(
+                        f"parameter {k!r} differs from the value baked into the step graph "
+                        "(export again with the new backbone, or export with bake_frozen=False)"
+                    )
+                continue
+            staged.append((self._param_keys[k], self._checked(self._param_keys[k], a)))
+        for name, a in staged:
+            np.copyto(self._cur[name], a)
+
+    def _checked(self, name: str, a: np.ndarray) -> np.ndarray:
+        e = self._in[name]
+        want = tuple(int(s) for s in e["shape"])
+        if a.shape != want:
+            raise TrainerError(f"{e['key'] or name}: shape {a.shape} != expected {want}")
+        if a.dtype != _np_dtype(e["dtype"]):
+            if a.dtype.kind == "f" and e["dtype"].startswith("float"):
+                a = a.astype(_np_dtype(e["dtype"]))
+            else:
+                raise TrainerError(f"{e['key'] or name}: dtype {a.dtype} != {e['dtype']}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise TrainerError(f"{e['key'] or name}: contains NaN or inf")
+        return a
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Current parameters and statistics (copies: the live buffers swap every step)."""
+        return {k: self._cur[n].copy() for k, n in self._param_keys.items()}
+
+    @property
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return {
+            e["name"]: self._cur[e["name"]].copy()
+            for e in self.manifest["inputs"]
+            if e["role"] in ("state", "step")
+        }
+
+    def reset_optimizer_state(self) -> None:
+        """Zero momentum / Adam moments and the step counter (a fresh optimizer)."""
+        for e in self.manifest["inputs"]:
+            if e["role"] in ("state", "step"):
+                self._cur[e["name"]].fill(0)
+
+    # ----- training -------------------------------------------------------------------------
+    def _check_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = []
+        for arr, e in ((x, self._x), (y, self._y)):
+            a = np.asarray(arr)
+            want_dtype = _np_dtype(e["dtype"])
+            if a.dtype != want_dtype:
+                same_kind = (a.dtype.kind == "f" and want_dtype.kind == "f") or (
+                    a.dtype.kind in "iu" and want_dtype.kind == "i"
+                )
+                if not same_kind:
+                    raise TrainerError(f"{e['name']}: dtype {a.dtype} != {e['dtype']}")
+                a = a.astype(want_dtype)
+            want = tuple(int(s) for s in e["shape"][1:])
+            if a.ndim != len(e["shape"]) or a.shape[1:] != want:
+                raise TrainerError(f"{e['name']}: per-sample shape {a.shape[1:]} != {want}")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise TrainerError(f"{e['name']}: contains NaN or inf")
+            out.append(a)
+        if out[0].shape[0] != out[1].shape[0] or out[0].shape[0] == 0:
+            raise TrainerError(f"x has {out[0].shape[0]} samples, y has {out[1].shape[0]}")
+        classes = self.manifest.get("num_classes")
+        if classes is not None and out[1].size and (out[1].min() < 0 or out[1].max() >= classes):
+            raise TrainerError(f"y: class ids must be in [0, {classes})")
+        return out[0], out[1]
+
+    def train_epochs(
+        self,
+        x: np.ndarray | str | Path,
+        y: np.ndarray | None = None,
+        epochs: int = 1,
+        batch_size: int = 32,
+        lr: float = 0.05,
+        seed: int = 0,
+        global_params: Mapping[str, np.ndarray] | None = None,
+        shuffle: bool = True,
+        mu: float = 0.01,
+    ) -> TrainStats:
+        """Run ``epochs`` over (x, y) (or an .npz path holding 'x' and 'y').
+
+        FedProx graphs: ``global_params`` is w_global (defaults to the parameters at the start
+        of this call, i.e. the round's global model) and ``mu`` the proximal weight.
+        """
+        if isinstance(x, (str, Path)):
+            if y is not None:
+                raise TrainerError("pass either an .npz path or arrays (x, y)")
+            x, y = load_npz(x)
+        if y is None:
+            raise TrainerError("y is required with array input")
+        x, y = self._check_data(x, y)
+        if not (np.isfinite(lr) and lr >= 0) or not (np.isfinite(mu) and mu >= 0):
+            raise TrainerError(f"lr and mu must be finite and >= 0 (got {lr}, {mu})")
+        self._scalars["lr"][()] = lr
+        self._scalars["mu"][()] = mu
+        if self.manifest.get("fedprox"):
+            src = global_params if global_params is not None else self.params
+            staged = []
+            for e in self._by_role.get("global", []):
+                if e["key"] not in src:
+                    raise TrainerError(f"global_params lacks {e['key']!r}")
+                staged.append((e["name"], self._checked(e["name"], np.asarray(src[e["key"]]))))
+            for name, a in staged:
+                np.copyto(self._cur[name], a)
+        elif global_params is not None:
+            raise TrainerError(
+                "global_params given but the step graph was exported without FedProx"
+            )
+        stats = TrainStats()
+        t0 = time.perf_counter()
+        epoch_sum, epoch_n, current = 0.0, 0, 0
+        try:
+            for epoch, idx in batch_order(len(x), epochs, batch_size, seed, shuffle):
+                if epoch != current:
+                    stats.epoch_loss.append(epoch_sum / max(epoch_n, 1))
+                    epoch_sum, epoch_n, current = 0.0, 0, epoch
+                loss = self._step(np.ascontiguousarray(x[idx]), np.ascontiguousarray(y[idx]))
+                if not np.isfinite(loss):
+                    raise TrainerError(f"loss became {loss} at step {stats.steps} (lr too high?)")
+                epoch_sum += loss * len(idx)
+                epoch_n += len(idx)
+                stats.steps += 1
+                stats.samples += len(idx)
+        except DatasetError as e:
+            raise TrainerError(str(e)) from e
+        if epoch_n:
+            stats.epoch_loss.append(epoch_sum / epoch_n)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        """One validated optimizer step on one batch; returns its loss."""
+        x, y = self._check_data(x, y)
+        self._scalars["lr"][()] = lr
+        return self._step(np.ascontiguousarray(x), np.ascontiguousarray(y))
+
+    def _step(self, xb: np.ndarray, yb: np.ndarray) -> float:
+        b = self._binding
+        b.bind_cpu_input("x", xb)
+        b.bind_cpu_input("y", yb)
+        for role in ("lr", "mu", "adam_eps"):
+            if role in self._in:
+                b.bind_cpu_input(role, self._scalars[role])
+        for name, ov in self._ov_cur.items():
+            b.bind_ortvalue_input(name, ov)
+        b.bind_ortvalue_output("loss", self._ov_loss)
+        for oname, e in self._out.items():
+            if "feeds" in e:
+                b.bind_ortvalue_output(oname, self._ov_nxt[e["feeds"]])
+        self._sess.run_with_iobinding(b)
+        for name in self._nxt:  # swap: outputs of this step are the inputs of the next
+            self._cur[name], self._nxt[name] = self._nxt[name], self._cur[name]
+            self._ov_cur[name], self._ov_nxt[name] = self._ov_nxt[name], self._ov_cur[name]
+        return float(self._loss)
+
+    # ----- inference ------------------------------------------------------------------------
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Eval-mode outputs (e.g. logits) of the current parameters, via the inference graph."""
+        if self._inf_bytes is None:
+            raise TrainerError("no inference graph given to StepTrainer(inference_onnx=...)")
+        if self._inf_sess is None:
+            self._inf_sess = _session(self._inf_bytes, self.threads)
+        xe = self._x
+        a = np.asarray(x)
+        if a.dtype != _np_dtype(xe["dtype"]):
+            if a.dtype.kind != _np_dtype(xe["dtype"]).kind:
+                raise TrainerError(f"x: dtype {a.dtype} != {xe['dtype']}")
+            a = a.astype(_np_dtype(xe["dtype"]))
+        if a.shape[1:] != tuple(int(s) for s in xe["shape"][1:]):
+            raise TrainerError(f"x: per-sample shape {a.shape[1:]} wrong")
+        feed_static = {
+            e["name"]: self._cur[e["name"]] for e in self.manifest["inference"]["inputs"][1:]
+        }
+        outs = []
+        for s in range(0, len(a), batch_size):
+            feed = {"x": np.ascontiguousarray(a[s : s + batch_size]), **feed_static}
+            outs.append(self._inf_sess.run(None, feed)[0])
+        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Top-1 accuracy of predict(x) against integer labels y."""
+        return float(np.mean(self.predict(x).argmax(axis=1) == np.asarray(y)))

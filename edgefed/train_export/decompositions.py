@@ -1,0 +1,175 @@
+"""The decomposition table used when tracing a training step.
+
+Why own decompositions: onnxscript's torchlib has no ONNX function for several backward ops,
+and some forward ops export to ONNX nodes with different semantics (BatchNormalization in
+training mode normalises with the RUNNING statistics in the exporter's output: silently wrong).
+
+* ``convolution_backward``: input gradient as a transposed convolution; weight gradient as
+  im2col (strided slices of the padded input, stacked) + one MatMul per group. The "batch as
+  channels" convolution formulation exports fine but onnxruntime runs it 2-3x slower than torch
+  (the whole gradient map becomes a huge kernel); a GEMM over the patch matrix is what MLAS is
+  fast at.
+* ``avg_pool2d_backward``: a depthwise transposed convolution with a ones kernel over the
+  gradient divided by each window's divisor (a constant map: count_include_pad, ceil_mode
+  and divisor_override handled).
+* Batch norm (all train-mode variants) and ``native_dropout``: torch's reference decompositions,
+  so batch statistics are computed explicitly and new running stats become outputs, and dropout
+  draws from RandomUniformLike (ONNX Dropout in onnxruntime gave correlated masks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch._decomp import core_aten_decompositions, get_decompositions
+
+aten = torch.ops.aten
+
+
+def _im2col_weight_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    w_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    out_c, cg, kh, kw = (int(s) for s in w_shape)
+    c_in = int(x.shape[1])
+    ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    xt = x.transpose(0, 1)  # C, N, H, W: channel-major so the patch matrix needs no permute
+    if ph or pw:
+        xt = torch.nn.functional.pad(xt, [pw, pw, ph, ph])
+    cols = []
+    for i in range(kh):
+        for j in range(kw):
+            h0, w0 = i * dh, j * dw
+            cols.append(
+                xt[:, :, h0 : h0 + sh * (ho - 1) + 1 : sh, w0 : w0 + sw * (wo - 1) + 1 : sw]
+            )
+    patches = torch.stack(cols, dim=1) if len(cols) > 1 else cols[0].unsqueeze(1)
+    # patches: C, K, N, Ho, Wo -> groups, Cg*K, M   (M = N*Ho*Wo)
+    g = groups
+    patches = patches.reshape(g, (c_in // g) * kh * kw, -1)
+    go = grad_out.transpose(0, 1).reshape(g, out_c // g, -1)  # groups, Og, M
+    gw = torch.mm(go[0], patches[0].t()) if g == 1 else torch.bmm(go, patches.transpose(1, 2))
+    return gw.reshape(out_c, cg, kh, kw)
+
+
+def convolution_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias_sizes: Any,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+    output_mask: Sequence[bool],
+) -> Any:
+    if transposed or x.dim() != 4:
+        return NotImplemented  # stays aten.convolution_backward -> reported as unsupported
+    gi = gw = gb = None
+    h, w_ = int(x.shape[2]), int(x.shape[3])
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
+    if output_mask[0]:
+        op = [
+            h + 2 * padding[0] - dilation[0] * (kh - 1) - 1 - (ho - 1) * stride[0],
+            w_ + 2 * padding[1] - dilation[1] * (kw - 1) - 1 - (wo - 1) * stride[1],
+        ]
+        gi = aten.convolution.default(
+            grad_out, weight, None, list(stride), list(padding), list(dilation), True, op, groups
+        )
+    if output_mask[1]:
+        gw = _im2col_weight_grad(grad_out, x, weight.shape, stride, padding, dilation, groups)
+    if output_mask[2]:
+        gb = grad_out.sum(dim=(0, 2, 3))
+    return gi, gw, gb
+
+
+def _pool_divisors(size: int, k: int, s: int, p: int, out: int) -> list[tuple[int, int]]:
+    """Per output index: (window size incl. padding, window size inside the input)."""
+    res = []
+    for o in range(out):
+        start = o * s - p
+        end = min(start + k, size + p)
+        full = end - start
+        lo, hi = max(start, 0), min(end, size)
+        res.append((full, hi - lo))
+    return res
+
+
+def avg_pool2d_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+) -> Tensor:
+    if x.dim() != 4:
+        return NotImplemented
+    kh, kw = kernel_size
+    sh, sw = stride if stride else kernel_size
+    ph, pw = padding if len(padding) == 2 else (padding[0], padding[0])
+    h, w = int(x.shape[2]), int(x.shape[3])
+    ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
+    c = int(x.shape[1])
+    rows = _pool_divisors(h, kh, sh, ph, ho)
+    cols = _pool_divisors(w, kw, sw, pw, wo)
+    inv_rows = [
+        [
+            1.0 / float(divisor_override)
+            if divisor_override
+            else 1.0 / float(rf * cf if count_include_pad else ri * ci)
+            for (cf, ci) in cols
+        ]
+        for (rf, ri) in rows
+    ]
+    inv = torch.tensor(inv_rows, dtype=grad_out.dtype)  # a constant: shapes are static here
+    scaled = grad_out * inv
+    ones = torch.ones(c, 1, kh, kw, dtype=grad_out.dtype)
+    full = aten.convolution.default(scaled, ones, None, [sh, sw], [0, 0], [1, 1], True, [0, 0], c)
+    fh, fw = int(full.shape[2]), int(full.shape[3])
+    need_h, need_w = h + 2 * ph, w + 2 * pw
+    if fh < need_h or fw < need_w:
+        full = torch.nn.functional.pad(full, [0, max(0, need_w - fw), 0, max(0, need_h - fh)])
+    return full[:, :, ph : ph + h, pw : pw + w]
+
+
+def decomposition_table() -> dict[Any, Callable[..., Any]]:
+    """core aten decompositions + the ones above (built fresh: callers may extend it)."""
+    table: dict[Any, Callable[..., Any]] = dict(core_aten_decompositions())
+    table.update(
+        get_decompositions(
+            [
+                aten.max_pool2d_with_indices_backward,
+                aten.native_dropout,
+                aten._native_batch_norm_legit,
+                aten._native_batch_norm_legit_functional,
+                aten._native_batch_norm_legit_no_training,
+                aten.native_batch_norm,
+                aten._batch_norm_with_update,
+                aten._batch_norm_with_update_functional,
+                aten.native_batch_norm_backward,
+            ]
+        )
+    )
+    table[aten.convolution_backward.default] = convolution_backward
+    table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
+    return table
+
+
+__all__ = ["avg_pool2d_backward", "convolution_backward", "decomposition_table"]

@@ -1,0 +1,318 @@
+"""The verification gate: an exported step must match torch autograd + torch.optim.
+
+Run on fresh random parameters, optimizer state and batches (two batch sizes, one odd; one run
+from zero optimizer state = a real first step, one from random state), comparing loss, new
+parameters (as updates, relative to their size), new optimizer state and new BatchNorm
+statistics. The reference is independent of the traced code: the model copy runs eagerly,
+``loss.backward()`` and ``torch.optim`` do the update.
+
+Dropout cannot match torch's RNG, so for verification the graph's RandomUniformLike nodes are
+turned into inputs and torch's ``nn.Dropout`` modules are hooked to use the same noise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from .errors import VerificationError
+from .optimizers import Optimizer
+
+if TYPE_CHECKING:
+    from .export import StepGraph
+
+BATCHES = (16, 7)
+LOSS_RTOL = 1e-5
+UPDATE_RTOL = 1e-3
+ABS_TOL = 1e-6
+
+
+def _noise_inputs(proto_bytes: bytes) -> tuple[bytes, list[str]]:
+    """Replace every RandomUniformLike node by a graph input (names in graph order)."""
+    proto = onnx.load_from_string(proto_bytes)
+    names: list[str] = []
+    keep = []
+    for node in proto.graph.node:
+        if node.op_type in (
+            "RandomUniformLike",
+            "RandomUniform",
+            "RandomNormalLike",
+            "RandomNormal",
+            "Bernoulli",
+            "Multinomial",
+        ):
+            if node.op_type != "RandomUniformLike":
+                raise VerificationError(f"cannot verify a graph with {node.op_type} nodes")
+            out = node.output[0]
+            names.append(out)
+            proto.graph.input.append(
+                onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+            )
+        else:
+            keep.append(node)
+    if names:
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+    return proto.SerializeToString(), names
+
+
+def _session(data: bytes) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _rand_like(t: Tensor, g: torch.Generator, key: str) -> Tensor:
+    if not t.is_floating_point():
+        return t.clone()
+    if key.endswith("running_var"):
+        return torch.rand(t.shape, generator=g) + 0.5
+    if key.endswith("running_mean"):
+        return torch.randn(t.shape, generator=g) * 0.1
+    scale = float(t.std()) if t.numel() > 1 and float(t.std()) > 0 else 0.1
+    return torch.randn(t.shape, generator=g) * scale + float(t.mean()) * 0.5
+
+
+def _rand_batch(
+    x0: Tensor, y0: Tensor, n: int, g: torch.Generator, n_classes: int | None
+) -> tuple[Tensor, Tensor]:
+    def like(t: Tensor, classes: int | None) -> Tensor:
+        shape = (n, *t.shape[1:])
+        if t.is_floating_point():
+            s = float(t.std()) if t.numel() > 1 else 1.0
+            return torch.randn(shape, generator=g) * (s or 1.0) + float(t.mean())
+        hi = classes if classes is not None else int(t.max()) + 1
+        return torch.randint(int(t.min()) if classes is None else 0, hi, shape, generator=g).to(
+            t.dtype
+        )
+
+    return like(x0, None), like(y0, n_classes)
+
+
+class _DropoutNoise:
+    """Hooks nn.Dropout modules so torch uses the noise fed to the ONNX graph."""
+
+    def __init__(self, model: nn.Module, g: torch.Generator) -> None:
+        self.noise: list[Tensor] = []
+        self.g = g
+        self.handles = [
+            m.register_forward_hook(self._hook)
+            for m in model.modules()
+            if isinstance(m, nn.Dropout) and m.training and m.p > 0
+        ]
+
+    def _hook(self, m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        x = inp[0]
+        p = float(m.p)  # type: ignore[arg-type]
+        u = torch.rand(x.shape, generator=self.g)
+        self.noise.append(u)
+        if p >= 1:
+            return x * 0.0
+        return (u > p).to(x.dtype) * x * (1.0 / (1.0 - p))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _worst(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+
+
+def verify_step(
+    graph: StepGraph,
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    optimizer: Optimizer,
+    x0: Tensor,
+    y0: Tensor,
+    freeze_bn_stats: bool,
+) -> dict[str, float]:
+    """Raise VerificationError unless the ONNX step matches torch; return the worst errors."""
+    man = graph.manifest
+    data, noise_names = _noise_inputs(graph.onnx)
+    sess = _session(data)
+    baked = set(man["baked"])
+    tnames: list[str] = man["trainable"]
+    worst: dict[str, float] = {}
+    n_classes = None
+    with torch.no_grad():
+        model_out = copy.deepcopy(model).eval()(x0[:2])
+    if man["loss"] == "cross_entropy" and model_out.dim() >= 2:
+        n_classes = int(model_out.shape[1])
+    for run, n in enumerate(BATCHES):
+        g = torch.Generator().manual_seed(1234 + run)
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, t in [*ref.named_parameters(), *ref.named_buffers()]:
+                if name not in baked:
+                    t.copy_(_rand_like(t, g, name))
+        ref.train()
+        if freeze_bn_stats:
+            for m in ref.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        for name, p in ref.named_parameters():
+            p.requires_grad_(name in tnames)
+        x, y = _rand_batch(x0, y0, n, g, n_classes)
+        lr = 0.3 if run == 0 else 0.05
+        eps = float(getattr(optimizer, "eps", 1e-8))
+        mu = 0.1
+        tp = dict(ref.named_parameters())
+        bufs = dict(ref.named_buffers())
+        zero_state = run == 0
+        state: dict[str, list[Tensor]] = {
+            k: [
+                torch.zeros_like(tp[nm])
+                if zero_state
+                else (
+                    torch.rand(tp[nm].shape, generator=g) * 1e-3
+                    if k == "adam_v"
+                    else torch.randn(tp[nm].shape, generator=g) * 0.05
+                )
+                for nm in tnames
+            ]
+            for k in optimizer.per_param_state
+        }
+        step = 0.0 if zero_state else 3.0
+        gparams = {
+            nm: tp[nm].detach() + torch.randn(tp[nm].shape, generator=g) * 0.05 for nm in tnames
+        }
+        feed: dict[str, Any] = {}
+        for e in man["inputs"]:
+            role, key = e["role"], e["key"]
+            v: Tensor
+            if role == "x":
+                v = x
+            elif role == "y":
+                v = y
+            elif role == "lr":
+                v = torch.tensor(lr)
+            elif role == "mu":
+                v = torch.tensor(mu)
+            elif role == "adam_eps":
+                v = torch.tensor(eps)
+            elif role in ("param", "frozen"):
+                v = tp[key].detach()
+            elif role == "buffer":
+                v = bufs[key]
+            elif role == "state":
+                kind = e["name"].split(":")[1]
+                v = state[kind][tnames.index(key)]
+            elif role == "step":
+                v = torch.tensor(step)
+            elif role == "global":
+                v = gparams[key]
+            else:
+                raise VerificationError(f"unknown input role {role}")
+            feed[e["name"]] = v.detach().numpy().copy()
+        old = {nm: tp[nm].detach().clone() for nm in tnames}
+
+        hooks = _DropoutNoise(ref, g)
+        try:
+            opt = optimizer.torch_optimizer([tp[nm] for nm in tnames], lr, eps)
+            if not zero_state:
+                optimizer.load_torch_state(opt, [tp[nm] for nm in tnames], state, step)
+            out = ref(x)
+            lval = loss_fn(out, y)
+            total = lval
+            if man["fedprox"]:
+                total = lval + (mu / 2) * sum(((tp[nm] - gparams[nm]) ** 2).sum() for nm in tnames)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+        finally:
+            hooks.remove()
+        if len(hooks.noise) != len(noise_names):
+            raise VerificationError(
+                f"graph has {len(noise_names)} random nodes but the model ran "
+                f"{len(hooks.noise)} nn.Dropout modules: cannot verify (functional dropout?)"
+            )
+        for nm, u in zip(noise_names, hooks.noise, strict=True):
+            feed[nm] = u.numpy()
+        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+        new_state = optimizer.read_torch_state(opt, [tp[nm] for nm in tnames])
+        problems: list[str] = []
+        lt = float(lval.detach())
+        lo = float(res["loss"])
+        err = abs(lo - lt)
+        worst["loss"] = max(worst.get("loss", 0.0), err)
+        if not np.isfinite(lo) or err > LOSS_RTOL * max(1.0, abs(lt)):
+            problems.append(f"loss onnx={lo!r} torch={lt!r}")
+        for e in man["outputs"][1:]:
+            role, key, oname = e["role"], e["key"], e["name"]
+            got = res[oname]
+            if role == "param":
+                want = tp[key].detach().numpy()
+                base = old[key].numpy()
+                delta_err = _worst(got - base, want - base)
+                scale = float(np.max(np.abs(want - base), initial=0.0))
+                tol = UPDATE_RTOL * scale + ABS_TOL
+                label = "param"
+            elif role == "state":
+                kind = oname.split(":")[1]
+                want = new_state[kind][tnames.index(key)].numpy()
+                delta_err = _worst(got, want)
+                tol = UPDATE_RTOL * float(np.max(np.abs(want), initial=0.0)) + ABS_TOL
+                label = "state"
+            elif role == "step":
+                want = np.float32(step + 1)
+                delta_err = _worst(np.asarray(got), np.asarray(want))
+                tol = 0.0
+                label = "state"
+            elif role == "buffer":
+                want = bufs[key].detach().numpy()
+                delta_err = _worst(got, want)
+                tol = UPDATE_RTOL * float(np.max(np.abs(want), initial=0.0)) + ABS_TOL
+                label = "buffer"
+            else:
+                raise VerificationError(f"unknown output role {role}")
+            worst[label] = max(worst.get(label, 0.0), delta_err)
+            if not delta_err <= tol:
+                problems.append(f"{oname}: max abs diff {delta_err:.3g} > tol {tol:.3g}")
+        if problems:
+            raise VerificationError(
+                f"exported step disagrees with torch autograd/torch.optim at batch {n}: "
+                + "; ".join(problems[:8])
+            )
+    return worst
+
+
+def verify_inference(graph: StepGraph, model: nn.Module, x0: Tensor) -> float:
+    """The inference graph must match the eval-mode torch forward (two batch sizes)."""
+    man = graph.manifest
+    sess = _session(graph.inference_onnx)
+    ref = copy.deepcopy(model).eval()
+    worst = 0.0
+    for run, n in enumerate(BATCHES):
+        g = torch.Generator().manual_seed(99 + run)
+        with torch.no_grad():
+            for name, t in [*ref.named_parameters(), *ref.named_buffers()]:
+                if name not in man["baked"]:
+                    t.copy_(_rand_like(t, g, name))
+            x, _ = _rand_batch(x0, x0, n, g, None)
+            want = ref(x).numpy()
+        tensors = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+        feed = {"x": x.numpy()}
+        for e in man["inference"]["inputs"][1:]:
+            feed[e["name"]] = tensors[e["key"]].detach().numpy()
+        got = sess.run(None, feed)[0]
+        err = _worst(got, want)
+        worst = max(worst, err)
+        if not err <= 1e-4 * max(1.0, float(np.max(np.abs(want), initial=0.0))):
+            raise VerificationError(
+                f"inference graph differs from torch eval: {err:.3g} at batch {n}"
+            )
+    return worst
