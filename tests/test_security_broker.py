@@ -362,3 +362,33 @@ def test_acl_topics_come_from_the_transport_layout() -> None:
             topics.parse(topic)  # every concrete topic is one the runtime knows
     assert ["topic", "write", topics.update("d1")] in lines
     assert ["topic", "write", f"{topics.base}/task/+"] in lines
+
+
+def test_runtime_transport_runs_on_the_generated_accounts(secured_mosquitto: Any) -> None:
+    """The account files written by broker-config are valid [transport] tables for the runtime's
+    client: TLS, passwords, protocol probe (anonymous is refused), chunked updates all work."""
+    from edgefed.transport.client import MqttClient
+    from edgefed.transport.config import TransportConfig
+
+    def config(user: str) -> TransportConfig:
+        path = secured_mosquitto.written.directory / "accounts" / f"{user}.toml"
+        return TransportConfig.from_dict(tomllib.loads(path.read_text())["transport"])
+
+    coord = MqttClient(
+        config("coordinator"), "coordinator", [TOPICS.all_updates, TOPICS.all_presence]
+    ).start(15)
+    dev = MqttClient(config("dev-0"), "dev-0", [TOPICS.task("dev-0")]).start(15)
+    try:
+        assert coord.protocol_name == "5" and coord.config.use_tls
+        big = os.urandom(700_000)  # 3 chunks of 256 KiB
+        dev.publish(TOPICS.update("dev-1"), b"forged")  # dropped by the ACL
+        dev.publish(TOPICS.update("dev-0"), big)
+        coord.publish(TOPICS.task("dev-0"), b"your task")
+        got = coord.get(timeout=10)
+        assert got is not None and (got.topic, got.payload) == (TOPICS.update("dev-0"), big)
+        task = dev.get(timeout=10)
+        assert task is not None and task.payload == b"your task"
+        assert coord.get(timeout=0.3) is None
+    finally:
+        dev.stop()
+        coord.stop()
