@@ -116,3 +116,26 @@ def test_keys_from_edgefed_keygen_files(tmp_path) -> None:
 def test_random_bytes_never_open(blob: bytes) -> None:
     with pytest.raises(EnvelopeError):
         open_payload(blob, VK, context=CTX)
+
+
+def test_downlink_signer_and_verifier_track_rounds_per_topic() -> None:
+    from edgefed.security.downlink import DownlinkSigner, DownlinkVerifier
+
+    signer, verifier = DownlinkSigner(SK), DownlinkVerifier(VK)
+    t0, t1 = TOPICS.task("dev-0"), TOPICS.task("dev-1")
+    assert verifier.open(t0, signer.sign(t0, b"w3", 3)) == (b"w3", 3)
+    assert verifier.open(t0, signer.sign(t0, b"w3", 3)) == (b"w3", 3)  # redelivery is fine
+    with pytest.raises(EnvelopeError) as e:
+        verifier.open(t0, signer.sign(t0, b"w2", 2))
+    assert e.value.reason == "replayed"
+    with pytest.raises(EnvelopeError) as e:
+        verifier.open(t0, signer.sign(t1, b"w9", 9))  # dev-1's task replayed to dev-0
+    assert e.value.reason == "bad_signature"
+    bundle_signer = DownlinkSigner(SK, purpose="bundle")
+    with pytest.raises(EnvelopeError):
+        verifier.open(t0, bundle_signer.sign(t0, b"bundle", 9))
+    restarted = DownlinkVerifier([VK])
+    restarted.load_state(verifier.state())
+    with pytest.raises(EnvelopeError, match="replayed"):
+        restarted.open(t0, signer.sign(t0, b"w1", 1))
+    assert restarted.open(TOPICS.round, signer.sign(TOPICS.round, b"r1", 1)) == (b"r1", 1)
