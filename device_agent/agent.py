@@ -1,0 +1,327 @@
+"""The device agent: receives a task, trains locally with the exported step graph, sends a
+compressed update with error feedback, and keeps its state on disk (no torch).
+
+:class:`DeviceWorker` is the transport-free core (task bytes in, update bytes out), used
+as-is by the in-process simulation; :class:`AgentService` connects it to MQTT: presence
+with capabilities and a Last Will, a persistent session on its task topic, and reconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import secrets
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.state import AgentState
+from edgefed.codec import (
+    CodecError,
+    CompressionSpec,
+    ErrorFeedback,
+    ModelSchema,
+    UpdateMeta,
+    decode_update,
+    encode_update,
+)
+from edgefed.transport import Topics, TransportConfig
+from edgefed.transport.message import MessageError, pack, require, unpack
+
+log = logging.getLogger(__name__)
+
+
+def capabilities(profile: str | None = None) -> dict[str, Any]:
+    """What the coordinator uses to pick a graph: arch, cores, RAM, onnxruntime version."""
+    import onnxruntime
+
+    try:
+        ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError):
+        ram_mb = 0
+    caps: dict[str, Any] = {
+        "arch": platform.machine(),
+        "cores": os.cpu_count() or 1,
+        "ram_mb": int(ram_mb),
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+    if profile:
+        caps["profile"] = profile
+    return caps
+
+
+class DeviceWorker:
+    """Task in, update out. Persistent: residual, model version and the last update survive
+    a restart (see :mod:`device_agent.state`)."""
+
+    def __init__(
+        self,
+        device_id: str,
+        x: np.ndarray,
+        y: np.ndarray,
+        state_dir: str | Path,
+        threads: int = 1,
+        persist_model: bool = True,
+        durable: bool = True,
+    ) -> None:
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"{device_id}: need matching, non-empty x and y")
+        self.device_id = device_id
+        self.x, self.y = x, y
+        self.state = AgentState(state_dir, device_id, durable)
+        self.threads = threads
+        self.persist_model = persist_model
+        self._trainers: dict[str, Any] = {}
+        self._ef: ErrorFeedback | None = None
+        self.last_loss: float | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.x)
+
+    def _feedback(self, schema: ModelSchema) -> ErrorFeedback:
+        if self._ef is None or self._ef.schema.to_json() != schema.to_json():
+            p = self.state.residual_path
+            self._ef = ErrorFeedback(schema)
+            if p.exists():
+                try:
+                    self._ef = ErrorFeedback.load(p, schema)
+                except CodecError as e:  # another model, or a torn file from old software
+                    log.warning("%s: residual reset: %s", self.device_id, e.reason)
+        return self._ef
+
+    def _trainer(self, sha: str) -> tuple[Any, dict[str, Any]]:
+        if sha not in self._trainers:
+            from device_agent.trainer import StepTrainer
+
+            step, manifest, _ = self.state.load_graph(sha)
+            self._trainers[sha] = (StepTrainer(step, manifest, threads=self.threads), manifest)
+        return self._trainers[sha]
+
+    def _error(self, rnd: int, msg: str) -> bytes:
+        header = {
+            "type": "update",
+            "round": rnd,
+            "device_id": self.device_id,
+            "update_id": secrets.token_hex(8),
+            "error": msg,
+        }
+        return pack(header)
+
+    def handle_task(self, data: bytes) -> bytes | None:
+        """Train on one task; returns the update message (None if the task is unusable)."""
+        try:
+            header, parts = unpack(data)
+            if header.get("type") != "task":
+                raise MessageError("not a task")
+            rnd = require(header, "round", int)
+            version = require(header, "model_version", str)
+            sha = require(header, "graph_sha", str)
+            hyper = require(header, "hyper", dict)
+            uplink = require(header, "uplink", str)
+            schema = ModelSchema(require(header, "schema", dict))
+        except (MessageError, CodecError) as e:
+            log.warning("%s: rejected task: %s", self.device_id, getattr(e, "reason", e))
+            return None
+        st = self.state
+        if rnd == st.last_round and st.last_update_id:
+            out = st.load_outbox()
+            if out is not None:
+                log.info("%s: task of round %d redelivered: resending update", self.device_id, rnd)
+                return out
+        if rnd < st.last_round:
+            log.warning("%s: stale task for round %d (done %d)", self.device_id, rnd, st.last_round)
+            return None
+        if "graph" in parts:
+            try:
+                json.loads(parts["manifest"])
+            except (KeyError, ValueError):
+                log.warning("%s: task carries a graph without a valid manifest", self.device_id)
+                return self._error(rnd, "bad graph manifest")
+            st.save_graph(sha, parts["graph"], parts["manifest"], parts.get("inference", b""))
+        if not st.has_graph(sha):
+            return self._error(rnd, f"missing graph {sha}")
+        try:
+            wupd = decode_update(parts.get("weights", b""), schema)
+            if wupd.meta.kind != "weights" or wupd.meta.round != rnd:
+                raise CodecError("weights metadata does not match the task")
+            weights = {k: np.asarray(v, np.float32) for k, v in wupd.to_dense().items()}
+            spec = CompressionSpec.parse(uplink)
+        except CodecError as e:
+            log.warning("%s: rejected task weights: %s", self.device_id, e.reason)
+            return self._error(rnd, f"bad weights: {e.reason}")
+        tr, manifest = self._trainer(sha)
+        t0 = time.perf_counter()
+        tr.set_params(weights)
+        tr.reset_optimizer_state()  # local optimizer state starts fresh every round
+        kwargs: dict[str, Any] = {}
+        if manifest.get("fedprox") and "prox_mu" in hyper:
+            kwargs["mu"] = float(hyper["prox_mu"])
+        stats = tr.train_epochs(
+            self.x,
+            self.y,
+            epochs=int(hyper.get("epochs", 1)),
+            batch_size=int(hyper.get("batch_size", 16)),
+            lr=float(hyper.get("lr", 0.05)),
+            seed=int(hyper.get("seed", 0)),
+            **kwargs,
+        )
+        train_s = time.perf_counter() - t0
+        new = tr.params
+        updated = list(manifest["trainable"]) + list(manifest.get("updated_buffers", []))
+        delta = {k: (np.asarray(new[k], np.float32) - weights[k]) for k in updated}
+        loss = _loss_of(stats)
+        meta = UpdateMeta(rnd, self.device_id, self.num_samples, version, kind="delta")
+        ef = self._feedback(schema) if header.get("error_feedback", True) else None
+        payload = encode_update(delta, meta, spec, feedback=ef)
+        update_id = secrets.token_hex(8)
+        out = pack(
+            {
+                "type": "update",
+                "round": rnd,
+                "device_id": self.device_id,
+                "update_id": update_id,
+                "model_version": version,
+                "graph_sha": sha,
+                "num_samples": self.num_samples,
+                "loss": loss,
+                "train_seconds": train_s,
+            },
+            {"update": payload},
+        )
+        # Persist before sending: outbox and residual first, state.json (the commit) last.
+        st.save_outbox(out)
+        if ef is not None and st.durable:  # (simulations keep the residual in memory)
+            ef.save(st.residual_path)
+        if self.persist_model:
+            st.save_model(weights, sha, version)
+        st.model_version, st.last_round, st.last_update_id = version, rnd, update_id
+        st.rounds_done += 1
+        st.save()
+        self.last_loss = loss
+        self.train_seconds = train_s
+        return out
+
+
+def _loss_of(stats: Any) -> float | None:
+    v = stats.get("loss") if isinstance(stats, dict) else getattr(stats, "loss", None)
+    if v is None and isinstance(stats, dict):
+        v = stats.get("mean_loss")
+    try:
+        f = float(np.mean(v)) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+    return f if f is not None and np.isfinite(f) else None
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    data: str  # .npz with arrays x and y
+    state_dir: str = "/var/lib/edgefed-agent"
+    threads: int = 1
+    profile: str | None = None  # "weak" forces the head-only graph
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AgentConfig:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AgentConfig:
+        agent = dict(d.get("agent", {}))
+        unknown = set(d) - {"agent", "transport"}
+        if unknown:
+            raise ValueError(f"unknown sections in agent config: {sorted(unknown)}")
+        allowed = {"device_id", "data", "state_dir", "threads", "profile"}
+        bad = set(agent) - allowed
+        if bad:
+            raise ValueError(f"unknown [agent] keys: {sorted(bad)}")
+        for k in ("device_id", "data"):
+            if not isinstance(agent.get(k), str):
+                raise ValueError(f"[agent] {k} is required (a string)")
+        from edgefed.transport.topics import check_name
+
+        check_name("device id", agent["device_id"])
+        if not (isinstance(agent.get("threads", 1), int) and 1 <= agent.get("threads", 1) <= 64):
+            raise ValueError("[agent] threads must be an int in 1..64")
+        return cls(**agent, transport=TransportConfig.from_dict(d.get("transport", {})))
+
+
+class AgentService:
+    """One device on MQTT. ``run()`` blocks until :meth:`stop`."""
+
+    def __init__(
+        self,
+        worker: DeviceWorker,
+        transport: TransportConfig,
+        profile: str | None = None,
+    ) -> None:
+        from edgefed.transport.client import MqttClient
+
+        self.worker = worker
+        self.topics = Topics(transport.fleet, transport.topic_prefix)
+        dev = worker.device_id
+        offline = json.dumps({"status": "offline", "device_id": dev}).encode()
+        self.client = MqttClient(
+            transport,
+            dev,
+            subscriptions=[self.topics.task(dev)],
+            will=(self.topics.presence(dev), offline),
+        )
+        self.caps = capabilities(profile)
+        self._stop = threading.Event()
+        self.updates_sent = 0
+
+    def announce(self) -> None:
+        msg = {
+            "status": "online",
+            "device_id": self.worker.device_id,
+            "capabilities": self.caps,
+            "num_samples": self.worker.num_samples,
+            "graphs": self.worker.state.graphs(),
+            "model_version": self.worker.state.model_version,
+        }
+        self.client.publish(
+            self.topics.presence(self.worker.device_id), json.dumps(msg).encode(), retain=True
+        )
+
+    def run(self, connect_timeout: float | None = None) -> None:
+        self.client.start(timeout=connect_timeout)
+        announced_at = -1
+        try:
+            while not self._stop.is_set():
+                if self.client.connected.is_set() and announced_at != self.client.connects:
+                    announced_at = self.client.connects
+                    self.announce()  # after every (re)connect: the retained state is fresh
+                m = self.client.get(timeout=0.2)
+                if m is None:
+                    continue
+                try:
+                    out = self.worker.handle_task(m.payload)
+                except Exception:  # a bad task must not kill the agent
+                    log.exception("%s: task failed", self.worker.device_id)
+                    continue
+                if out is not None:
+                    self.client.publish(self.topics.update(self.worker.device_id), out)
+                    self.updates_sent += 1
+        finally:
+            self.client.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def start_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.run, name=f"agent-{self.worker.device_id}", daemon=True)
+        t.start()
+        return t

@@ -1,0 +1,178 @@
+"""The coordinator service: the round loop over MQTT around a :class:`RoundEngine`.
+
+Per round: wait until ``min_devices`` are online (presence messages, retained, with Last
+Will), sample, publish the round announcement and each sampled device's task, collect
+updates until every sampled device answered or the deadline passed, aggregate, evaluate,
+checkpoint atomically, write metrics. Restarted with the same checkpoint path, it resumes
+after the last finished round. Every incoming message is handled inside a try: a malformed
+one is logged with its reason and counted, and the service keeps going.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
+from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
+from edgefed.coordinator.rounds import RoundEngine
+from edgefed.transport import Topics, TransportConfig
+from edgefed.transport.client import Incoming, MqttClient
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        engine: RoundEngine,
+        transport: TransportConfig,
+        rounds: int,
+        checkpoint: str | Path | None = None,
+        metrics: MetricsWriter | None = None,
+        wait_timeout: float = 300.0,
+        client_id: str = "edgefed-coordinator",
+    ) -> None:
+        self.engine = engine
+        self.rounds = rounds
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.metrics = metrics or MetricsWriter(None, None)
+        self.wait_timeout = wait_timeout
+        self.topics = Topics(transport.fleet, transport.topic_prefix)
+        self.client = MqttClient(
+            transport, client_id, subscriptions=[self.topics.all_presence, self.topics.all_updates]
+        )
+        self.online: set[str] = set()
+        self.rejected: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+
+    # ---- inbox -----------------------------------------------------------------------
+    def _handle(self, m: Incoming) -> None:
+        try:
+            kind, device = self.topics.parse(m.topic)
+        except ValueError as e:
+            self._reject(m.topic, str(e))
+            return
+        if kind == "presence":
+            self._presence(device, m.payload)
+        elif kind == "update":
+            self.engine.handle_update(device, m.payload)
+        else:
+            self._reject(m.topic, "coordinator does not read this topic")
+
+    def _reject(self, topic: str, reason: str) -> None:
+        log.warning("rejected message on %s: %s", topic, reason)
+        self.rejected[reason.split(":")[0]] += 1
+
+    def _presence(self, device: str, payload: bytes) -> None:
+        try:
+            msg = json.loads(payload)
+            if not isinstance(msg, dict) or msg.get("status") not in ("online", "offline"):
+                raise ValueError("status must be online or offline")
+            if msg.get("device_id", device) != device:
+                raise ValueError("device_id disagrees with the topic")
+        except (ValueError, UnicodeDecodeError) as e:
+            self._reject(f"presence/{device}", f"invalid presence: {e}")
+            return
+        if msg["status"] == "offline":
+            self.online.discard(device)
+            log.info("device %s went offline", device)
+            return
+        caps = msg.get("capabilities", {})
+        graphs = msg.get("graphs", [])
+        self.engine.register(
+            device,
+            caps if isinstance(caps, dict) else {},
+            graphs if isinstance(graphs, list) else [],
+        )
+        if device not in self.online:
+            log.info("device %s online (%s)", device, caps.get("arch", "?"))
+        self.online.add(device)
+
+    def _pump(self, until: float, done=lambda: False) -> None:
+        while not self._stop.is_set() and not done() and time.monotonic() < until:
+            m = self.client.get(timeout=min(0.1, max(0.0, until - time.monotonic())))
+            if m is not None:
+                try:
+                    self._handle(m)
+                except Exception:  # never let one message end the service
+                    log.exception("error handling message on %s", m.topic)
+                    self.rejected["handler error"] += 1
+
+    def _enough_devices(self) -> bool:
+        return len(self.online) >= self.engine.cfg.min_devices
+
+    # ---- loop ------------------------------------------------------------------------
+    def resume(self) -> None:
+        if self.checkpoint and self.checkpoint.exists():
+            ck = load_checkpoint(self.checkpoint)
+            self.engine.restore(ck)
+            log.info("resumed from %s after round %d", self.checkpoint, ck.round)
+
+    def run(self) -> list[RoundMetrics]:
+        out: list[RoundMetrics] = []
+        try:
+            self.resume()
+            self.client.start(timeout=None)
+            while not self._stop.is_set() and self.engine.round < self.rounds:
+                need = self.engine.cfg.min_devices
+                self._pump(time.monotonic() + self.wait_timeout, self._enough_devices)
+                if self._stop.is_set():
+                    break
+                if len(self.online) < need:
+                    raise TimeoutError(
+                        f"only {len(self.online)} of {need} devices online after "
+                        f"{self.wait_timeout:.0f}s"
+                    )
+                tasks = self.engine.start_round(sorted(self.online))
+                rnd = self.engine.open_round
+                self.client.publish(
+                    self.topics.round,
+                    json.dumps(
+                        {
+                            "round": rnd,
+                            "model_version": self.engine.model_version,
+                            "sampled": sorted(tasks),
+                        }
+                    ).encode(),
+                    retain=True,
+                )
+                for dev, data in tasks.items():
+                    self.client.publish(self.topics.task(dev), data)
+                deadline = time.monotonic() + self.engine.cfg.round_timeout
+                self._pump(deadline, self.engine.all_answered)
+                if self._stop.is_set():
+                    break
+                m = self.engine.finish_round()
+                if self.checkpoint:
+                    save_checkpoint(self.checkpoint, self.engine.checkpoint())
+                self.metrics.write(m, self.rounds)
+                self.client.publish(self.topics.metrics, json.dumps(m.to_dict()).encode())
+                out.append(m)
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            self.client.stop()
+            self.finished.set()
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def start_thread(self) -> threading.Thread:
+        def target() -> None:
+            try:
+                self.run()
+            except Exception:
+                log.exception("coordinator stopped with an error")
+
+        t = threading.Thread(target=target, name="edgefed-coordinator", daemon=True)
+        t.start()
+        return t
