@@ -19,7 +19,7 @@ def ref_topk(x: np.ndarray, k: int) -> np.ndarray:
 def test_topk_exact_matches_reference(n: int, frac: float) -> None:
     rng = np.random.default_rng(n)
     x = rng.standard_normal(n).astype(np.float32)
-    k = int(round(frac * n))
+    k = round(frac * n)
     idx, vals = sparse.topk(x, k)
     np.testing.assert_array_equal(idx, ref_topk(x, k))
     np.testing.assert_array_equal(vals, x[idx])
@@ -151,7 +151,7 @@ def test_index_coding_round_trip_and_auto_choice(n: int, density: float) -> None
 
 
 def test_varint_known_bytes() -> None:
-    name, data = sparse.encode_indices(np.array([0, 1, 129, 16513], np.uint32), 1 << 20, "varint")
+    _, data = sparse.encode_indices(np.array([0, 1, 129, 16513], np.uint32), 1 << 20, "varint")
     # first index 0, gaps 1, 128 (0x80 0x01), 16384 (0x80 0x80 0x01)
     assert data.tolist() == [0, 1, 0x80, 0x01, 0x80, 0x80, 0x01]
 

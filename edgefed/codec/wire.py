@@ -87,14 +87,19 @@ def _int8_dense(flat: np.ndarray, shape: tuple[int, ...], pipe: Pipeline, t: int
     return DenseInt8(shape, q, scales, block)
 
 
+def _to_f16(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = x.astype(np.float16)
+    if np.any((h.view(np.uint16) & 0x7C00) == 0x7C00):
+        raise CodecError("value overflows float16 (|x| > 65504)")
+    return h
+
+
 def _encode_dense(flat: np.ndarray, shape: tuple[int, ...], pipe: Pipeline, t: int):
     if pipe.kind == "f32" or flat.size == 0:
         return DenseF32(shape, flat.copy())
     if pipe.kind == "f16":
-        h = flat.astype(np.float16)
-        if not _s.all_finite(h.astype(np.float32), t):
-            raise CodecError("value overflows float16")
-        return DenseF16(shape, h)
+        return DenseF16(shape, _to_f16(flat))
     if pipe.kind == "int8":
         return _int8_dense(flat, shape, pipe, t)
     packed, scales = sparse.quantize_int4(flat, max(1, min(pipe.block, flat.size)), t)
@@ -109,9 +114,7 @@ def _sparse_from(
         q, scale = _s.quantize_int8_one_scale(vals)
         return SparseTensor(shape, idx, q, float(scale)), q.astype(np.float32) * np.float32(scale)
     if pipe.values == "f16":
-        h = vals.astype(np.float16)
-        if not _s.all_finite(h.astype(np.float32), 1):
-            raise CodecError("value overflows float16")
+        h = _to_f16(vals)
         return SparseTensor(shape, idx, h), h.astype(np.float32)
     return SparseTensor(shape, idx, vals), vals
 
