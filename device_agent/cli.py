@@ -1,16 +1,96 @@
-"""The ``edgefed-agent`` command line (filled in by the runtime work)."""
+"""``edgefed-agent --config agent.toml`` runs the device agent;
+``edgefed-agent predict --config agent.toml --input x.npy`` runs the deployed model."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _run(args: argparse.Namespace) -> int:
+    from device_agent.agent import AgentConfig, AgentService, DeviceWorker
+    from device_agent.trainer import TrainerError
+
+    try:
+        cfg = AgentConfig.load(args.config)
+        with np.load(cfg.data, allow_pickle=False) as z:
+            x, y = z["x"], z["y"]
+        worker = DeviceWorker(cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads)
+    except (OSError, ValueError, KeyError, TrainerError) as e:
+        print(f"edgefed-agent: {e}", file=sys.stderr)
+        return 2
+    svc = AgentService(worker, cfg.transport, profile=cfg.profile)
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop())  # systemd stop: finish cleanly
+    try:
+        svc.run()
+    except KeyboardInterrupt:
+        svc.stop()
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from device_agent.agent import AgentConfig
+    from device_agent.inference import InferenceModel
+    from device_agent.state import AgentState
+
+    try:
+        state_dir = args.state_dir or AgentConfig.load(args.config).state_dir
+        if args.state_dir:
+            import json
+
+            device = json.loads((Path(state_dir) / "state.json").read_text())["device_id"]
+        else:
+            device = AgentConfig.load(args.config).device_id
+        st = AgentState(state_dir, device)
+        params, sha, version = st.load_model()
+        _, manifest, inference = st.load_graph(sha)
+        if args.input.endswith(".npz"):
+            with np.load(args.input, allow_pickle=False) as z:
+                x = z["x"]
+        else:
+            x = np.load(args.input, allow_pickle=False)
+        logits = InferenceModel(inference, manifest).predict(x, params)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"edgefed-agent predict: {e}", file=sys.stderr)
+        return 2
+    classes = logits.argmax(axis=1)
+    if args.output:
+        np.save(args.output, logits)
+    else:
+        print(f"model {version}: " + " ".join(str(int(c)) for c in classes))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgefed-agent", description="edgefed device agent")
-    parser.parse_args(argv)
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "predict":
+        p = argparse.ArgumentParser(
+            prog="edgefed-agent predict", description="run the deployed model with onnxruntime"
+        )
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--config", help="agent TOML (its state_dir holds the model)")
+        src.add_argument("--state-dir", help="agent state directory")
+        p.add_argument("--input", required=True, help=".npy array or .npz with 'x'")
+        p.add_argument("--output", help="write logits to this .npy (default: print classes)")
+        return _predict(p.parse_args(argv[1:]))
+    p = argparse.ArgumentParser(
+        prog="edgefed-agent",
+        description="edgefed device agent (subcommand 'predict' runs the deployed model)",
+    )
+    p.add_argument("--config", required=True, help="agent TOML (see examples/agent.toml)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return _run(args)
 
 
 if __name__ == "__main__":

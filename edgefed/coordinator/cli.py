@@ -1,0 +1,91 @@
+"""``edgefed coordinator --config coordinator.toml``: run the coordinator service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="coordinator TOML (see examples/)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def build_engine(cfg: Any) -> Any:
+    """Model (exported step graphs), strategy and held-out evaluation from the config."""
+    from edgefed.coordinator.model import FederatedModel, build_federated_model
+    from edgefed.coordinator.rounds import RoundEngine
+    from edgefed.data import load_digits_arrays, train_test_split
+    from edgefed.simulation import make_evaluator
+
+    strategy = cfg.make_strategy()
+    m = cfg.model
+    image = m.get("builtin") == "digits_cnn"
+    ev = cfg.evaluation
+    x_test = y_test = None
+    if ev.get("dataset", "digits") == "digits":
+        x, y = load_digits_arrays(image)
+        _, _, x_test, y_test = train_test_split(x, y, seed=int(ev.get("seed", 0)))
+    elif ev.get("dataset"):
+        with np.load(ev["dataset"], allow_pickle=False) as z:
+            x_test, y_test = z["x"], z["y"]
+    if "dir" in m:
+        fm = FederatedModel.load(m["dir"])
+    else:
+        import torch
+
+        from edgefed import models
+
+        torch.manual_seed(cfg.round.seed)
+        net = models.digits_cnn() if image else models.digits_mlp(64)
+        x, y = load_digits_arrays(image)
+        ex = (torch.from_numpy(x[:8].copy()), torch.from_numpy(y[:8].copy()))
+        fm = build_federated_model(
+            net,
+            ex,
+            momentum=float(m.get("momentum", 0.0)),
+            head=m.get("head"),
+            fedprox=strategy.name == "fedprox",
+        )
+    evaluate = None
+    if x_test is not None:
+        g = fm.graphs["full"]
+        evaluate = make_evaluator(g.inference_onnx, g.manifest, x_test, y_test)
+    return RoundEngine(fm, strategy, cfg.round, evaluate)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgefed.coordinator.config import CoordinatorConfig
+    from edgefed.coordinator.metrics import MetricsWriter
+    from edgefed.coordinator.service import CoordinatorService
+
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = CoordinatorConfig.load(args.config)
+    except (OSError, ValueError) as e:
+        print(f"edgefed coordinator: bad config: {e}", file=sys.stderr)
+        return 2
+    engine = build_engine(cfg)
+    svc = CoordinatorService(
+        engine,
+        cfg.transport,
+        cfg.rounds,
+        checkpoint=cfg.checkpoint,
+        metrics=MetricsWriter(cfg.metrics, sys.stdout),
+        wait_timeout=cfg.wait_timeout,
+    )
+    try:
+        svc.run()
+    except KeyboardInterrupt:
+        return 130
+    except TimeoutError as e:
+        print(f"edgefed coordinator: {e}", file=sys.stderr)
+        return 1
+    return 0
