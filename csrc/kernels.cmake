@@ -10,7 +10,9 @@ target_include_directories(edgefed_kernels PUBLIC ${EDGEFED_KERNEL_DIR})
 target_compile_features(edgefed_kernels PUBLIC cxx_std_17)
 set_target_properties(edgefed_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)
 if(NOT MSVC)
-  target_compile_options(edgefed_kernels PRIVATE -O3 -fno-math-errno -Wall -Wextra)
+  # -ffp-contract=off: no fused multiply-add contraction, so every ISA and architecture
+  # rounds the same way (the results are compared bit for bit across x86_64 and aarch64).
+  target_compile_options(edgefed_kernels PRIVATE -O3 -fno-math-errno -ffp-contract=off -Wall -Wextra)
 endif()
 find_package(Threads REQUIRED)
 target_link_libraries(edgefed_kernels PUBLIC Threads::Threads)
