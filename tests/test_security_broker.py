@@ -382,12 +382,19 @@ def test_runtime_transport_runs_on_the_generated_accounts(secured_mosquitto: Any
         assert coord.protocol_name == "5" and coord.config.use_tls
         big = os.urandom(700_000)  # 3 chunks of 256 KiB
         dev.publish(TOPICS.update("dev-1"), b"forged")  # dropped by the ACL
-        dev.publish(TOPICS.update("dev-0"), big)
-        coord.publish(TOPICS.task("dev-0"), b"your task")
-        got = coord.get(timeout=10)
-        assert got is not None and (got.topic, got.payload) == (TOPICS.update("dev-0"), big)
-        task = dev.get(timeout=10)
-        assert task is not None and task.payload == b"your task"
+        # both directions at once over TLS: paho must never use one SSL socket from two threads
+        tasks = threading.Thread(
+            target=lambda: [coord.publish(TOPICS.task("dev-0"), b"task %d" % i) for i in range(200)]
+        )
+        tasks.start()
+        for _ in range(5):
+            dev.publish(TOPICS.update("dev-0"), big)
+        tasks.join(30)
+        for _ in range(5):
+            got = coord.get(timeout=10)
+            assert got is not None and (got.topic, got.payload) == (TOPICS.update("dev-0"), big)
+        received = [dev.get(timeout=10) for _ in range(200)]
+        assert [m.payload for m in received if m] == [b"task %d" % i for i in range(200)]
         assert coord.get(timeout=0.3) is None
     finally:
         dev.stop()

@@ -122,6 +122,11 @@ class MqttClient:
             c.will_set(topic, frames[0], qos=1, retain=True)
         c.max_inflight_messages_set(0)  # our window limits in-flight; paho must not queue too
         c.max_queued_messages_set(0)
+        # Only the network thread may touch the socket: without an external-loop write hook,
+        # paho's publish() writes from the caller's thread while _run() reads, and two threads
+        # on one SSL object corrupt TLS ("bad record mac", issue 7). With the hook set, publish
+        # only queues and wakes select(); _run() does all writes.
+        c.on_socket_register_write = lambda client, userdata, sock: None
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -254,6 +259,9 @@ class MqttClient:
                 self._stop.wait(wait)
             elif self.connected.is_set():
                 delays = backoff_delays(self.config.backoff_min, self.config.backoff_max)
+        with self._lock:  # send what stop() queued (the DISCONNECT) from this thread
+            if sock_open and self._client.want_write():
+                self._client.loop_write()
 
     @property
     def protocol_name(self) -> str:
