@@ -48,16 +48,21 @@ inline uint64_t splitmix(uint64_t& s) {
   throw InvalidArgument("top-k input contains NaN or Inf");
 }
 
-// Strided random sample of magnitudes: one position drawn uniformly from each of s
-// equal strides, so the sample covers the whole vector (robust to sorted data). The
-// last n mod s elements are never sampled (fewer than s of them: negligible).
+// Strided random sample of magnitudes in runs of 16 consecutive floats (one cache line):
+// s / 16 runs, one drawn uniformly inside each of s / 16 equal strides, so the sample
+// covers the whole vector (robust to sorted data) at one cache miss per 16 samples.
+// Consecutive values may be correlated; that only widens the spread of the sampled
+// threshold, and every caller verifies its count (and falls back) anyway.
 std::vector<uint32_t> sample_mags(const float* x, std::size_t n, std::size_t s, uint64_t seed) {
-  std::vector<uint32_t> out(s);
+  constexpr std::size_t kRun = 16;
+  const std::size_t runs = std::max<std::size_t>(1, s / kRun);
+  std::vector<uint32_t> out(runs * kRun);
   uint64_t st = seed ^ 0x5eed5eedull;
-  const uint64_t stride = n / s;  // callers guarantee n >= s
-  for (std::size_t i = 0; i < s; ++i) {
-    uint64_t off = ((splitmix(st) & 0xffffffffull) * stride) >> 32;  // uniform in [0, stride)
-    out[i] = mag_bits(x[i * stride + off]);
+  const uint64_t stride = n / runs;  // callers guarantee n >= s, so stride >= kRun
+  for (std::size_t r = 0; r < runs; ++r) {
+    uint64_t off = ((splitmix(st) & 0xffffffffull) * (stride - kRun + 1)) >> 32;
+    const float* p = x + r * stride + off;
+    for (std::size_t j = 0; j < kRun; ++j) out[r * kRun + j] = mag_bits(p[j]);
   }
   return out;
 }
@@ -93,19 +98,24 @@ inline uint32_t mask16_at_least(const float* x, uint32_t L) {
 // Hot loop: 16 compares -> a bit mask (vectorised), then one store per set bit into a
 // buffer pre-sized to cap + 16, so there is no capacity check per element.
 bool collect_at_least(const float* x, std::size_t n, uint32_t L, std::size_t cap, int threads,
-                      std::vector<uint32_t>& out) {
+                      std::vector<uint32_t>& out, std::vector<float>& vals) {
   int t = effective_threads(n, threads);
   std::vector<std::unique_ptr<uint32_t[]>> parts(t);
+  std::vector<std::unique_ptr<float[]>> vparts(t);
   std::vector<std::size_t> counts(t, 0);
   std::atomic<bool> overflow{false};
   parallel_for(n, t, 4096, [&](std::size_t b, std::size_t e, int p) {
     parts[p].reset(new uint32_t[cap + 16]);
+    vparts[p].reset(new float[cap + 16]);
     uint32_t* buf = parts[p].get();
+    float* vbuf = vparts[p].get();
     std::size_t c = 0, i = b;
     for (; i + 16 <= e; i += 16) {
       uint32_t mask = mask16_at_least(x + i, L);
       while (mask) {
-        buf[c++] = static_cast<uint32_t>(i + __builtin_ctz(mask));
+        const std::size_t j = i + __builtin_ctz(mask);
+        buf[c] = static_cast<uint32_t>(j);
+        vbuf[c++] = x[j];
         mask &= mask - 1;
       }
       if (c > cap) {
@@ -114,7 +124,10 @@ bool collect_at_least(const float* x, std::size_t n, uint32_t L, std::size_t cap
       }
     }
     for (; i < e; ++i)
-      if (mag_bits(x[i]) >= L) buf[c++] = static_cast<uint32_t>(i);
+      if (mag_bits(x[i]) >= L) {
+        buf[c] = static_cast<uint32_t>(i);
+        vbuf[c++] = x[i];
+      }
     if (c > cap) overflow.store(true, std::memory_order_relaxed);
     counts[p] = c;
   });
@@ -123,36 +136,124 @@ bool collect_at_least(const float* x, std::size_t n, uint32_t L, std::size_t cap
   for (std::size_t c : counts) total += c;
   if (total > cap) return false;
   out.resize(total);
+  vals.resize(total);
   std::size_t o = 0;
   for (int p = 0; p < t; ++p) {
-    if (counts[p]) std::memcpy(out.data() + o, parts[p].get(), counts[p] * sizeof(uint32_t));
+    if (counts[p]) {
+      std::memcpy(out.data() + o, parts[p].get(), counts[p] * sizeof(uint32_t));
+      std::memcpy(vals.data() + o, vparts[p].get(), counts[p] * sizeof(float));
+    }
     o += counts[p];
   }
   return true;
 }
 
-// From candidate indices (index order, containing the top-k), keep exactly the top k.
-TopK select_from_candidates(const float* x, const std::vector<uint32_t>& cand, std::size_t k) {
-  std::vector<uint32_t> mags(cand.size());
-  for (std::size_t i = 0; i < cand.size(); ++i) {
-    mags[i] = mag_bits(x[cand[i]]);
-    if (mags[i] >= kInfBits) throw_nonfinite();
+// One threaded pass that splits |x| >= L into "definite" (|x| >= H: certainly in the
+// top-k when the sample bounds hold) and "band" (L <= |x| < H: to be decided). Both
+// lists come out in index order with their values. Branch-free inner loop: each
+// candidate is written to both buffers and only the matching counter advances.
+struct Split {
+  std::vector<uint32_t> def_idx, band_idx;
+  std::vector<float> def_val, band_val;
+};
+
+bool collect_band(const float* x, std::size_t n, uint32_t L, uint32_t H, std::size_t cap_def,
+                  std::size_t cap_band, int threads, Split& out) {
+  int t = effective_threads(n, threads);
+  struct Buf {
+    std::unique_ptr<uint32_t[]> di, bi;
+    std::unique_ptr<float[]> dv, bv;
+    std::size_t cd = 0, cb = 0;
+  };
+  std::vector<Buf> bufs(t);
+  std::atomic<bool> overflow{false};
+  parallel_for(n, t, 4096, [&](std::size_t b, std::size_t e, int p) {
+    Buf& B = bufs[p];
+    B.di.reset(new uint32_t[cap_def + 17]);
+    B.dv.reset(new float[cap_def + 17]);
+    B.bi.reset(new uint32_t[cap_band + 17]);
+    B.bv.reset(new float[cap_band + 17]);
+    uint32_t *di = B.di.get(), *bi = B.bi.get();
+    float *dv = B.dv.get(), *bv = B.bv.get();
+    std::size_t cd = 0, cb = 0, i = b;
+    auto put = [&](std::size_t j) {
+      const float v = x[j];
+      const std::size_t is_def = mag_bits(v) >= H;
+      di[cd] = static_cast<uint32_t>(j);
+      dv[cd] = v;
+      bi[cb] = static_cast<uint32_t>(j);
+      bv[cb] = v;
+      cd += is_def;
+      cb += 1 - is_def;
+    };
+    for (; i + 16 <= e; i += 16) {
+      uint32_t mask = mask16_at_least(x + i, L);
+      while (mask) {
+        put(i + __builtin_ctz(mask));
+        mask &= mask - 1;
+      }
+      if (cd > cap_def || cb > cap_band) {
+        overflow.store(true, std::memory_order_relaxed);
+        return;
+      }
+    }
+    for (; i < e; ++i)
+      if (mag_bits(x[i]) >= L) put(i);
+    if (cd > cap_def || cb > cap_band) overflow.store(true, std::memory_order_relaxed);
+    B.cd = cd;
+    B.cb = cb;
+  });
+  if (overflow.load()) return false;
+  std::size_t td = 0, tb = 0;
+  for (auto& B : bufs) td += B.cd, tb += B.cb;
+  out.def_idx.resize(td);
+  out.def_val.resize(td);
+  out.band_idx.resize(tb);
+  out.band_val.resize(tb);
+  std::size_t od = 0, ob = 0;
+  for (auto& B : bufs) {
+    if (B.cd) {
+      std::memcpy(out.def_idx.data() + od, B.di.get(), B.cd * 4);
+      std::memcpy(out.def_val.data() + od, B.dv.get(), B.cd * 4);
+    }
+    if (B.cb) {
+      std::memcpy(out.band_idx.data() + ob, B.bi.get(), B.cb * 4);
+      std::memcpy(out.band_val.data() + ob, B.bv.get(), B.cb * 4);
+    }
+    od += B.cd;
+    ob += B.cb;
   }
+  return true;
+}
+
+// From candidates (index order, containing the top-k, with their values), keep exactly
+// the top k. Works on the candidate arrays only: no gathers from x.
+TopK select_from_candidates(const std::vector<uint32_t>& cand, const std::vector<float>& cv,
+                            std::size_t k) {
+  std::vector<uint32_t> mags(cand.size());
+  uint32_t worst = 0;
+  for (std::size_t i = 0; i < cand.size(); ++i) {
+    mags[i] = mag_bits(cv[i]);
+    worst = std::max(worst, mags[i]);
+  }
+  if (worst >= kInfBits) throw_nonfinite();
   TopK r;
   if (k == 0) return r;
   std::vector<uint32_t> tmp(mags);
-  uint32_t T = kth_largest(tmp, k);
+  const uint32_t T = kth_largest(tmp, k);
   std::size_t gt = 0;
   for (uint32_t m : mags) gt += m > T;
   std::size_t ties = k - gt;
-  r.indices.reserve(k);
-  r.values.reserve(k);
-  for (std::size_t i = 0; i < cand.size(); ++i) {
-    if (mags[i] > T || (mags[i] == T && ties > 0)) {
-      if (mags[i] == T) --ties;
-      r.indices.push_back(cand[i]);
-      r.values.push_back(x[cand[i]]);
-    }
+  r.indices.resize(k);
+  r.values.resize(k);
+  std::size_t o = 0;
+  for (std::size_t i = 0; i < cand.size() && o < k; ++i) {
+    const uint32_t m = mags[i];
+    const bool take = m > T || (m == T && ties > 0);
+    ties -= (m == T && take);
+    r.indices[o] = cand[i];
+    r.values[o] = cv[i];
+    o += take;  // branch-free: overwritten unless taken
   }
   return r;
 }
@@ -171,7 +272,7 @@ TopK take_all(const float* x, std::size_t n) {
 TopK topk_small(const float* x, std::size_t n, std::size_t k) {
   std::vector<uint32_t> all(n);
   for (std::size_t i = 0; i < n; ++i) all[i] = static_cast<uint32_t>(i);
-  return select_from_candidates(x, all, k);
+  return select_from_candidates(all, std::vector<float>(x, x + n), k);
 }
 
 }  // namespace
@@ -273,19 +374,45 @@ TopK topk_exact(const float* x, std::size_t n, std::size_t k, int threads) {
   const std::size_t s = 1u << 16;
   const double p = static_cast<double>(k) / static_cast<double>(n);
   const double sp = s * p;
-  // Conservative sample rank: 1.2x the expected hits plus 5 sigma; the k-th magnitude
-  // lies above the resulting L unless the sample is off by > 5 standard deviations
-  // (and then the radix path still gives the exact answer, only slower).
-  const double r_lo = 1.2 * sp + 5.0 * std::sqrt(sp) + 8.0;
+  // Sample ranks 5 binomial standard deviations (+ slack) either side of the expected
+  // rank: L is below the k-th magnitude and H above it unless the sample is off by more
+  // than that; both cases are detected from the counts and fall back to the radix path
+  // (exact for any input, only slower).
+  const double dev = 5.0 * std::sqrt(sp) + 0.02 * sp + 8.0;
+  const double r_lo = sp + dev, r_hi = sp - dev;
   if (r_lo >= 0.5 * s) return topk_radix(x, n, k, threads);
   std::vector<uint32_t> smp = sample_mags(x, n, s, 0x70b4c0ffeeull ^ n);
   const uint32_t L = kth_largest(smp, static_cast<std::size_t>(r_lo));
-  // Expected candidates ~ n * r_lo / s; allow 3x before giving up on this path.
-  const std::size_t cap = static_cast<std::size_t>(3.0 * r_lo / s * n) + 1024;
-  std::vector<uint32_t> cand;
-  if (L < kInfBits && collect_at_least(x, n, L, cap, threads, cand) && cand.size() >= k)
-    return select_from_candidates(x, cand, k);
-  return topk_radix(x, n, k, threads);
+  const uint32_t H = r_hi >= 1.0 ? kth_largest(smp, static_cast<std::size_t>(r_hi)) : kInfBits;
+  if (L >= kInfBits) return topk_radix(x, n, k, threads);  // NaN/Inf: radix reports it
+  // Expected sizes ~ n * rank / s; allow 3x (+ slack) before giving up on this path.
+  const std::size_t cap_def = std::min<std::size_t>(k, static_cast<std::size_t>(n * p) + 1024);
+  const std::size_t cap_band = static_cast<std::size_t>(3.0 * (r_lo - r_hi) / s * n) + 4096;
+  Split sp_;
+  if (!collect_band(x, n, L, std::max(H, L), cap_def, cap_band, threads, sp_) ||
+      sp_.def_idx.size() > k || sp_.def_idx.size() + sp_.band_idx.size() < k)
+    return topk_radix(x, n, k, threads);
+  for (float v : sp_.def_val)
+    if (mag_bits(v) >= kInfBits) throw_nonfinite();
+  TopK band = select_from_candidates(sp_.band_idx, sp_.band_val, k - sp_.def_idx.size());
+  // Merge the two index-ordered lists.
+  TopK r;
+  r.indices.resize(k);
+  r.values.resize(k);
+  std::size_t a = 0, b = 0, o = 0;
+  const std::size_t na = sp_.def_idx.size(), nb = band.indices.size();
+  while (a < na && b < nb) {
+    if (sp_.def_idx[a] < band.indices[b]) {
+      r.indices[o] = sp_.def_idx[a];
+      r.values[o++] = sp_.def_val[a++];
+    } else {
+      r.indices[o] = band.indices[b];
+      r.values[o++] = band.values[b++];
+    }
+  }
+  for (; a < na; ++a, ++o) r.indices[o] = sp_.def_idx[a], r.values[o] = sp_.def_val[a];
+  for (; b < nb; ++b, ++o) r.indices[o] = band.indices[b], r.values[o] = band.values[b];
+  return r;
 }
 
 TopK topk_approx(const float* x, std::size_t n, std::size_t k, double tolerance, uint64_t seed,
@@ -296,18 +423,19 @@ TopK topk_approx(const float* x, std::size_t n, std::size_t k, double tolerance,
   std::size_t s = static_cast<std::size_t>(std::ceil(1000.0 / p));
   s = std::clamp<std::size_t>(s, 4096, std::max<std::size_t>(4096, n / 16));
   std::vector<uint32_t> smp = sample_mags(x, n, s, seed);
+  s = smp.size();
   std::size_t r = std::max<std::size_t>(1, static_cast<std::size_t>(std::llround(s * p)));
   r = std::min(r, s);
   const uint32_t T = kth_largest(smp, r);
   const std::size_t band = static_cast<std::size_t>(std::ceil(tolerance * k));
   const std::size_t hi = k + band, lo = k > band ? k - band : 0;
   std::vector<uint32_t> cand;
-  if (T < kInfBits && collect_at_least(x, n, T, hi, threads, cand) && cand.size() >= lo &&
+  std::vector<float> cv;
+  if (T < kInfBits && collect_at_least(x, n, T, hi, threads, cand, cv) && cand.size() >= lo &&
       cand.size() >= 1) {
     TopK out;
     out.indices = std::move(cand);
-    out.values.resize(out.indices.size());
-    for (std::size_t i = 0; i < out.indices.size(); ++i) out.values[i] = x[out.indices[i]];
+    out.values = std::move(cv);
     return out;
   }
   return topk_exact(x, n, k, threads);  // outside the band (or non-finite): exact path
