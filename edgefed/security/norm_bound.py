@@ -8,14 +8,13 @@ caps what one device can contribute (Sun et al. 2019, "Can you really backdoor F
 Adaptive rule: bound = ``factor`` x the median L2 norm of the most recent ``window`` updates
 from *earlier* rounds. Earlier rounds only, so an attacker cannot raise its own round's bound;
 the median moves only if more than half of the recent updates are large, so a minority of
-attackers cannot inflate it over time either. Until ``min_history`` norms are known the
-``initial`` bound applies (None = no clipping during warm-up: set ``initial`` when attackers may
-be present from round 0). One norm per device per round is kept (a re-validated or redelivered
-update is not counted twice).
+attackers cannot inflate it over time either. Until ``min_history`` norms are known, the
+``initial`` bound applies if given, else ``factor`` x the median of the current round's norms.
+One norm per device per round is kept (a re-validated or redelivered update counts once).
 
-Use with any strategy: ``strategy.norm_bound = AdaptiveNormBound(factor=2.0)``; the strategy
-clips with :attr:`bound`, reports each update's norm with :meth:`observe` and calls
-:meth:`end_round` after aggregating. Checkpoint :meth:`state` with the strategy's state.
+Use with any strategy: ``strategy.norm_bound = AdaptiveNormBound(factor=2.0)``; the strategy's
+``validate`` asks :meth:`round_bound` with the round's norms and clips to it, ``aggregate``
+calls :meth:`end_round`. Checkpoint :meth:`state` with the strategy's state.
 """
 
 from __future__ import annotations
@@ -55,23 +54,35 @@ class AdaptiveNormBound:
         self._history: deque[float] = deque(maxlen=window)
         self._pending: dict[str, float] = {}
         self.clipped = 0
+        self.last_bound: float | None = None
 
     @property
     def bound(self) -> float | None:
-        """The bound for updates of the current round (None = do not clip)."""
+        """The bound from earlier rounds (None while fewer than ``min_history`` norms)."""
         if len(self._history) < self.min_history:
-            return self.initial
+            return None
         med = float(np.median(np.fromiter(self._history, dtype=np.float64)))
-        return self.factor * med if med > 0 else self.initial
+        return self.factor * med if med > 0 else None
 
-    def observe(self, device_id: str, norm: float) -> None:
-        """Record an accepted update's norm (before clipping) for the next rounds' bound."""
-        if not math.isfinite(norm) or norm < 0:
-            return  # a non-finite norm says nothing about honest updates
+    def round_bound(self, norms: Mapping[str, float]) -> float | None:
+        """Bound for this round's updates (``device id -> L2 norm`` before clipping).
+
+        History-based once warm; during warm-up ``initial`` if set, else ``factor`` x the
+        median of this round's own norms (robust while attackers are under half the round).
+        The norms are kept (one per device) for :meth:`end_round`.
+        """
+        finite = {d: float(n) for d, n in norms.items() if math.isfinite(n) and n >= 0}
+        self._pending.update(finite)
         bound = self.bound
-        if device_id not in self._pending and bound is not None and norm > bound:
-            self.clipped += 1
-        self._pending[device_id] = float(norm)
+        if bound is None:
+            bound = self.initial
+        if bound is None and finite:
+            med = float(np.median(np.fromiter(finite.values(), dtype=np.float64)))
+            bound = self.factor * med if med > 0 else None
+        if bound is not None:
+            self.clipped += sum(1 for n in finite.values() if n > bound)
+        self.last_bound = bound
+        return bound
 
     def end_round(self) -> None:
         """The round is aggregated: its norms join the history."""

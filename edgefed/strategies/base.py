@@ -182,7 +182,7 @@ class Strategy(ABC):
 
     name: ClassVar[str] = "base"
     # Optional adaptive bound (edgefed.security.norm_bound.AdaptiveNormBound, issue 7): when
-    # set, its ``bound`` replaces max_update_norm. Typed Any: strategies must not import security.
+    # set, it replaces max_update_norm. Typed Any: strategies must not import security.
     norm_bound: Any = None
 
     def __init__(self, max_update_norm: float | None = None) -> None:
@@ -204,15 +204,24 @@ class Strategy(ABC):
             except UpdateRejected as e:
                 bad.append(e)
                 continue
-            nb = self.norm_bound
-            bound = self.max_update_norm if nb is None else nb.bound
-            norm = update_norm(u.delta) if nb is not None and bound is None else None
-            if bound is not None:
-                delta, norm = clip_update(u.delta, bound)
-                u = ClientUpdate(u.device_id, delta, u.num_samples, u.mask, u.loss)
-            if nb is not None and norm is not None:
-                nb.observe(u.device_id, norm)
+            if self.max_update_norm is not None and self.norm_bound is None:
+                u = ClientUpdate(
+                    u.device_id,
+                    clip_update(u.delta, self.max_update_norm)[0],
+                    u.num_samples,
+                    u.mask,
+                    u.loss,
+                )
             ok.append(u)
+        if self.norm_bound is not None and ok:
+            bound = self.norm_bound.round_bound({u.device_id: update_norm(u.delta) for u in ok})
+            if bound is not None:
+                ok = [
+                    ClientUpdate(
+                        u.device_id, clip_update(u.delta, bound)[0], u.num_samples, u.mask, u.loss
+                    )
+                    for u in ok
+                ]
         return ok, bad
 
     def aggregate(self, rnd: int, global_params: Params, updates: list[ClientUpdate]) -> Params:
