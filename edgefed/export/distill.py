@@ -79,7 +79,7 @@ def _fit(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             n += len(idx)
         history.append(total / n)
         if log:
