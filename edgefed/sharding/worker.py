@@ -1,0 +1,370 @@
+"""The aggregator worker: a stateless process that sums its share of a round's updates.
+
+Workers of one group share the update stream through an MQTT 5 shared subscription, so
+the broker hands each update to one of them. A worker validates every update exactly as
+the coordinator would (header, open round, sampled device, one update per device, codec
+decode against the model schema, codec metadata agreeing with the header) and adds it to
+a codec :class:`~edgefed.codec.Accumulator` straight from its compressed form (weight =
+the device's sample count: FedAvg weighting). An invalid update is dropped with its reason
+logged. When the coordinator closes the round, the worker publishes its partial
+(:mod:`.partial`); if the coordinator finds a device counted by two workers (a device
+re-sent its update and the copies reached different workers) it asks all but one to
+re-issue the partial without it, which the worker does by re-adding its retained
+updates minus the excluded ones.
+
+"Stateless": the only state is the open round's sums, rebuilt from nothing when a new
+worker joins; a worker that crashes loses only the updates it held, which the
+coordinator handles (see :mod:`.merge`). The worker publishes a status message every
+``heartbeat_interval`` (liveness and the keys it accepted since the last one, so the
+coordinator knows which devices' updates a dead worker took with it) and has a Last Will.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from edgefed.codec import Accumulator, CodecError, ModelSchema, decode_update
+from edgefed.sharding.config import WorkerConfig
+from edgefed.sharding.partial import Key, Partial, encode_partial
+from edgefed.sharding.topics import ShardTopics
+from edgefed.transport import Topics
+from edgefed.transport.client import Incoming, MqttClient
+from edgefed.transport.message import MessageError, require, unpack
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+@dataclass
+class _Round:
+    round: int
+    model_version: str
+    schema: ModelSchema
+    sampled: frozenset[str]
+    acc: Accumulator
+    keys: dict[str, Key] = field(default_factory=dict)  # device -> key, in arrival order
+    weights: dict[str, float] = field(default_factory=dict)
+    kept: dict[str, bytes] | None = field(default_factory=dict)  # device -> update bytes
+    kept_bytes: int = 0
+    weight_total: float = 0.0
+    rejected: int = 0
+    closed: bool = False
+    amendment: int = 0
+    excluded: set[str] = field(default_factory=set)
+
+
+class AggregatorWorker:
+    def __init__(self, cfg: WorkerConfig, instance: str | None = None) -> None:
+        self.cfg = cfg
+        self.instance = instance or secrets.token_hex(8)
+        t = cfg.transport
+        self.topics = ShardTopics(Topics(t.fleet, t.topic_prefix))
+        wid = cfg.worker_id
+        offline = json.dumps({"status": "offline", "worker": wid, "instance": self.instance})
+        self.client = MqttClient(
+            t,
+            f"edgefed-agg-{wid}",
+            subscriptions=[
+                self.topics.round,
+                self.topics.close,
+                self.topics.amend(wid),
+                self.topics.shared_updates(cfg.group),
+            ],
+            will=(self.topics.presence(wid), offline.encode()),
+        )
+        self.state: _Round | None = None
+        self.pending: list[Incoming] = []  # updates for a round not announced yet
+        self.new_keys: list[Key] = []
+        self.accepted_total = 0
+        self.rejected_total = 0
+        self.drops: list[tuple[str, str]] = []  # (device, reason), recent, for tests/logs
+        self._stop = threading.Event()
+        self._last_status = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self, timeout: float | None = 30.0) -> AggregatorWorker:
+        self.client.start(timeout)
+        online = {
+            "status": "online",
+            "worker": self.cfg.worker_id,
+            "instance": self.instance,
+            "group": self.cfg.group,
+        }
+        self.client.publish(
+            self.topics.presence(self.cfg.worker_id), json.dumps(online).encode(), retain=True
+        )
+        return self
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`; one message at a time, status every heartbeat."""
+        while not self._stop.is_set():
+            m = self.client.get(timeout=min(0.1, self.cfg.heartbeat_interval))
+            if m is not None:
+                try:
+                    self.handle(m)
+                except Exception:  # one bad message must never end the worker
+                    log.exception("%s: error handling %s", self.cfg.worker_id, m.topic)
+            now = time.monotonic()
+            if now - self._last_status >= self.cfg.heartbeat_interval:
+                self._last_status = now
+                self.publish_status()
+
+    def stop(self) -> None:
+        """Clean shutdown: mark offline (retained) and disconnect."""
+        self._stop.set()
+        off = {"status": "offline", "worker": self.cfg.worker_id, "instance": self.instance}
+        with contextlib.suppress(OSError, TimeoutError):
+            self.client.publish(
+                self.topics.presence(self.cfg.worker_id), json.dumps(off).encode(), retain=True
+            )
+        self.client.stop()
+
+    # ---- dispatch --------------------------------------------------------------------
+    def handle(self, m: Incoming) -> None:
+        if m.topic.startswith(self.topics.agg + "/"):
+            kind, _ = self.topics.parse(m.topic)
+            if kind == "round":
+                self._on_round(m.payload)
+            elif kind == "close":
+                self._on_close(m.payload)
+            elif kind == "amend":
+                self._on_amend(m.payload)
+            return
+        try:
+            kind, device = self.topics.topics.parse(m.topic)
+        except ValueError as e:
+            log.warning("%s: ignored message on %s: %s", self.cfg.worker_id, m.topic, e)
+            return
+        if kind == "update" and device is not None:
+            self.handle_update(device, m)
+
+    def _control(self, payload: bytes, what: str) -> dict | None:
+        try:
+            msg = json.loads(payload)
+            if not isinstance(msg, dict) or type(msg.get("round")) is not int:
+                raise ValueError("needs an integer round")
+            return msg
+        except (ValueError, UnicodeDecodeError) as e:
+            log.warning("%s: invalid %s message: %s", self.cfg.worker_id, what, e)
+            return None
+
+    def _on_round(self, payload: bytes) -> None:
+        msg = self._control(payload, "round")
+        if msg is None:
+            return
+        rnd = msg["round"]
+        if self.state is not None and rnd <= self.state.round:
+            return  # the retained announcement of a round we already have
+        try:
+            version = msg["model_version"]
+            sampled = msg["sampled"]
+            if not isinstance(version, str) or not isinstance(sampled, list):
+                raise ValueError("model_version must be a string, sampled a list")
+            if not all(isinstance(d, str) and _ID.match(d) for d in sampled):
+                raise ValueError("sampled must list device ids")
+            old = self.state.schema if self.state else None
+            schema = ModelSchema(msg["schema"])
+            if old is not None and old.to_json() == schema.to_json():
+                schema = old
+        except (KeyError, ValueError, TypeError) as e:  # CodecError is a ValueError
+            log.warning("%s: invalid round announcement: %s", self.cfg.worker_id, e)
+            return
+        self.state = _Round(rnd, version, schema, frozenset(sampled), self._new_acc(schema))
+        self.new_keys = []
+        log.info("%s: round %d open (%d devices)", self.cfg.worker_id, rnd, len(sampled))
+        held, self.pending = self.pending, []
+        for m in held:
+            self.handle(m)
+
+    def _new_acc(self, schema: ModelSchema) -> Accumulator:
+        return Accumulator(schema, threads=self.cfg.threads)
+
+    # ---- updates ---------------------------------------------------------------------
+    def _drop(self, device: str, reason: str) -> bool:
+        log.warning("%s: dropped update from %s: %s", self.cfg.worker_id, device, reason)
+        self.drops.append((device, reason))
+        del self.drops[:-1000]
+        self.rejected_total += 1
+        if self.state is not None:
+            self.state.rejected += 1
+        return False
+
+    def handle_update(self, topic_device: str, m: Incoming) -> bool:
+        """Validate one update and add it to the open round's sums; False if dropped."""
+        try:
+            header, parts = unpack(m.payload)
+            rnd = require(header, "round", int)
+            dev = require(header, "device_id", str)
+            uid = require(header, "update_id", str)
+            if "error" in header:
+                return self._drop(topic_device, f"device error: {str(header['error'])[:200]}")
+            num = require(header, "num_samples", int)
+        except MessageError as e:
+            return self._drop(topic_device, f"invalid: {e.reason}")
+        if dev != topic_device:
+            return self._drop(topic_device, f"invalid: header device {dev!r} != topic device")
+        if not _ID.match(uid):
+            return self._drop(dev, "invalid: update_id must be 1-64 chars of [A-Za-z0-9_.-]")
+        st = self.state
+        if st is None or rnd > st.round:
+            if len(self.pending) < self.cfg.max_pending:
+                self.pending.append(m)  # announced soon: the round message may be behind
+                return False
+            return self._drop(dev, f"invalid: update for unknown round {rnd}")
+        if rnd < st.round or st.closed:
+            return self._drop(dev, f"late: update for round {rnd} after it closed")
+        if dev not in st.sampled:
+            return self._drop(dev, "not sampled this round")
+        if dev in st.keys:
+            if st.keys[dev][2] == uid:
+                log.info("%s: duplicate of %s's update ignored", self.cfg.worker_id, dev)
+                return False
+            return self._drop(dev, "duplicate: device already answered this round")
+        if num <= 0:
+            return self._drop(dev, f"invalid: num_samples must be > 0, got {num}")
+        if "update" not in parts:
+            return self._drop(dev, "invalid: no update part")
+        try:
+            upd = decode_update(parts["update"], st.schema)
+            meta = upd.meta
+            if (meta.round, meta.device_id, meta.num_samples, meta.kind) != (
+                rnd,
+                dev,
+                num,
+                "delta",
+            ):
+                return self._drop(dev, "invalid: codec metadata disagrees with the header")
+            if meta.model_version != st.model_version:
+                return self._drop(dev, f"invalid: model version {meta.model_version!r}")
+            if not upd.tensors:
+                return self._drop(dev, "invalid: update carries no tensors")
+            st.acc.add(upd, weight=float(num))
+        except CodecError as e:
+            return self._drop(dev, f"invalid: {e.reason}")
+        key: Key = (dev, rnd, uid)
+        st.keys[dev] = key
+        st.weights[dev] = float(num)
+        st.weight_total += float(num)
+        if st.kept is not None:
+            st.kept_bytes += len(parts["update"])
+            if st.kept_bytes <= self.cfg.retain_bytes:
+                st.kept[dev] = parts["update"]
+            else:  # past the memory budget: a conflicting partial can no longer be re-issued
+                log.warning("%s: retain_bytes exceeded; partial not amendable", self.cfg.worker_id)
+                st.kept = None
+        self.new_keys.append(key)
+        self.accepted_total += 1
+        return True
+
+    # ---- close / amend ---------------------------------------------------------------
+    def partial(self) -> Partial:
+        st = self.state
+        if st is None:
+            raise RuntimeError("no round")
+        keys = [k for d, k in st.keys.items() if d not in st.excluded]
+        sums, weights = st.acc.result() if keys else ({}, {})
+        return Partial(
+            st.round,
+            self.cfg.worker_id,
+            self.instance,
+            st.schema.digest(),
+            keys,
+            sum(st.weights[k[0]] for k in keys),
+            st.rejected,
+            st.amendment,
+            {k: v.reshape(-1) for k, v in sums.items()},
+            {k: v.reshape(-1) for k, v in weights.items()},
+        )
+
+    def _publish_partial(self) -> None:
+        p = self.partial()
+        data = encode_partial(p)
+        self.client.publish(self.topics.partial(self.cfg.worker_id), data)
+        log.info(
+            "%s: round %d partial #%d: %d updates, %d bytes",
+            self.cfg.worker_id, p.round, p.amendment, p.count, len(data),
+        )  # fmt: skip
+
+    def _on_close(self, payload: bytes) -> None:
+        msg = self._control(payload, "close")
+        st = self.state
+        if msg is None or st is None or msg["round"] != st.round:
+            if msg is not None:
+                log.warning("%s: close of round %s not open here", self.cfg.worker_id, msg["round"])
+            return
+        st.closed = True
+        self.publish_status()  # last keys first, then the partial
+        self._publish_partial()
+
+    def _on_amend(self, payload: bytes) -> None:
+        msg = self._control(payload, "amend")
+        st = self.state
+        if msg is None or st is None or msg["round"] != st.round:
+            return
+        if not st.closed and msg.get("fence") is not True:
+            return
+        if msg.get("instance") != self.instance:
+            log.warning("%s: amend addressed to another instance ignored", self.cfg.worker_id)
+            return
+        if msg.get("fence") is True:
+            self._refence(st)
+            return
+        excl = msg.get("exclude")
+        if not isinstance(excl, list) or not all(isinstance(d, str) for d in excl):
+            log.warning("%s: invalid amend message", self.cfg.worker_id)
+            return
+        if st.kept is None:
+            log.error("%s: cannot amend: updates were not retained", self.cfg.worker_id)
+            return
+        st.excluded |= set(excl) & set(st.keys)
+        acc = self._new_acc(st.schema)
+        for dev in st.keys:  # same order as the first time, minus the excluded devices
+            if dev not in st.excluded:
+                acc.add(decode_update(st.kept[dev], st.schema), weight=st.weights[dev])
+        st.acc = acc
+        st.amendment += 1
+        self._publish_partial()
+
+    def _refence(self, st: _Round) -> None:
+        """The coordinator wrote this instance off (it looked dead): its sums will never be
+        merged and their devices were asked to re-send. Start over as a new instance, so
+        the updates it receives from now on count again."""
+        log.error("%s: fenced by the coordinator; rejoining as a new instance", self.cfg.worker_id)
+        self.instance = secrets.token_hex(8)
+        self.state = _Round(
+            st.round, st.model_version, st.schema, st.sampled, self._new_acc(st.schema)
+        )
+        self.state.closed = st.closed
+        self.new_keys = []
+        online = {"status": "online", "worker": self.cfg.worker_id, "instance": self.instance,
+                  "group": self.cfg.group}  # fmt: skip
+        self.client.publish(
+            self.topics.presence(self.cfg.worker_id), json.dumps(online).encode(), retain=True
+        )
+
+    # ---- status ----------------------------------------------------------------------
+    def publish_status(self) -> None:
+        st = self.state
+        msg = {
+            "worker": self.cfg.worker_id,
+            "instance": self.instance,
+            "round": st.round if st else None,
+            "accepted": len(st.keys) if st else 0,
+            "rejected": st.rejected if st else 0,
+            "new_keys": [list(k) for k in self.new_keys],
+        }
+        self.new_keys = []
+        try:
+            self.client.publish(
+                self.topics.status(self.cfg.worker_id), json.dumps(msg).encode(), timeout=5.0
+            )
+        except (OSError, TimeoutError) as e:
+            log.warning("%s: status not sent: %s", self.cfg.worker_id, e)
