@@ -205,3 +205,30 @@ def test_zero_dim_and_uint8_asymmetric() -> None:
     assert qt.q.dtype == np.uint8 and qt.zero_point.dtype == np.uint8
     assert qt.q.min() == 0 and qt.q.max() == 255
     assert np.abs(quant.dequantize(qt) - x).max() <= qt.scale / 2 * 1.0001
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_streaming_store_path_with_unaligned_outputs(isa: str) -> None:
+    """Outputs >= 2 MB per call use non-temporal stores after an alignment head loop."""
+    n = 2_200_003
+    x = RNG.standard_normal(n).astype(np.float32)
+    s = np.float32(0.02)
+    ref = np.clip(np.rint(x / s), -128, 127).astype(np.int8)
+    for off in (0, 3):
+        q = np.empty(n + 8, np.int8)[off : off + n]
+        quant.quantize(x, s, out=q, threads=1, isa=isa)
+        np.testing.assert_array_equal(q, ref)
+        y = np.empty(n + 2, np.float32)[off % 2 : off % 2 + n]
+        quant.dequantize(q, s, out=y, threads=1, isa=isa)
+        np.testing.assert_array_equal(y, ref.astype(np.float32) * s)
+
+
+def test_quantize_bench_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgefed.cli import main
+
+    assert main(["quantize-bench", "--size", "100000", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "100,000 float32" in out
+    for row in ("scale given", "incl. scale", "blockwise(256)", "dequantize"):
+        line = next(ln for ln in out.splitlines() if row in ln)
+        assert float(line.split()[-3]) > 0  # GB/s

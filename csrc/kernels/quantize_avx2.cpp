@@ -44,6 +44,16 @@ struct Avx2 {
       c = _mm256_cvtepu8_epi32(l8(p + 16)), d = _mm256_cvtepu8_epi32(l8(p + 24));
     }
   }
+  static void store_nt(float* p, F v) { _mm256_stream_ps(p, v); }
+  static void store_bytes4_nt(std::uint8_t* p, I a, I b, I c, I d) {
+    const I m = _mm256_set1_epi32(0xff);
+    const I ab = _mm256_packs_epi32(_mm256_and_si256(a, m), _mm256_and_si256(b, m));
+    const I cd = _mm256_packs_epi32(_mm256_and_si256(c, m), _mm256_and_si256(d, m));
+    const I r = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
+                                            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), r);
+  }
+  static void fence() { _mm_sfence(); }
   static bool has_nan(F v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
 };
 

@@ -42,6 +42,14 @@ struct Avx512 {
       c = _mm512_cvtepu8_epi32(l16(p + 32)), d = _mm512_cvtepu8_epi32(l16(p + 48));
     }
   }
+  static void store_nt(float* p, F v) { _mm512_stream_ps(p, v); }
+  static void stn(std::uint8_t* p, I v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(v));
+  }
+  static void store_bytes4_nt(std::uint8_t* p, I a, I b, I c, I d) {
+    stn(p, a), stn(p + 16, b), stn(p + 32, c), stn(p + 48, d);
+  }
+  static void fence() { _mm_sfence(); }
   static bool has_nan(F v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
 };
 

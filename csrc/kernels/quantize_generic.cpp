@@ -40,6 +40,9 @@ struct Scalar {
   static void load_bytes4(const std::uint8_t* p, bool s, I& a, I& b, I& c, I& d) {
     a = ext(p[0], s), b = ext(p[1], s), c = ext(p[2], s), d = ext(p[3], s);
   }
+  static void store_nt(float* p, F v) { store(p, v); }
+  static void store_bytes4_nt(std::uint8_t* p, I a, I b, I c, I d) { store_bytes4(p, a, b, c, d); }
+  static void fence() {}
   static bool has_nan(F v) { return v != v; }
 };
 

@@ -49,6 +49,9 @@ struct Neon {
       d = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(hi)));
     }
   }
+  static void store_nt(float* p, F v) { store(p, v); }
+  static void store_bytes4_nt(std::uint8_t* p, I a, I b, I c, I d) { store_bytes4(p, a, b, c, d); }
+  static void fence() {}
   static bool has_nan(F v) { return vmaxvq_u32(vmvnq_u32(vceqq_f32(v, v))) != 0; }
 };
 

@@ -45,6 +45,14 @@ struct Sse2 {
       c = _mm_unpacklo_epi16(hi, z), d = _mm_unpackhi_epi16(hi, z);
     }
   }
+  static void store_nt(float* p, F v) { _mm_stream_ps(p, v); }
+  static void store_bytes4_nt(std::uint8_t* p, I a, I b, I c, I d) {
+    const I m = _mm_set1_epi32(0xff);
+    const I ab = _mm_packs_epi32(_mm_and_si128(a, m), _mm_and_si128(b, m));
+    const I cd = _mm_packs_epi32(_mm_and_si128(c, m), _mm_and_si128(d, m));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(ab, cd));
+  }
+  static void fence() { _mm_sfence(); }
   static bool has_nan(F v) { return _mm_movemask_ps(_mm_cmpunord_ps(v, v)) != 0; }
 };
 
