@@ -45,6 +45,11 @@ struct Kernels {
                   float* out);
   void (*dequant_vec)(const std::uint8_t* q, std::size_t n, bool is_signed, const float* scale,
                       const float* zp, float* out);
+  // stochastic rounding of x[0, n) whose flat indices start at base; scale / zp are one
+  // value (vec = false) or per element; k0 / k1 are the RNG keys derived from the seed.
+  bool (*stoch)(const float* x, std::size_t n, std::uint32_t base, const float* scale,
+                const float* zp, bool vec, float qmin, float qmax, std::uint32_t k0,
+                std::uint32_t k1, std::uint8_t* out);
 };
 
 enum class Isa { Auto, Generic, Sse2, Avx2, Avx512, Neon };
@@ -94,6 +99,8 @@ void params_from_range(float mn, float mx, bool symmetric, float qmin, float qma
 
 // Counter-based uniform in [0, 1) with 24 random bits: hash of (seed, index).
 float stochastic_uniform(std::uint64_t seed, std::uint32_t index);
+// The two 32-bit keys the kernels' hash uses for a 64-bit seed (splitmix64 of the seed).
+void stochastic_keys(std::uint64_t seed, std::uint32_t* k0, std::uint32_t* k1);
 
 // ---- drivers (threads: 0 = all cores). All return normally or throw. ----
 // Quantize with given scales / zero points. Returns false (first bad flat index in

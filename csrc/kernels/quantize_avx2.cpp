@@ -54,6 +54,16 @@ struct Avx2 {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), r);
   }
   static void fence() { _mm_sfence(); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F lt_one(F a, F b) {
+    return _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ), _mm256_set1_ps(1.f));
+  }
+  static I cvtt(F v) { return _mm256_cvttps_epi32(v); }
+  static I iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static I ixor(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I imul(I a, I b) { return _mm256_mullo_epi32(a, b); }
+  template <int k>
+  static I srl(I a) { return _mm256_srli_epi32(a, k); }
   static bool has_nan(F v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
 };
 

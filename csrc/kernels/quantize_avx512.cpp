@@ -50,6 +50,18 @@ struct Avx512 {
     stn(p, a), stn(p + 16, b), stn(p + 32, c), stn(p + 48, d);
   }
   static void fence() { _mm_sfence(); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F lt_one(F a, F b) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), _mm512_set1_ps(1.f));
+  }
+  static I cvtt(F v) { return _mm512_cvttps_epi32(v); }
+  static I iota() {
+    return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  static I ixor(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I imul(I a, I b) { return _mm512_mullo_epi32(a, b); }
+  template <int k>
+  static I srl(I a) { return _mm512_srli_epi32(a, k); }
   static bool has_nan(F v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
 };
 

@@ -140,6 +140,7 @@ inline std::uint32_t lowbias32(std::uint32_t x) {  // Wellons' 32-bit mixer
   x ^= x >> 16;
   return x;
 }
+// Scalar reference of the hash the kernels vectorise (quantize_impl.h, Impl::mix).
 struct Rng {
   std::uint32_t k0, k1;
   explicit Rng(std::uint64_t seed) {
@@ -151,26 +152,6 @@ struct Rng {
     return static_cast<float>(h >> 8) * 0x1p-24f;  // 24 bits: exact in float, < 1
   }
 };
-
-// Stochastic rounding: floor(v) + [u < frac(v)], so E[q] = v (unbiased, QSGD). Scalar on
-// every ISA (a few ns per element; it serves FL update compression, not inference).
-bool quant_stochastic(const float* x, std::size_t n, std::size_t base, const float* scale,
-                      const float* zp, bool vec, float qmin, float qmax, const Rng& rng,
-                      std::uint8_t* out) {
-  bool bad = false;
-  for (std::size_t i = 0; i < n; ++i) {
-    const float s = vec ? scale[i] : scale[0], z = vec ? zp[i] : zp[0];
-    const float lo = qmin - z, hi = qmax - z;
-    float v = x[i] / s;
-    bad |= (x[i] * 0.f) != 0.f;
-    v = v > lo ? v : lo;  // NaN -> lo, like the nearest-rounding kernels
-    v = v < hi ? v : hi;
-    const float fl = std::floor(v);
-    const float r = fl + (rng.uniform(static_cast<std::uint32_t>(base + i)) < v - fl ? 1.f : 0.f);
-    out[i] = static_cast<std::uint8_t>(static_cast<std::int32_t>(r + z));
-  }
-  return bad;
-}
 
 // Walks the layout in segments that share one scale (vec = false: scale[sidx]) or that have
 // one scale per element (vec = true: scale[sidx + i]); seg returns true on NaN / Inf.
@@ -229,8 +210,8 @@ bool quantize(const Kernels& k, const float* x, const Layout& lay, const float* 
   const bool bad = drive(lay, threads, [&](std::size_t off, std::size_t len, std::size_t si,
                                            bool vec) {
     if (p.stochastic)
-      return quant_stochastic(x + off, len, off, scale + si, zp + si, vec, p.qmin, p.qmax, rng,
-                              out + off);
+      return k.stoch(x + off, len, static_cast<std::uint32_t>(off), scale + si, zp + si, vec,
+                     p.qmin, p.qmax, rng.k0, rng.k1, out + off);
     if (vec) return k.quant_vec(x + off, len, scale + si, zp + si, p.qmin, p.qmax, out + off);
     return k.quant(x + off, len, scale[si], zp[si], p.qmin, p.qmax, out + off);
   });
@@ -322,8 +303,8 @@ bool quantize_dynamic(const Kernels& k, const float* x, const Layout& L, bool sy
         params_from_range(lo, hi, symmetric, p.qmin, p.qmax, scale + blk, zp + blk);
         if (!out) continue;
         if (p.stochastic)
-          quant_stochastic(x + off, m, off, scale + blk, zp + blk, false, p.qmin, p.qmax, rng,
-                           out + off);
+          k.stoch(x + off, m, static_cast<std::uint32_t>(off), scale + blk, zp + blk, false,
+                  p.qmin, p.qmax, rng.k0, rng.k1, out + off);
         else
           k.quant(x + off, m, scale[blk], zp[blk], p.qmin, p.qmax, out + off);
       }
@@ -347,7 +328,8 @@ bool quantize_dynamic(const Kernels& k, const float* x, const Layout& L, bool sy
         for (std::size_t a = a0; a < a1; ++a) {
           const std::size_t off = (o * len + a) * inner;
           if (p.stochastic)
-            quant_stochastic(x + off, inner, off, s, z, true, p.qmin, p.qmax, rng, out + off);
+            k.stoch(x + off, inner, static_cast<std::uint32_t>(off), s, z, true, p.qmin, p.qmax,
+                    rng.k0, rng.k1, out + off);
           else
             k.quant_vec(x + off, inner, s, z, p.qmin, p.qmax, out + off);
         }
@@ -374,6 +356,11 @@ void dequantize(const Kernels& k, const std::uint8_t* q, bool is_signed, const L
 
 float stochastic_uniform(std::uint64_t seed, std::uint32_t index) {
   return Rng(seed).uniform(index);
+}
+
+void stochastic_keys(std::uint64_t seed, std::uint32_t* k0, std::uint32_t* k1) {
+  const Rng r(seed);
+  *k0 = r.k0, *k1 = r.k1;
 }
 
 }  // namespace edgefed::quant

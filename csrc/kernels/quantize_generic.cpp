@@ -43,6 +43,16 @@ struct Scalar {
   static void store_nt(float* p, F v) { store(p, v); }
   static void store_bytes4_nt(std::uint8_t* p, I a, I b, I c, I d) { store_bytes4(p, a, b, c, d); }
   static void fence() {}
+  static F add(F a, F b) { return a + b; }
+  static F lt_one(F a, F b) { return a < b ? 1.f : 0.f; }
+  static I cvtt(F v) { return static_cast<I>(v); }
+  static I iota() { return 0; }
+  static I ixor(I a, I b) { return a ^ b; }
+  static I imul(I a, I b) {  // unsigned: wrap-around is defined
+    return static_cast<I>(static_cast<std::uint32_t>(a) * static_cast<std::uint32_t>(b));
+  }
+  template <int k>
+  static I srl(I a) { return static_cast<I>(static_cast<std::uint32_t>(a) >> k); }
   static bool has_nan(F v) { return v != v; }
 };
 

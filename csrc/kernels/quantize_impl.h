@@ -8,6 +8,8 @@
 //   store_bytes4(uint8_t*, I, I, I, I): low byte of each lane, 4*W bytes
 //   load_bytes4(const uint8_t*, bool is_signed, I&, I&, I&, I&): 4*W bytes, sign/zero-extended
 //   bool has_nan(F)
+//   for stochastic rounding: F add, F lt_one(a, b) == (a < b ? 1.f : 0.f), I cvtt(F)
+//   (truncate), I iota() (0, 1, ..., W-1), I ixor, I imul (low 32 bits), I srl<k> (logical)
 //   streaming (non-temporal) stores for large outputs, falling back to plain stores where
 //   the ISA has none: store_nt(float*, F) (W*4-byte aligned), store_bytes4_nt (4W-aligned),
 //   fence() after a streaming loop.
@@ -158,6 +160,64 @@ struct Impl {
     return V::has_nan(bad);
   }
 
+  // Counter-based hash of a 32-bit index (Wellons' lowbias32, twice, keyed): must match
+  // Rng::uniform in quantize_common.cpp bit for bit.
+  static inline I mix(I h) {
+    h = V::ixor(h, V::template srl<16>(h));
+    h = V::imul(h, V::set1i(0x7feb352d));
+    h = V::ixor(h, V::template srl<15>(h));
+    h = V::imul(h, V::set1i(static_cast<int>(0x846ca68bU)));
+    return V::ixor(h, V::template srl<16>(h));
+  }
+
+  // Stochastic rounding: floor(v) + [u < v - floor(v)] with u from hash(seed, base + i).
+  static bool stoch(const float* x, std::size_t n, std::uint32_t base, const float* scale,
+                    const float* zp, bool vec, float qmin, float qmax, std::uint32_t k0,
+                    std::uint32_t k1, std::uint8_t* out) {
+    const F zero = V::set1(0.f), vqmin = V::set1(qmin), vqmax = V::set1(qmax),
+            unit = V::set1(0x1p-24f);
+    const I key0 = V::set1i(static_cast<int>(k0)), key1 = V::set1i(static_cast<int>(k1)),
+            iota = V::iota();
+    F bad = zero;
+    auto one_vec = [&](const float* xp, const float* sp, const float* zpp, std::uint32_t idx) {
+      const F a = V::load(xp), s = vec ? V::load(sp) : V::set1(*sp),
+              z = vec ? V::load(zpp) : V::set1(*zpp);
+      bad = V::orf(bad, V::mul(a, zero));
+      F v = V::vmin(V::vmax(V::div(a, s), V::sub(vqmin, z)), V::sub(vqmax, z));
+      const F t = V::i2f(V::cvtt(v));
+      const F fl = V::sub(t, V::lt_one(v, t));  // floor (|v| <= 383, so t is exact)
+      const I h = mix(V::iadd(mix(V::ixor(V::iadd(V::set1i(static_cast<int>(idx)), iota), key0)),
+                             key1));
+      const F u = V::mul(V::i2f(V::template srl<8>(h)), unit);
+      const F r = V::add(fl, V::lt_one(u, V::sub(v, fl)));
+      return V::iadd(V::cvt(r), V::cvt(z));
+    };
+    auto body = [&](const float* xp, const float* sp, const float* zpp, std::uint32_t idx,
+                    std::uint8_t* op) {
+      const std::size_t st = vec ? W : 0;
+      const I a = one_vec(xp, sp, zpp, idx), b = one_vec(xp + W, sp + st, zpp + st, idx + W),
+              c = one_vec(xp + 2 * W, sp + 2 * st, zpp + 2 * st, idx + 2 * W),
+              d = one_vec(xp + 3 * W, sp + 3 * st, zpp + 3 * st, idx + 3 * W);
+      V::store_bytes4(op, a, b, c, d);
+    };
+    std::size_t i = 0;
+    for (; i + B <= n; i += B)
+      body(x + i, scale + (vec ? i : 0), zp + (vec ? i : 0),
+           base + static_cast<std::uint32_t>(i), out + i);
+    if (i < n) {
+      alignas(64) float xb[B] = {}, sb[B], zb[B] = {};
+      alignas(64) std::uint8_t ob[B];
+      std::fill(sb, sb + B, 1.f);
+      const std::size_t m = n - i;
+      std::memcpy(xb, x + i, m * sizeof(float));
+      std::memcpy(sb, scale + (vec ? i : 0), (vec ? m : 1) * sizeof(float));
+      std::memcpy(zb, zp + (vec ? i : 0), (vec ? m : 1) * sizeof(float));
+      body(xb, sb, zb, base + static_cast<std::uint32_t>(i), ob);
+      std::memcpy(out + i, ob, m);
+    }
+    return V::has_nan(bad);
+  }
+
   static void dequant(const std::uint8_t* q, std::size_t n, bool is_signed, float scale,
                       float zp, float* out) {
     const F s = V::set1(scale), z = V::set1(zp);
@@ -214,8 +274,8 @@ struct Impl {
 template <class V>
 Kernels make_kernels(const char* name) {
   using K = Impl<V>;
-  return Kernels{name, &K::minmax, &K::minmax_cols, &K::quant, &K::quant_vec, &K::dequant,
-                 &K::dequant_vec};
+  return Kernels{name,        &K::minmax,  &K::minmax_cols, &K::quant,
+                 &K::quant_vec, &K::dequant, &K::dequant_vec, &K::stoch};
 }
 
 }  // namespace edgefed::quant::impl

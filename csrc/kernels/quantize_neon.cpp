@@ -52,6 +52,19 @@ struct Neon {
   static void store_nt(float* p, F v) { store(p, v); }
   static void store_bytes4_nt(std::uint8_t* p, I a, I b, I c, I d) { store_bytes4(p, a, b, c, d); }
   static void fence() {}
+  static F add(F a, F b) { return vaddq_f32(a, b); }
+  static F lt_one(F a, F b) {
+    return vbslq_f32(vcltq_f32(a, b), vdupq_n_f32(1.f), vdupq_n_f32(0.f));
+  }
+  static I cvtt(F v) { return vcvtq_s32_f32(v); }  // truncates toward zero
+  static I iota() {
+    static const std::int32_t k[4] = {0, 1, 2, 3};
+    return vld1q_s32(k);
+  }
+  static I ixor(I a, I b) { return veorq_s32(a, b); }
+  static I imul(I a, I b) { return vmulq_s32(a, b); }
+  template <int k>
+  static I srl(I a) { return vreinterpretq_s32_u32(vshrq_n_u32(vreinterpretq_u32_s32(a), k)); }
   static bool has_nan(F v) { return vmaxvq_u32(vmvnq_u32(vceqq_f32(v, v))) != 0; }
 };
 

@@ -53,6 +53,19 @@ struct Sse2 {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(ab, cd));
   }
   static void fence() { _mm_sfence(); }
+  static F add(F a, F b) { return _mm_add_ps(a, b); }
+  static F lt_one(F a, F b) { return _mm_and_ps(_mm_cmplt_ps(a, b), _mm_set1_ps(1.f)); }
+  static I cvtt(F v) { return _mm_cvttps_epi32(v); }
+  static I iota() { return _mm_setr_epi32(0, 1, 2, 3); }
+  static I ixor(I a, I b) { return _mm_xor_si128(a, b); }
+  static I imul(I a, I b) {  // SSE2 has no pmulld: two 32x32->64 multiplies, keep low halves
+    const I even = _mm_mul_epu32(a, b);
+    const I odd = _mm_mul_epu32(_mm_srli_si128(a, 4), _mm_srli_si128(b, 4));
+    return _mm_unpacklo_epi32(_mm_shuffle_epi32(even, _MM_SHUFFLE(0, 0, 2, 0)),
+                              _mm_shuffle_epi32(odd, _MM_SHUFFLE(0, 0, 2, 0)));
+  }
+  template <int k>
+  static I srl(I a) { return _mm_srli_epi32(a, k); }
   static bool has_nan(F v) { return _mm_movemask_ps(_mm_cmpunord_ps(v, v)) != 0; }
 };
 

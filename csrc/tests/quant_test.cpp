@@ -167,6 +167,28 @@ void test_against_reference(const Kernels& k, Fnv& d) {
         check(bits(yv[i]) == bits(ref_dequant(gotv, s[i], static_cast<int>(z[i]))),
               tag + " dequant_vec");
       }
+      // stochastic rounding against floor(v) + [u < frac(v)], u from the scalar hash
+      std::uint32_t k0, k1;
+      stochastic_keys(77, &k0, &k1);
+      std::vector<std::uint8_t> qs(n), qsv(n);
+      check(!k.stoch(x.data(), n, 1000, &s0, z.data(), false, float(qmin), float(qmax), k0, k1,
+                     qs.data()), tag + " stoch flag");
+      k.stoch(x.data(), n, 1000, s.data(), z.data(), true, float(qmin), float(qmax), k0, k1,
+              qsv.data());
+      for (std::size_t i = 0; i < n; ++i) {
+        for (int pass = 0; pass < 2; ++pass) {
+          const float sc = pass ? s[i] : s0, zz = pass ? z[i] : z[0];
+          float v = x[i] / sc;
+          v = std::fmin(std::fmax(v, float(qmin) - zz), float(qmax) - zz);
+          const float fl = std::floor(v);
+          const float u = stochastic_uniform(77, static_cast<std::uint32_t>(1000 + i));
+          const int e = static_cast<int>(fl + (u < v - fl ? 1.f : 0.f) + zz);
+          const std::uint8_t got = pass ? qsv[i] : qs[i];
+          check((is_signed ? int(static_cast<std::int8_t>(got)) : int(got)) == e,
+                tag + " stoch i=" + std::to_string(i));
+        }
+      }
+      d.add(qs.data(), n), d.add(qsv.data(), n);
       float lo, hi;
       check(!k.minmax(x.data(), n, &lo, &hi), tag + " minmax flag");
       float rlo = x[0], rhi = x[0];
