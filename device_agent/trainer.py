@@ -148,6 +148,8 @@ class StepTrainer:
         too: they are checked against the sha256 recorded at export, never silently ignored.
         """
         baked = self.manifest.get("baked", {})
+        ignored = set(self.manifest.get("ignored_buffers", []))  # e.g. num_batches_tracked
+        params = {k: v for k, v in params.items() if k not in ignored}
         unknown = [k for k in params if k not in self._param_keys and k not in baked]
         if unknown:
             raise TrainerError(f"unknown parameter names: {unknown[:5]}")

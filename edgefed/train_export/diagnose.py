@@ -54,6 +54,8 @@ def unsupported_ops(gm: torch.fx.GraphModule) -> list[Any]:
             continue
         if t.namespace != "aten" or t._opname.startswith(_IGNORED_PREFIXES):
             continue
+        if t._opname.endswith("_"):  # in-place: torch.export functionalizes it first
+            continue
         if not _translatable(t) and t not in bad:
             bad.append(t)
     return bad

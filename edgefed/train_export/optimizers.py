@@ -172,8 +172,6 @@ class Adam:
         state: dict[str, list[Tensor]],
         step: float,
     ) -> None:
-        if step == 0:
-            return  # torch initialises zeros itself: the exact first-step path
         for p, m, v in zip(params, state["adam_m"], state["adam_v"], strict=True):
             opt.state[p].update(
                 step=torch.tensor(float(step)), exp_avg=m.clone(), exp_avg_sq=v.clone()

@@ -123,6 +123,14 @@ class _DropoutNoise:
             h.remove()
 
 
+def _rand_state(kind: str, shape: torch.Size, g: torch.Generator, zero: bool) -> Tensor:
+    if kind == "adam_v":
+        return torch.rand(shape, generator=g) * 1e-3 + 1e-6
+    if zero:
+        return torch.zeros(shape)
+    return torch.randn(shape, generator=g) * 0.05
+
+
 def _worst(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         return float("inf")
@@ -173,17 +181,12 @@ def verify_step(
         tp = dict(ref.named_parameters())
         bufs = dict(ref.named_buffers())
         zero_state = run == 0
+        # Adam's second moment is never zero here: at v = 0 the update lr*g/(|g|+eps) of a
+        # parameter whose true gradient is 0 (a bias before BatchNorm) amplifies float noise
+        # of 1e-9 into a full lr step, in torch as in onnxruntime. The v = 0 path (eps) has its
+        # own test; here every update stays well conditioned so a small tolerance is meaningful.
         state: dict[str, list[Tensor]] = {
-            k: [
-                torch.zeros_like(tp[nm])
-                if zero_state
-                else (
-                    torch.rand(tp[nm].shape, generator=g) * 1e-3
-                    if k == "adam_v"
-                    else torch.randn(tp[nm].shape, generator=g) * 0.05
-                )
-                for nm in tnames
-            ]
+            k: [_rand_state(k, tp[nm].shape, g, zero_state) for nm in tnames]
             for k in optimizer.per_param_state
         }
         step = 0.0 if zero_state else 3.0
@@ -223,7 +226,7 @@ def verify_step(
         hooks = _DropoutNoise(ref, g)
         try:
             opt = optimizer.torch_optimizer([tp[nm] for nm in tnames], lr, eps)
-            if not zero_state:
+            if state or step:
                 optimizer.load_torch_state(opt, [tp[nm] for nm in tnames], state, step)
             out = ref(x)
             lval = loss_fn(out, y)
