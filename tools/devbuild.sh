@@ -13,4 +13,9 @@ if [ ! -f build/dev/CMakeCache.txt ]; then
     -Dpybind11_DIR="$($py -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v $py)" >/dev/null
 fi
 cmake --build build/dev -j2
-cp -f build/dev/_core*.so edgefed/
+# Replace by rename, never cp over the file: overwriting the inode in place kills every running
+# process that has the module mapped (SIGBUS, seen in parallel test runs).
+for so in build/dev/_core*.so; do
+  cp -f "$so" "edgefed/.$(basename "$so").tmp"
+  mv -f "edgefed/.$(basename "$so").tmp" "edgefed/$(basename "$so")"
+done
