@@ -32,6 +32,23 @@ void acc_sparse_f16(float* sums, float* wsums, const uint32_t* idx, const uint16
 void acc_sparse_int8(float* sums, float* wsums, const uint32_t* idx, const int8_t* q,
                      std::size_t count, float scale, float w, int threads);
 
+// Many sparse updates of one tensor at once, cache-blocked: the coordinate range is cut
+// into chunks of `chunk` floats (L2-sized); each thread owns whole chunks and, per chunk,
+// walks every update's (sorted) entries that fall inside it. The random scatter then
+// hits cache instead of DRAM, and no two threads ever touch the same coordinate.
+enum class ValueType : uint8_t { kF32 = 0, kF16 = 1, kI8 = 2 };
+struct SparseRef {
+  const uint32_t* idx;
+  const void* values;
+  std::size_t count;
+  ValueType type;
+  float value_weight;  // weight * scale (int8) or weight
+  float weight;        // added to wsums when `absent`
+  bool absent;         // missing coordinates are absent (per-coordinate weights)
+};
+void acc_sparse_batch(float* sums, float* wsums, std::size_t n, const SparseRef* refs,
+                      std::size_t nrefs, std::size_t chunk, int threads);
+
 // Exact IEEE binary16 -> binary32 (subnormals, Inf, NaN preserved).
 float half_to_float(uint16_t h);
 

@@ -21,17 +21,20 @@ namespace {
 
 template <class T>
 const T* in_ptr(const py::array& a, const char* name) {
-  require(a.dtype().is(py::dtype::of<T>()),
-          std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
-              ", got " + std::string(py::str(a.dtype())));
-  require((a.flags() & py::array::c_style) != 0, std::string(name) + ": must be C-contiguous");
+  // Messages are built only on failure: this runs on every call.
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw edgefed::InvalidArgument(std::string(name) + ": expected dtype " +
+                                   std::string(py::str(py::dtype::of<T>())) + ", got " +
+                                   std::string(py::str(a.dtype())));
+  if ((a.flags() & py::array::c_style) == 0)
+    throw edgefed::InvalidArgument(std::string(name) + ": must be C-contiguous");
   return static_cast<const T*>(a.data());
 }
 
 template <class T>
 T* out_ptr(py::array& a, const char* name) {
   in_ptr<T>(a, name);
-  require(a.writeable(), std::string(name) + ": must be writeable");
+  if (!a.writeable()) throw edgefed::InvalidArgument(std::string(name) + ": must be writeable");
   return static_cast<T*>(a.mutable_data());
 }
 
@@ -53,18 +56,22 @@ void check_n(std::size_t n) {
 
 // Strictly increasing and < n (validated before any scatter).
 void check_indices(const uint32_t* idx, std::size_t count, std::size_t n) {
+  // Messages are built only on failure (this loop runs over every index).
   for (std::size_t i = 0; i < count; ++i) {
-    require(idx[i] < n, "index " + std::to_string(idx[i]) + " out of range for size " +
-                            std::to_string(n));
-    require(i == 0 || idx[i] > idx[i - 1],
-            "indices not strictly increasing (unsorted or duplicate) at position " +
-                std::to_string(i));
+    if (idx[i] >= n)
+      throw edgefed::InvalidArgument("index " + std::to_string(idx[i]) +
+                                     " out of range for size " + std::to_string(n));
+    if (i > 0 && idx[i] <= idx[i - 1])
+      throw edgefed::InvalidArgument(
+          "indices not strictly increasing (unsorted or duplicate) at position " +
+          std::to_string(i));
   }
 }
 
 void check_scales(const float* s, std::size_t count) {
   for (std::size_t i = 0; i < count; ++i)
-    require(std::isfinite(s[i]) && s[i] >= 0.0f, "scales must be finite and >= 0");
+    if (!(std::isfinite(s[i]) && s[i] >= 0.0f))
+      throw edgefed::InvalidArgument("scales must be finite and >= 0");
 }
 
 std::size_t check_block(std::size_t n, std::size_t block, std::size_t scales_len) {
@@ -323,7 +330,8 @@ void register_sparse(py::module_& m) {
           require((x.flags() & py::array::c_style) != 0, "x: must be C-contiguous");
           const uint16_t* p = static_cast<const uint16_t*>(x.data());
           for (std::size_t i = 0; i < n; ++i)
-            require((p[i] & 0x7c00u) != 0x7c00u, "update contains NaN or Inf");
+            if ((p[i] & 0x7c00u) == 0x7c00u)
+              throw edgefed::InvalidArgument("update contains NaN or Inf");
           py::gil_scoped_release nogil;
           edgefed::acc_dense_f16(s, p, n, static_cast<float>(w), threads);
         } else {
@@ -401,7 +409,8 @@ void register_sparse(py::module_& m) {
           require((values.flags() & py::array::c_style) != 0, "values: must be C-contiguous");
           const uint16_t* v = static_cast<const uint16_t*>(values.data());
           for (std::size_t i = 0; i < c; ++i)
-            require((v[i] & 0x7c00u) != 0x7c00u, "values contain NaN or Inf");
+            if ((v[i] & 0x7c00u) == 0x7c00u)
+              throw edgefed::InvalidArgument("values contain NaN or Inf");
           require(scale == 1.0, "float16 values take scale 1.0");
           py::gil_scoped_release nogil;
           edgefed::acc_sparse_f16(s, ws, ip, v, c, fw, threads);
@@ -412,4 +421,69 @@ void register_sparse(py::module_& m) {
       py::arg("sums"), py::arg("weight_sums"), py::arg("indices"), py::arg("values"),
       py::arg("scale"), py::arg("weight"), py::arg("threads") = 0,
       "sums[idx] += weight * scale * values; weight_sums[idx] += weight if given.");
+
+  m.def(
+      "acc_sparse_batch",
+      [](py::array sums, py::object wsums_obj, py::list items, std::size_t chunk, int threads) {
+        // items: list of (indices uint32, values f32|f16|i8, scale, weight, absent)
+        float* s = out_ptr<float>(sums, "sums");
+        const std::size_t n = sums.size();
+        float* ws = nullptr;
+        if (!wsums_obj.is_none()) {
+          py::array wsums = wsums_obj.cast<py::array>();
+          ws = out_ptr<float>(wsums, "weight_sums");
+          require(static_cast<std::size_t>(wsums.size()) == n,
+                  "weight_sums length does not match sums");
+        }
+        std::vector<edgefed::SparseRef> refs;
+        std::vector<py::array> keep;  // hold the arrays alive while the GIL is released
+        refs.reserve(items.size());
+        for (py::handle h : items) {
+          py::tuple tp = h.cast<py::tuple>();
+          require(tp.size() == 5, "each item is (indices, values, scale, weight, absent)");
+          py::array idx = tp[0].cast<py::array>(), vals = tp[1].cast<py::array>();
+          double scale = tp[2].cast<double>(), w = tp[3].cast<double>();
+          bool absent = tp[4].cast<bool>();
+          const uint32_t* ip = in_ptr<uint32_t>(idx, "indices");
+          const std::size_t c = idx.size();
+          require(static_cast<std::size_t>(vals.size()) == c,
+                  "indices and values lengths disagree");
+          check_weight(w);
+          require(std::isfinite(scale) && scale >= 0.0, "scale must be finite and >= 0");
+          require(!absent || ws != nullptr, "absent-fill updates need weight_sums");
+          check_indices(ip, c, n);
+          edgefed::SparseRef r{ip, nullptr, c, edgefed::ValueType::kF32,
+                               static_cast<float>(w), static_cast<float>(w), absent};
+          if (vals.dtype().is(py::dtype::of<float>())) {
+            const float* v = in_ptr<float>(vals, "values");
+            require(edgefed::all_finite(v, c, 1), "values contain NaN or Inf");
+            require(scale == 1.0, "float32 values take scale 1.0");
+            r.values = v;
+          } else if (vals.dtype().is(py::dtype::of<int8_t>())) {
+            r.values = in_ptr<int8_t>(vals, "values");
+            r.type = edgefed::ValueType::kI8;
+            r.value_weight = static_cast<float>(w * scale);
+          } else if (vals.dtype().is(py::dtype("float16"))) {
+            require((vals.flags() & py::array::c_style) != 0, "values: must be C-contiguous");
+            const uint16_t* v = static_cast<const uint16_t*>(vals.data());
+            for (std::size_t i = 0; i < c; ++i)
+              if ((v[i] & 0x7c00u) == 0x7c00u)
+                throw edgefed::InvalidArgument("values contain NaN or Inf");
+            require(scale == 1.0, "float16 values take scale 1.0");
+            r.values = v;
+            r.type = edgefed::ValueType::kF16;
+          } else {
+            throw edgefed::InvalidArgument("values: expected float32, float16 or int8");
+          }
+          refs.push_back(r);
+          keep.push_back(idx);
+          keep.push_back(vals);
+        }
+        py::gil_scoped_release nogil;
+        edgefed::acc_sparse_batch(s, ws, n, refs.data(), refs.size(), chunk, threads);
+      },
+      py::arg("sums"), py::arg("weight_sums"), py::arg("items"), py::arg("chunk") = 1 << 15,
+      py::arg("threads") = 0,
+      "Cache-blocked accumulation of many sparse updates of one tensor (all validated "
+      "before any write).");
 }

@@ -275,6 +275,21 @@ def test_accumulator_weighted_average_matches_numpy() -> None:
     assert acc.count == 6
 
 
+@pytest.mark.parametrize("batch", [1, 2, 64])
+def test_accumulator_batching_gives_same_sums(batch: int) -> None:
+    acc = Accumulator(SCHEMA, batch=batch)
+    ref = {k: np.zeros(s, np.float64) for k, s in SCHEMA.items()}
+    for i in range(5):
+        dec = decode_update(encode_update(make_update(40 + i), META, "topk:0.1+int8"), SCHEMA)
+        acc.add(dec, 1.0 + i)
+        for k, v in dec.to_dense().items():
+            ref[k] += (1.0 + i) * v
+    sums, weights = acc.result()
+    for k in SCHEMA:
+        np.testing.assert_allclose(sums[k], ref[k], rtol=1e-5, atol=1e-5)
+        assert np.all(weights[k] == 15.0)
+
+
 def test_accumulator_partial_updates_average_correctly() -> None:
     acc = Accumulator(SCHEMA)
     full = make_update(30)

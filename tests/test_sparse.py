@@ -296,3 +296,58 @@ def test_accumulate_rejects_bad_input_without_writing() -> None:
     with pytest.raises(ValueError, match="C-contiguous"):
         sparse.accumulate_dense(np.zeros(2 * n, np.float32)[::2], np.ones(n, np.float32), 1.0)
     assert not sums.any()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk", [1024, 4096, 1 << 20])
+def test_accumulate_sparse_batch_matches_reference(threads: int, chunk: int) -> None:
+    rng = np.random.default_rng(chunk + threads)
+    n = 300_000
+    sums = np.zeros(n, np.float32)
+    wsums = np.zeros(n, np.float32)
+    ref = np.zeros(n, np.float64)
+    ref_w = np.zeros(n, np.float64)
+    items = []
+    for i in range(12):
+        m = int(rng.integers(0, 40_000))
+        idx = np.sort(rng.choice(n, m, replace=False)).astype(np.uint32)
+        kind = i % 3
+        w = float(i + 1)
+        if kind == 0:
+            v = rng.standard_normal(m).astype(np.float32)
+            items.append((idx, v, 1.0, w, False))
+            ref[idx] += w * v
+        elif kind == 1:
+            v = rng.standard_normal(m).astype(np.float16)
+            items.append((idx, v, 1.0, w, True))
+            ref[idx] += w * v.astype(np.float64)
+            ref_w[idx] += w
+        else:
+            v = rng.integers(-127, 128, m).astype(np.int8)
+            items.append((idx, v, 0.05, w, False))
+            ref[idx] += w * 0.05 * v
+    sparse._s.acc_sparse_batch(sums, wsums, items, chunk, threads)
+    np.testing.assert_allclose(sums, ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(wsums, ref_w.astype(np.float32))
+
+
+def test_accumulate_sparse_batch_validates_everything_before_writing() -> None:
+    n = 1000
+    sums = np.zeros(n, np.float32)
+    good = (np.array([1, 2, 3], np.uint32), np.ones(3, np.float32), 1.0, 1.0, False)
+    bad_cases = [
+        ((np.array([1, 2, 1000], np.uint32), np.ones(3, np.float32), 1.0, 1.0, False), "range"),
+        ((np.array([3, 2, 1], np.uint32), np.ones(3, np.float32), 1.0, 1.0, False), "strictly"),
+        ((np.array([1, 2], np.uint32), np.ones(3, np.float32), 1.0, 1.0, False), "disagree"),
+        ((np.array([1], np.uint32), np.ones(1, np.float32), 1.0, np.nan, False), "weight"),
+        ((np.array([1], np.uint32), np.ones(1, np.int8), -1.0, 1.0, False), "scale"),
+        ((np.array([1], np.uint32), np.ones(1, np.float32), 1.0, 1.0, True), "weight_sums"),
+        ((np.array([1], np.uint32), np.ones(1, np.float64), 1.0, 1.0, False), "float32"),
+        ((np.array([1], np.int64), np.ones(1, np.float32), 1.0, 1.0, False), "uint32"),
+        ((np.array([1], np.uint32), np.array([np.inf], np.float32), 1.0, 1.0, False), "NaN"),
+        ((np.array([1], np.uint32),), "each item"),
+    ]
+    for item, match in bad_cases:
+        with pytest.raises(ValueError, match=match):
+            sparse._s.acc_sparse_batch(sums, None, [good, item], 1024, 1)
+    assert not sums.any()  # the good item before the bad one was not applied either

@@ -1,4 +1,5 @@
 // Weighted accumulation from compressed forms (portable C++, auto-vectorised loops).
+#include <algorithm>
 #include <cstring>
 
 #include "aggregate.h"
@@ -91,6 +92,68 @@ void acc_sparse_int8(float* sums, float* wsums, const uint32_t* idx, const int8_
                      std::size_t count, float scale, float w, int threads) {
   acc_sparse(sums, wsums, idx, count, w * scale, w, threads,
              [&](std::size_t j) { return static_cast<float>(q[j]); });
+}
+
+void acc_sparse_batch(float* sums, float* wsums, std::size_t n, const SparseRef* refs,
+                      std::size_t nrefs, std::size_t chunk, int threads) {
+  if (n == 0 || nrefs == 0) return;
+  chunk = std::max<std::size_t>(chunk, 1024);
+  const std::size_t nchunks = (n + chunk - 1) / chunk;
+  std::size_t total = 0;
+  for (std::size_t r = 0; r < nrefs; ++r) total += refs[r].count;
+  const int t = total < (1u << 15) ? 1 : std::min<int>(effective_threads(total, threads, 1 << 14),
+                                                        static_cast<int>(nchunks));
+  parallel_for(nchunks, t, 1, [&](std::size_t c0, std::size_t c1, int) {
+    // Per update, a cursor to its first entry at or after this thread's first chunk.
+    std::vector<std::size_t> pos(nrefs);
+    const uint32_t lo = static_cast<uint32_t>(c0 * chunk);
+    for (std::size_t r = 0; r < nrefs; ++r)
+      pos[r] = static_cast<std::size_t>(
+          std::lower_bound(refs[r].idx, refs[r].idx + refs[r].count, lo) - refs[r].idx);
+    // The scatter inside a chunk is cache-friendly only once the chunk is in cache:
+    // prefetch the next chunk's lines while this one is processed (sequential, so the
+    // memory system streams it instead of paying one DRAM latency per random entry).
+    auto prefetch_chunk = [&](std::size_t c) {
+      if (c >= c1) return;
+      const std::size_t b = c * chunk, e = std::min(n, b + chunk);
+      for (std::size_t i = b; i < e; i += 16) {
+        __builtin_prefetch(sums + i, 1, 3);
+        if (wsums) __builtin_prefetch(wsums + i, 1, 3);
+      }
+    };
+    prefetch_chunk(c0);
+    for (std::size_t c = c0; c < c1; ++c) {
+      prefetch_chunk(c + 1);
+      const std::size_t end = std::min(n, (c + 1) * chunk);
+      for (std::size_t r = 0; r < nrefs; ++r) {
+        const SparseRef& R = refs[r];
+        std::size_t j = pos[r];
+        const std::size_t j0 = j;
+        const float vw = R.value_weight;
+        switch (R.type) {
+          case ValueType::kF32: {
+            const float* v = static_cast<const float*>(R.values);
+            for (; j < R.count && R.idx[j] < end; ++j) sums[R.idx[j]] += vw * v[j];
+            break;
+          }
+          case ValueType::kF16: {
+            const uint16_t* v = static_cast<const uint16_t*>(R.values);
+            for (; j < R.count && R.idx[j] < end; ++j) sums[R.idx[j]] += vw * half_to_float(v[j]);
+            break;
+          }
+          case ValueType::kI8: {
+            const int8_t* v = static_cast<const int8_t*>(R.values);
+            for (; j < R.count && R.idx[j] < end; ++j)
+              sums[R.idx[j]] += vw * static_cast<float>(v[j]);
+            break;
+          }
+        }
+        if (R.absent && wsums)
+          for (std::size_t q = j0; q < j; ++q) wsums[R.idx[q]] += R.weight;
+        pos[r] = j;
+      }
+    }
+  });
 }
 
 }  // namespace edgefed

@@ -6,6 +6,12 @@ tensor. Dense and top-k tensors add their weight to a per-tensor scalar instead:
 update covers every coordinate (top-k's unsent coordinates are zeros, deferred by
 error feedback, so they still count in the average). A tensor missing from an update
 gets no weight at all, so partial updates average correctly.
+
+Sparse tensors are queued (up to ``batch`` per tensor, validated on ``add``) and then
+added in one cache-blocked C++ pass: scattering 100 top-1% updates one by one into a
+40 MB sum is bound by DRAM latency, whereas per L2-sized chunk of coordinates every
+queued update's entries land in cache. Queued entries are views of the decoded payloads
+(a few hundred kB each), so the queue costs little memory.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import math
 
 import numpy as np
 
+from edgefed._core import sparse as _s
 from edgefed.codec.errors import CodecError
 from edgefed.codec.schema import ModelSchema
+from edgefed.codec.tensors import SparseTensor
 from edgefed.codec.wire import DecodedUpdate
 
 __all__ = ["Accumulator"]
@@ -24,11 +32,13 @@ __all__ = ["Accumulator"]
 class Accumulator:
     """sums[name] = sum_u w_u * update_u[name]; weight_sums = sum of w_u per coordinate."""
 
-    def __init__(self, schema: ModelSchema, threads: int = 0) -> None:
+    def __init__(self, schema: ModelSchema, threads: int = 0, batch: int = 32) -> None:
         if not isinstance(schema, ModelSchema):
             raise CodecError("Accumulator needs a ModelSchema")
         self.schema = schema
         self.threads = threads
+        self.batch = max(1, batch)
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray, float, float, bool]]] = {}
         self.count = 0
         self.kind: str | None = None
         self._sums: dict[str, np.ndarray] = {}
@@ -45,21 +55,40 @@ class Accumulator:
         for name, t in update.tensors.items():
             if self.schema.get(name) != t.shape:
                 raise CodecError(f"tensor {name!r} does not match the accumulator schema")
+            if isinstance(t, SparseTensor):
+                try:  # decode_update guarantees this; hand-built tensors are checked here
+                    _s.check_indices(t.indices, self.schema.size(name))
+                except (ValueError, TypeError) as e:
+                    raise CodecError(f"tensor {name!r}: {e}") from None
+                if t.indices.shape != t.values.shape:
+                    raise CodecError(f"tensor {name!r}: indices and values lengths disagree")
         self.kind = update.meta.kind
         for name, t in update.tensors.items():
             n = self.schema.size(name)
             sums = self._sums.get(name)
             if sums is None:
                 sums = self._sums[name] = np.zeros(n, np.float32)
-            if t.fill == "absent":
-                cw = self._coord_w.get(name)
-                if cw is None:
-                    cw = self._coord_w[name] = np.zeros(n, np.float32)
-                t.accumulate(sums, cw, w, self.threads)
+            if t.fill == "absent" and name not in self._coord_w:
+                self._coord_w[name] = np.zeros(n, np.float32)
+            if t.fill != "absent":
+                self._dense_w[name] = self._dense_w.get(name, 0.0) + w
+            if isinstance(t, SparseTensor):
+                scale = t.scale if t.values.dtype == np.int8 else 1.0
+                q = self._pending.setdefault(name, [])
+                q.append((t.indices, t.values, scale, w, t.fill == "absent"))
+                if len(q) >= self.batch:
+                    self._flush(name)
             else:
                 t.accumulate(sums, None, w, self.threads)
-                self._dense_w[name] = self._dense_w.get(name, 0.0) + w
         self.count += 1
+
+    def _flush(self, name: str | None = None) -> None:
+        for key in [name] if name is not None else list(self._pending):
+            items = self._pending.pop(key, [])
+            if items:
+                _s.acc_sparse_batch(
+                    self._sums[key], self._coord_w.get(key), items, 1 << 12, self.threads
+                )
 
     def _weights(self, name: str) -> np.ndarray:
         n = self.schema.size(name)
@@ -70,6 +99,7 @@ class Accumulator:
 
     def result(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(sums, weight_sums), shaped like the schema; untouched tensors are zeros."""
+        self._flush()
         sums, weights = {}, {}
         for name, shape in self.schema.items():
             s = self._sums.get(name)
@@ -83,6 +113,7 @@ class Accumulator:
         Tensors without coordinate-level weights divide by their scalar, so no weight
         array is materialised (keeps peak memory at about two model copies).
         """
+        self._flush()
         out = {}
         for name, shape in self.schema.items():
             s = self._sums.get(name)
