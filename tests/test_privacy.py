@@ -147,3 +147,14 @@ def test_dp_fedavg_strategy_noises_updates_and_reports_privacy() -> None:
     restored = DPFedAvg(0.5, 1.0, 10, 0.1)
     restored.load_state_dict(s.state_dict())
     assert restored.privacy_spent() == pytest.approx(s.privacy_spent())
+
+
+def test_dp_fedavg_is_available_by_name() -> None:
+    from edgefed.strategies import make_strategy
+
+    s = make_strategy(
+        "dp-fedavg", clip_norm=1.0, noise_multiplier=1.0, expected_clients=5, sample_rate=0.5
+    )
+    assert isinstance(s, DPFedAvg) and s.privacy_spent() == 0.0
+    with pytest.raises(ValueError, match="bad parameters"):
+        make_strategy("dp-fedavg", clip_norm=1.0)

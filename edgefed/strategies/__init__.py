@@ -35,6 +35,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
 def make_strategy(name: str, **params: Any) -> Strategy:
     """``make_strategy("fedadam", server_lr=0.01)``; ValueError names unknown ones."""
     cls = STRATEGIES.get(name.lower())
+    if cls is None and name.lower() == "dp-fedavg":  # client-level DP lives in edgefed.privacy
+        from edgefed.privacy.strategy import DPFedAvg as cls
     if cls is None:
         raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
     try:
