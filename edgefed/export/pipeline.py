@@ -212,7 +212,7 @@ class _Runner:
         return stage
 
 
-def _pick(stages: list[Stage], objective: Objective) -> Stage:
+def pick_stage(stages: list[Stage], objective: Objective) -> Stage:
     key: dict[str, Callable[[Stage], tuple[float, float]]] = {
         "size": lambda s: (s.bytes, s.ms_b64),
         "latency": lambda s: (s.ms_b64, s.bytes),
@@ -268,7 +268,7 @@ def run_pipeline(
             run.float_and_int8(p_name, pruned)
         else:
             log(f"not pruning {s_name!r}: it is already outside the accuracy budget")
-    chosen = _pick(run.stages, cfg.objective)
+    chosen = pick_stage(run.stages, cfg.objective)
     log(f"chosen for objective {cfg.objective!r}: {chosen.name}")
     return PipelineResult(run.stages, chosen, cfg, models)
 
