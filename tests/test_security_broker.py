@@ -399,3 +399,25 @@ def test_runtime_transport_runs_on_the_generated_accounts(secured_mosquitto: Any
     finally:
         dev.stop()
         coord.stop()
+
+
+def test_oversized_packet_is_refused_by_the_broker(secured_mosquitto_factory: Any) -> None:
+    sm = secured_mosquitto_factory("small-packets", max_packet_size=64 * 1024)
+    assert "max_packet_size 65536" in sm.written.config.read_text()
+    coord = connect(sm, "coordinator")
+    dev = connect(sm, "dev-0")  # MQTT 3.1.1: the client does not know the limit, it just sends
+    try:
+        coord.subscribe(TOPICS.all_updates)
+        dev.client.publish(TOPICS.update("dev-0"), os.urandom(100_000), qos=1)
+        deadline = time.monotonic() + 5
+        while not dev.disconnects and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert dev.disconnects, "the broker should drop a client sending an oversized packet"
+        small = connect(sm, "dev-1")
+        small.publish(TOPICS.update("dev-1"), b"x" * 60_000)  # control: under the limit
+        coord.wait_for(TOPICS.update("dev-1"))
+        assert [t for t, _ in coord.messages] == [TOPICS.update("dev-1")]
+        small.close()
+    finally:
+        dev.close()
+        coord.close()

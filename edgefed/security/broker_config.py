@@ -15,7 +15,8 @@ already deployed keep working; the server certificate is re-issued for the curre
 Decisions: every listener requires a password (``allow_anonymous false``, global settings, so
 the optional plain loopback listener for tests is authenticated too); ``use_username_as_clientid``
 stops a device from taking over another device's session by choosing its client id; queue
-limits are raised because mosquitto's default of 1000 queued QoS 1 messages drops silently.
+limits are raised because mosquitto's default of 1000 queued QoS 1 messages drops silently;
+packets are capped at 16 MiB (the runtime chunks larger payloads).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ class FleetSpec:
     broker_user: str | None = "mosquitto"
     persistence: bool = True
     max_queued_messages: int = 100_000
-    max_packet_size: int = 0  # 0 = MQTT maximum; set it to bound what one client can send
+    # Largest MQTT packet the broker accepts (0 = the MQTT maximum, 256 MiB). The runtime
+    # chunks payloads (transport chunk_size, 256 KiB by default), so no honest packet comes near
+    # 16 MiB, while a hostile client can no longer make the broker buffer 256 MiB per message.
+    max_packet_size: int = 16 * 1024 * 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-client-cert", action="store_true", help="mutual TLS only")
     p.add_argument("--broker-user", help="user mosquitto runs as (default mosquitto)")
     p.add_argument("--no-persistence", action="store_true", help="no broker session storage")
+    p.add_argument(
+        "--max-packet-size", type=int, help="largest MQTT packet in bytes (default 16 MiB)"
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> FleetSpec:
@@ -57,6 +60,7 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
         ("tls_port", "tls_port"),
         ("plain_port", "plain_port"),
         ("broker_user", "broker_user"),
+        ("max_packet_size", "max_packet_size"),
     ):
         value = getattr(args, flag)
         if value is not None:
