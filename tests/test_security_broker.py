@@ -421,3 +421,29 @@ def test_oversized_packet_is_refused_by_the_broker(secured_mosquitto_factory: An
     finally:
         dev.close()
         coord.close()
+
+
+def test_aggregator_accounts_share_updates_and_still_cannot_forge(
+    secured_mosquitto_factory: Any,
+) -> None:
+    """Sharded aggregators (one account each: use_username_as_clientid means one connection per
+    account) read updates through a shared subscription; coordinator rights do not include
+    writing device updates."""
+    sm = secured_mosquitto_factory("sharded", coordinators=("coordinator", "agg-1", "agg-2"))
+    aggs = [connect(sm, a, protocol=V5) for a in ("agg-1", "agg-2")]
+    dev = connect(sm, "dev-0", protocol=V5)
+    try:
+        for a in aggs:
+            a.subscribe(f"$share/aggs/{TOPICS.all_updates}")
+        for i in range(20):
+            assert dev.publish(TOPICS.update("dev-0"), b"u%d" % i).value == 0
+        assert aggs[0].publish(TOPICS.update("dev-1"), b"forged").value == 0x87
+        deadline = time.monotonic() + 5
+        while sum(len(a.messages) for a in aggs) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        got = sorted(p for a in aggs for _, p in a.messages)
+        assert got == sorted(b"u%d" % i for i in range(20))  # each update exactly once
+        assert all(a.messages for a in aggs)  # and both workers got a share
+    finally:
+        for c in (*aggs, dev):
+            c.close()
