@@ -353,3 +353,23 @@ def test_decode_limits_are_enforced() -> None:
             payload,
             ModelSchema({"fc1.weight": (64, 128), "fc1.bias": (128,), "fc2.weight": (10, 128)}),
         )
+
+
+def test_accumulator_rejects_bad_hand_built_sparse_before_any_change() -> None:
+    acc = Accumulator(SCHEMA)
+    good = decode_update(encode_update(make_update(), META, "topk:0.1+int8"), SCHEMA)
+    acc.add(good, 1.0)
+    bad_cases = [
+        (SparseTensor((128,), np.array([5, 2], np.uint32), np.ones(2, np.float32)), "strictly"),
+        (SparseTensor((128,), np.array([1, 200], np.uint32), np.ones(2, np.float32)), "range"),
+        (SparseTensor((128,), np.array([1, 2], np.uint32), np.ones(3, np.float32)), "disagree"),
+        (SparseTensor((128,), np.array([1], np.uint32), np.ones(1, np.float64)), "values"),
+        (SparseTensor((128,), np.array([1], np.uint32), np.full(1, np.nan, np.float32)), "finite"),
+    ]
+    for t, match in bad_cases:
+        upd = type(good)(META, {"fc1.bias": t})
+        with pytest.raises(CodecError, match=match):
+            acc.add(upd, 1.0)
+    assert acc.count == 1
+    sums, _ = acc.result()
+    np.testing.assert_allclose(sums["fc1.weight"], good.to_dense()["fc1.weight"], rtol=1e-6)

@@ -55,13 +55,18 @@ class Accumulator:
         for name, t in update.tensors.items():
             if self.schema.get(name) != t.shape:
                 raise CodecError(f"tensor {name!r} does not match the accumulator schema")
-            if isinstance(t, SparseTensor):
+            if isinstance(t, SparseTensor) and not t.validated:
                 try:  # decode_update guarantees this; hand-built tensors are checked here
                     _s.check_indices(t.indices, self.schema.size(name))
                 except (ValueError, TypeError) as e:
                     raise CodecError(f"tensor {name!r}: {e}") from None
                 if t.indices.shape != t.values.shape:
                     raise CodecError(f"tensor {name!r}: indices and values lengths disagree")
+                if t.values.dtype not in (np.float32, np.float16, np.int8):
+                    raise CodecError(f"tensor {name!r}: values must be float32/float16/int8")
+                vals = t.values.astype(np.float32)
+                if not (np.isfinite(vals).all() and math.isfinite(t.scale) and t.scale >= 0):
+                    raise CodecError(f"tensor {name!r}: values or scale not finite")
         self.kind = update.meta.kind
         for name, t in update.tensors.items():
             n = self.schema.size(name)

@@ -48,7 +48,7 @@ class Entry:
     def view(self, payload: bytes | memoryview) -> np.ndarray:
         dt = DTYPES[self.dtype]
         a = np.frombuffer(payload, dt, math.prod(self.shape), self.start)
-        if a.ctypes.data % dt.alignment:  # keep kernels on aligned memory
+        if a.__array_interface__["data"][0] % dt.alignment:  # keep kernels on aligned memory
             a = a.copy()
         return a
 

@@ -9,7 +9,7 @@ counts) or ``"absent"`` (a partial update: no weight there, averages ignore it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -91,6 +91,9 @@ class SparseTensor:
     values: np.ndarray  # float32 | float16 | int8 [nnz]
     scale: float = 1.0  # int8 only
     fill: Literal["zero", "absent"] = "zero"
+    # Set by decode_update, whose C++ index decoder already proved the indices strictly
+    # increasing and in range; the accumulator then skips its own O(nnz) re-check.
+    validated: bool = field(default=False, compare=False, repr=False)
 
     def to_dense(self) -> np.ndarray:
         out = np.zeros(math.prod(self.shape), np.float32)

@@ -337,7 +337,7 @@ def _decode_tensor(
         scale = float(_scales(p, take("s", "F32", 1), name)[0])
     elif not _finite_f(v):
         raise CodecError(f"tensor {name!r}: values contain NaN or Inf")
-    return name, SparseTensor(shape, idx, v, scale, fill)
+    return name, SparseTensor(shape, idx, v, scale, fill, validated=True)
 
 
 def decode_update(
