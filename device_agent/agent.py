@@ -108,7 +108,6 @@ class DeviceWorker:
 
     def _error(self, rnd: int, msg: str) -> bytes:
         header = {
-            "type": "update",
             "round": rnd,
             "device_id": self.device_id,
             "update_id": secrets.token_hex(8),
@@ -183,17 +182,17 @@ class DeviceWorker:
         ef = self._feedback(schema) if header.get("error_feedback", True) else None
         payload = encode_update(delta, meta, spec, feedback=ef)
         update_id = secrets.token_hex(8)
+        self.train_seconds = train_s
+        # The header repeats round/device/num_samples from the codec metadata so the
+        # coordinator can drop late or duplicate updates before decoding; kept short
+        # because at top-1% every byte counts.
         out = pack(
             {
-                "type": "update",
                 "round": rnd,
                 "device_id": self.device_id,
                 "update_id": update_id,
-                "model_version": version,
-                "graph_sha": sha,
                 "num_samples": self.num_samples,
-                "loss": loss,
-                "train_seconds": train_s,
+                "loss": None if loss is None else round(loss, 5),
             },
             {"update": payload},
         )
@@ -207,7 +206,6 @@ class DeviceWorker:
         st.rounds_done += 1
         st.save()
         self.last_loss = loss
-        self.train_seconds = train_s
         return out
 
 

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             header = json.loads(z["__meta__"].tobytes().decode())
             params = {k[6:]: z[k] for k in z.files if k.startswith("param/")}
             strat = {k[9:]: z[k] for k in z.files if k.startswith("strategy/")}
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e

@@ -18,7 +18,8 @@ class RoundMetrics:
     participants: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     drop_log: list[dict[str, str]] = field(default_factory=list)  # [{device, reason}]
-    bytes_up: int = 0
+    bytes_up: int = 0  # whole update messages as carried by MQTT (minus chunk framing)
+    payload_up: int = 0  # of which codec payloads (the compressed tensors + codec header)
     bytes_down: int = 0
     cum_bytes_up: int = 0
     cum_bytes_down: int = 0

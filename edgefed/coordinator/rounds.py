@@ -95,6 +95,7 @@ class RoundEngine:
         self._accepted: dict[str, ClientUpdate] = {}
         self._drops: list[dict[str, str]] = []
         self._bytes_up = 0
+        self._payload_up = 0
         self._bytes_down = 0
         self._started = 0.0
         for spec in (config.uplink, config.downlink):
@@ -144,6 +145,7 @@ class RoundEngine:
         self._accepted = {}
         self._drops = []
         self._bytes_up = 0
+        self._payload_up = 0
         self._bytes_down = 0
         self._started = time.monotonic()
         meta = UpdateMeta(rnd, "coordinator", 0, self.model_version, kind="weights")
@@ -213,8 +215,10 @@ class RoundEngine:
             return self._drop(dev, f"invalid: update for future round {rnd}")
         if dev not in self._sampled:
             return self._drop(dev, "not sampled this round")
-        if not self.seen.check_and_add((dev, rnd, update_id)):
-            return self._drop(dev, "duplicate: update already counted")
+        key = (dev, rnd, update_id)
+        if key in self.seen:  # remembered only once accepted: a corrupt copy with the
+            return self._drop(dev, "duplicate: update already counted")  # same id can't block
+
         if dev in self._accepted:
             return self._drop(dev, "duplicate: device already answered this round")
         if "update" not in parts:
@@ -243,7 +247,9 @@ class RoundEngine:
             validate_update(self.params, cu)
         except UpdateRejected as e:
             return self._drop(dev, f"invalid: {e.reason}")
+        self.seen.check_and_add(key)
         self._accepted[dev] = cu
+        self._payload_up += len(parts["update"])
         st = self.device(dev)
         st.accepted += 1
         st.bytes_up += len(data)
@@ -283,6 +289,7 @@ class RoundEngine:
             dropped=dict(Counter(d["reason"].split(":")[0] for d in self._drops)),
             drop_log=list(self._drops),
             bytes_up=self._bytes_up,
+            payload_up=self._payload_up,
             bytes_down=self._bytes_down,
             cum_bytes_up=self.cum_up,
             cum_bytes_down=self.cum_down,

@@ -1,0 +1,185 @@
+"""Coordinator: config validation, atomic checkpoints, and the round engine driven with real
+exported step graphs, real codec bytes and real device workers (no broker needed here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.agent import DeviceWorker
+from edgefed.coordinator.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from edgefed.coordinator.config import CoordinatorConfig
+from edgefed.coordinator.rounds import RoundConfig, RoundEngine
+from edgefed.strategies import FedAvg, FedYogi
+from edgefed.transport.message import pack, unpack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, 10)).astype(np.float32)
+    return x, (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def fm():
+    import torch
+
+    from edgefed.coordinator.model import build_federated_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+    x, y = _data(8, 0)
+    return build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)), head="last")
+
+
+def _setup(fm, tmp_path: Path, n: int = 3, uplink: str = "int8", strategy=None):
+    eng = RoundEngine(fm, strategy or FedAvg(), RoundConfig(uplink=uplink, lr=0.1, seed=1))
+    workers = {
+        f"d{i}": DeviceWorker(f"d{i}", *_data(40, i), tmp_path / f"d{i}", durable=False)
+        for i in range(n)
+    }
+    return eng, workers
+
+
+def test_example_config_loads_and_bad_configs_are_named() -> None:
+    cfg = CoordinatorConfig.load(ROOT / "examples" / "coordinator.toml")
+    assert cfg.round.uplink == "topk:0.1+int8" and cfg.rounds == 50
+    assert cfg.checkpoint and Path(cfg.checkpoint).is_absolute()
+    bad = [
+        ({"coordinator": {"roundz": 3}}, "unknown key \\[coordinator\\] roundz"),
+        ({"coordinator": {"rounds": "3"}}, "wrong type"),
+        ({"coordinator": {"rounds": 0}}, "rounds out of range"),
+        ({"coordinator": {"fraction": 1.5}}, "fraction out of range"),
+        ({"compression": {"uplink": "topk:2"}}, "uplink"),
+        ({"strategy": {"name": "nope"}}, "unknown strategy"),
+        ({"model": {"builtin": "resnet"}}, "builtin must be one of"),
+        ({"transport": {"inflight_window": 0}}, "inflight_window"),
+        ({"extra": {}}, "unknown config sections"),
+        ({"training": {"lr": True}}, "must not be a boolean"),
+    ]
+    for d, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            CoordinatorConfig.from_dict(d)
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path: Path) -> None:
+    p = tmp_path / "ck" / "c.npz"
+    ck = Checkpoint(4, "r4", {"w": np.ones((2, 3), np.float32)}, {"m/w": np.zeros(3)}, {"a": 1})
+    save_checkpoint(p, ck)
+    save_checkpoint(p, ck)  # overwrite in place
+    got = load_checkpoint(p)
+    assert got.round == 4 and got.meta == {"a": 1}
+    np.testing.assert_array_equal(got.params["w"], ck.params["w"])
+    assert [f.name for f in p.parent.iterdir()] == ["c.npz"]  # no temp files left
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(p)
+    save_checkpoint(p, Checkpoint(1, "r1", {"w": np.full(2, np.nan, np.float32)}))
+    with pytest.raises(CheckpointError, match="not finite"):
+        load_checkpoint(p)
+
+
+def test_round_accepts_each_device_once_and_names_every_drop(fm, tmp_path: Path) -> None:
+    eng, workers = _setup(fm, tmp_path)
+    tasks = eng.start_round(sorted(workers))
+    assert set(tasks) == set(workers)
+    ups = {d: workers[d].handle_task(t) for d, t in tasks.items()}
+    assert eng.handle_update("d0", ups["d0"])
+    assert not eng.handle_update("d0", ups["d0"])  # QoS 1 redelivery: counted once
+    assert not eng.handle_update("d1", ups["d0"])  # d0's update on d1's topic
+    assert not eng.handle_update("d1", b"\x00\x01garbage")  # malformed
+    header, parts = unpack(ups["d1"])
+    header["update_id"] = "another-id"  # a second, different update from d1
+    assert eng.handle_update("d1", ups["d1"])
+    assert not eng.handle_update("d1", pack(header, parts))
+    header2, parts2 = unpack(ups["d2"])
+    parts2["update"] = parts2["update"][:-7]  # truncated codec payload
+    assert not eng.handle_update("d2", pack(header2, parts2))
+    header3 = dict(header2, round=7)
+    assert not eng.handle_update("d2", pack(header3, parts2))
+    assert eng.handle_update("d2", ups["d2"])  # the genuine one still counts
+    assert eng.all_answered()
+    m = eng.finish_round()
+    assert m.participants == 3 and m.sampled == 3
+    reasons = [d["reason"] for d in m.drop_log]
+    assert sum(r.startswith("duplicate") for r in reasons) == 2
+    assert any("header device 'd0' != topic device" in r for r in reasons)
+    assert any(r.startswith("invalid:") and "header" in r for r in reasons)
+    assert any("future round 7" in r for r in reasons)
+    assert m.bytes_up > m.payload_up > 0 and m.bytes_down > 0
+    assert not eng.handle_update("d0", ups["d0"])  # after the round closed: late
+    assert eng.history[-1]["round"] == 1
+
+
+def test_deadline_drops_missing_devices_and_training_improves(fm, tmp_path: Path) -> None:
+    eng, workers = _setup(fm, tmp_path, uplink="topk:0.5+int8")
+    x_test, y_test = _data(300, 99)
+    from edgefed.simulation import make_evaluator
+
+    g = fm.graphs["full"]
+    eng.evaluate = make_evaluator(g.inference_onnx, g.manifest, x_test, y_test)
+    acc0 = eng.evaluate(eng.params)[0]
+    for rnd in range(1, 9):
+        tasks = eng.start_round(sorted(workers))
+        for d, t in tasks.items():
+            if d == "d2" and rnd == 1:
+                continue  # d2 never answers round 1
+            eng.handle_update(d, workers[d].handle_task(t))
+        m = eng.finish_round()
+        if rnd == 1:
+            assert m.participants == 2 and m.dropped == {"deadline": 1}
+    assert m.accuracy > max(acc0 + 0.15, 0.8)
+
+
+def test_mixed_fleet_head_only_devices_update_only_the_head(fm, tmp_path: Path) -> None:
+    eng, workers = _setup(fm, tmp_path)
+    for d in workers:
+        eng.register(d, {"profile": "weak"} if d != "d0" else {"ram_mb": 8000, "cores": 4}, [])
+    tasks = eng.start_round(["d1", "d2"])  # weak devices only
+    for d, t in tasks.items():
+        assert unpack(t)[0]["graph_id"] == "head"
+        eng.handle_update(d, workers[d].handle_task(t))
+    before = {k: v.copy() for k, v in eng.params.items()}
+    eng.finish_round()
+    np.testing.assert_array_equal(eng.params["0.weight"], before["0.weight"])
+    assert not np.array_equal(eng.params["2.weight"], before["2.weight"])
+    tasks = eng.start_round(["d0", "d1"])  # one strong, one weak: per-coordinate mean
+    assert unpack(tasks["d0"])[0]["graph_id"] == "full"
+    assert "graph" not in unpack(tasks["d1"])[1]  # d1 already holds the head graph
+    for d, t in tasks.items():
+        eng.handle_update(d, workers[d].handle_task(t))
+    eng.finish_round()
+    assert not np.array_equal(eng.params["0.weight"], before["0.weight"])
+    # RAM/cores rules
+    eng.cfg.weak_ram_mb = 1024
+    eng.register("pi", {"ram_mb": 512, "cores": 4}, [])
+    assert eng.graph_for("pi") == "head" and eng.graph_for("d0") == "full"
+
+
+def test_checkpoint_resume_continues_identically(fm, tmp_path: Path) -> None:
+    eng, workers = _setup(fm, tmp_path, strategy=FedYogi(server_lr=0.05))
+    for _ in range(2):
+        for d, t in eng.start_round(sorted(workers)).items():
+            eng.handle_update(d, workers[d].handle_task(t))
+        eng.finish_round()
+    save_checkpoint(tmp_path / "c.npz", eng.checkpoint())
+    eng2 = RoundEngine(fm, FedYogi(server_lr=0.05), RoundConfig(lr=0.1, seed=1))
+    eng2.restore(load_checkpoint(tmp_path / "c.npz"))
+    assert eng2.round == 2 and eng2.model_version == "r2" and len(eng2.history) == 2
+    for k in eng.params:
+        np.testing.assert_array_equal(eng2.params[k], eng.params[k])
+    assert eng2.devices["d0"].accepted == 2
+    assert eng2.sample(sorted(workers)) == eng.sample(sorted(workers))  # same RNG stream
+    # the same update re-sent after the restart is still recognised as counted
+    tasks = eng2.start_round(sorted(workers))
+    assert unpack(tasks["d0"])[0]["round"] == 3
+    assert "graph" in unpack(tasks["d0"])[1]  # graphs are resent after a restart
