@@ -111,7 +111,7 @@ def test_zero_tensor_gets_scale_one() -> None:
     ],
 )
 def test_results_identical_for_every_thread_count_and_isa(kw: dict) -> None:
-    x = RNG.standard_normal((512, 1100)).astype(np.float32)
+    x = RNG.standard_normal((1024, 1800)).astype(np.float32)  # 7 threads x 256K elements
     ref = quant.quantize(x, threads=1, isa="generic", **kw)
     for isa in ISAS:
         for threads in (1, 2, 3, 7):

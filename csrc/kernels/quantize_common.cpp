@@ -13,6 +13,11 @@
 
 namespace edgefed::quant {
 
+// Elements per extra thread: a thread is started (and joined) per call, which costs tens of
+// microseconds on an idle machine and up to a scheduler time slice on a loaded one, so each
+// thread must get at least ~0.1 ms of streaming work (256K floats = 1 MB) to pay off.
+constexpr std::size_t kMinPerThread = std::size_t{1} << 18;
+
 // ---------------------------------------------------------------- dispatch
 Isa parse_isa(const std::string& name) {
   if (name == "auto") return Isa::Auto;
@@ -162,7 +167,7 @@ bool drive(const Layout& L, int threads, Seg&& seg) {
     if (b) bad.store(true, std::memory_order_relaxed);
   };
   const std::size_t n = L.numel(), len = L.len, inner = L.inner;
-  const int t = effective_threads(n, threads);
+  const int t = effective_threads(n, threads, kMinPerThread);
   if (L.gran == Granularity::PerTensor) {
     parallel_for(n, t, 64, [&](std::size_t b, std::size_t e, int) { mark(seg(b, e - b, 0, false)); });
   } else if (L.gran == Granularity::PerAxis && inner > 1) {
@@ -230,7 +235,7 @@ bool compute_scales(const Kernels& k, const float* x, const Layout& L, bool symm
     if (b) bad.store(true, std::memory_order_relaxed);
   };
   const std::size_t n = L.numel(), len = L.len, inner = L.inner;
-  const int t = effective_threads(n, threads);
+  const int t = effective_threads(n, threads, kMinPerThread);
   if (L.gran == Granularity::PerTensor) {
     std::vector<float> mn(t, kInf), mx(t, -kInf);
     parallel_for(n, t, 64, [&](std::size_t b, std::size_t e, int part) {
@@ -292,7 +297,7 @@ bool quantize_dynamic(const Kernels& k, const float* x, const Layout& L, bool sy
   };
   const Rng rng(p.seed);
   const std::size_t n = L.numel(), len = L.len, inner = L.inner, nb = L.nblocks(), B = L.block;
-  const int t = effective_threads(n, threads);
+  const int t = effective_threads(n, threads, kMinPerThread);
   if (inner == 1) {
     parallel_for(L.outer * nb, t, 1, [&](std::size_t b, std::size_t e, int) {
       for (std::size_t blk = b; blk < e; ++blk) {
