@@ -280,20 +280,27 @@ class StepTrainer:
         stats = TrainStats()
         t0 = time.perf_counter()
         epoch_sum, epoch_n, current = 0.0, 0, 0
+        # One snapshot per call (not per step): a diverging run restores the round's start.
+        snapshot = {k: v.copy() for k, v in self._cur.items() if k in self._nxt}
         try:
             for epoch, idx in batch_order(len(x), epochs, batch_size, seed, shuffle):
                 if epoch != current:
                     stats.epoch_loss.append(epoch_sum / max(epoch_n, 1))
                     epoch_sum, epoch_n, current = 0.0, 0, epoch
                 loss = self._step(np.ascontiguousarray(x[idx]), np.ascontiguousarray(y[idx]))
-                if not np.isfinite(loss):
-                    raise TrainerError(f"loss became {loss} at step {stats.steps} (lr too high?)")
                 epoch_sum += loss * len(idx)
                 epoch_n += len(idx)
                 stats.steps += 1
                 stats.samples += len(idx)
-        except DatasetError as e:
-            raise TrainerError(str(e)) from e
+            bad = [k for k in snapshot if not np.isfinite(self._cur[k]).all()]
+            if bad:
+                raise TrainerError(f"training diverged: {bad[0]} is not finite")
+        except (TrainerError, DatasetError) as e:
+            for k, v in snapshot.items():
+                np.copyto(self._cur[k], v)
+            raise TrainerError(
+                f"{e}; parameters and state restored to the start of the call"
+            ) from e
         if epoch_n:
             stats.epoch_loss.append(epoch_sum / epoch_n)
         stats.seconds = time.perf_counter() - t0
@@ -319,10 +326,14 @@ class StepTrainer:
             if "feeds" in e:
                 b.bind_ortvalue_output(oname, self._ov_nxt[e["feeds"]])
         self._sess.run_with_iobinding(b)
+        loss = float(self._loss)
+        if not np.isfinite(loss):
+            # Not swapping keeps the parameters and state from before this step intact.
+            raise TrainerError(f"loss became {loss}: step discarded (learning rate too high?)")
         for name in self._nxt:  # swap: outputs of this step are the inputs of the next
             self._cur[name], self._nxt[name] = self._nxt[name], self._cur[name]
             self._ov_cur[name], self._ov_nxt[name] = self._ov_nxt[name], self._ov_cur[name]
-        return float(self._loss)
+        return loss
 
     # ----- inference ------------------------------------------------------------------------
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

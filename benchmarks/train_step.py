@@ -1,0 +1,206 @@
+"""ms per training step: onnxruntime (exported step graph) vs torch eager, batch 32.
+
+Also: RSS of a device process training the 28x28 CNN (subprocess importing only
+device_agent + onnxruntime) and the agent install footprint vs torch's.
+Run: PYTHONPATH=. python benchmarks/train_step.py [--quick]
+Writes benchmarks/out/train_step.json. Targets (issue 4): ORT >= 1.3x torch for the MLPs,
+>= 1.0x for the 28x28 CNN; RSS < 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from device_agent.trainer import StepTrainer
+from edgefed.models import cnn_28, digits_cnn, digits_mlp, mlp_784, param_count
+from edgefed.train_export import SGD, export_training_step
+
+OUT = Path(__file__).parent / "out"
+BATCH = 32
+OPT = SGD(momentum=0.9)
+MODELS = {
+    "digits MLP 64-32-10": (digits_mlp, (64,), 1.3),
+    "digits CNN": (digits_cnn, (1, 8, 8), 1.3),
+    "MLP 784-1024-512-10": (mlp_784, (1, 28, 28), 1.3),
+    "CNN 28x28": (cnn_28, (1, 28, 28), 1.0),
+}
+
+
+def _median_ms(fn, steps: int, repeats: int) -> float:
+    for _ in range(max(3, steps // 5)):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        runs.append((time.perf_counter() - t) / steps * 1e3)
+    return float(np.median(runs))
+
+
+def bench_model(name: str, threads_list: list[int], steps: int, repeats: int, bake: bool) -> list[dict]:
+    make, shape, target = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(BATCH, *shape)
+    y = torch.randint(0, 10, (BATCH,))
+    t0 = time.perf_counter()
+    g = export_training_step(model, (x[:8], y[:8]), optimizer=OPT)
+    export_s = time.perf_counter() - t0
+    xn, yn = x.numpy(), y.numpy()
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        ref = copy.deepcopy(model).train()
+        opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+
+        def torch_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(ref(x), y).backward()
+            opt.step()
+
+        tr = StepTrainer(g.onnx, g.manifest, threads=threads)
+        tr.set_params({k: v.detach().numpy() for k, v in model.state_dict().items()})
+        tr._scalars["lr"][()] = 0.01
+
+        def ort_step() -> None:
+            tr._step(xn, yn)
+
+        t_ms = _median_ms(torch_step, steps, repeats)
+        o_ms = _median_ms(ort_step, steps, repeats)
+        rows.append(
+            {
+                "model": name,
+                "params": param_count(model),
+                "threads": threads,
+                "ort_ms": o_ms,
+                "torch_ms": t_ms,
+                "speedup": t_ms / o_ms,
+                "target": target,
+                "export_s": export_s,
+                "graph_bytes": len(g.onnx),
+            }
+        )
+        print(f"{name:22s} thr={threads} ort {o_ms:8.3f} ms  torch {t_ms:8.3f} ms  "
+              f"x{t_ms / o_ms:5.2f} (target >= {target})", flush=True)
+    return rows
+
+
+RSS_CHILD = r"""
+import sys, json, resource
+sys.modules["torch"] = None  # any torch import fails loudly
+import numpy as np
+from device_agent.trainer import StepTrainer
+d = sys.argv[1]
+tr = StepTrainer(d + "/step.onnx", d + "/manifest.json", threads=1)
+p = dict(np.load(d + "/params.npz"))
+tr.set_params(p)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((512, 1, 28, 28)).astype(np.float32)
+y = rng.integers(0, 10, 512)
+tr.train_epochs(x, y, epochs=1, batch_size=32, lr=0.01)
+rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cur = int(open("/proc/self/statm").read().split()[1]) * 4096 // 1024
+print(json.dumps({"max_rss_mb": rss_kb / 1024, "rss_mb": cur / 1024, "torch_loaded": "torch" in sys.modules and sys.modules["torch"] is not None}))
+"""
+
+
+def rss_cnn28() -> dict:
+    torch.manual_seed(0)
+    model = cnn_28()
+    g = export_training_step(model, (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))), optimizer=OPT)
+    with tempfile.TemporaryDirectory() as d:
+        g.save(d)
+        np.savez(Path(d) / "params.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()
+                                           if k in g.manifest["params"]})
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, d], capture_output=True, text=True,
+                             env=env, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"device process training CNN 28x28: max RSS {res['max_rss_mb']:.1f} MB (target < 150)")
+    return res
+
+
+def _dir_size(paths: list[Path]) -> int:
+    total = 0
+    for p in paths:
+        if p.is_file():
+            total += p.stat().st_size
+        for root, _, files in os.walk(p):
+            total += sum((Path(root) / f).stat().st_size for f in files if not (Path(root) / f).is_symlink())
+    return total
+
+
+def footprint() -> dict:
+    import importlib.util
+
+    def pkg_paths(dist: str, mods: list[str]) -> list[Path]:
+        paths: list[Path] = []
+        for m in mods:
+            spec = importlib.util.find_spec(m)
+            if spec and spec.submodule_search_locations:
+                paths += [Path(p) for p in spec.submodule_search_locations]
+            elif spec and spec.origin:
+                paths.append(Path(spec.origin))
+        from importlib.metadata import distribution
+
+        try:
+            d = distribution(dist)
+            paths += [Path(d._path)]  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        return paths
+
+    agent = {
+        "numpy": pkg_paths("numpy", ["numpy", "numpy.libs"]),
+        "onnxruntime": pkg_paths("onnxruntime", ["onnxruntime"]),
+        "paho-mqtt": pkg_paths("paho-mqtt", ["paho"]),
+        "pynacl": pkg_paths("pynacl", ["nacl"]),
+    }
+    sizes = {k: _dir_size(v) / 2**20 for k, v in agent.items()}
+    site = Path(np.__file__).parents[1]
+    extra = [site / "numpy.libs"] if (site / "numpy.libs").exists() else []
+    sizes["numpy"] += _dir_size(extra) / 2**20
+    torch_mb = _dir_size(pkg_paths("torch", ["torch", "torchgen", "functorch"])) / 2**20
+    res = {"agent_packages_mb": sizes, "agent_total_mb": sum(sizes.values()), "torch_mb": torch_mb}
+    print(f"agent install (numpy+onnxruntime+paho-mqtt+pynacl): {res['agent_total_mb']:.0f} MB "
+          f"vs torch alone {torch_mb:.0f} MB")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer steps (noisy)")
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    args = ap.parse_args()
+    steps, repeats = (20, 3) if args.quick else (50, 5)
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, [1, 2], steps, repeats, bake=False)
+    rss = rss_cnn28()
+    fp = footprint()
+    print("\n| model | params | threads | onnxruntime ms | torch eager ms | speedup | target |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params']:,} | {r['threads']} | {r['ort_ms']:.3f} | "
+              f"{r['torch_ms']:.3f} | {r['speedup']:.2f}x | >= {r['target']}x |")
+    OUT.mkdir(exist_ok=True)
+    machine = f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}"
+    (OUT / "train_step.json").write_text(json.dumps({"machine": machine, "batch": BATCH, "steps": rows,
+                                                     "rss": rss, "footprint": fp}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
