@@ -149,8 +149,13 @@ def start_secured_mosquitto(directory: Path, **spec_changes: object) -> SecuredM
     spec = FleetSpec(**fields)  # type: ignore[arg-type]
     written = write_broker_config(spec, directory)
     broker = Mosquitto(tls_port, written.config, directory / "mosquitto.stderr")
-    broker.start()
-    wait_for_port(plain_port)
+    try:
+        broker.start()
+        wait_for_port(plain_port)
+    except BaseException:
+        if broker.proc is not None:
+            broker.stop(kill=True)
+        raise
     return SecuredMosquitto(broker, tls_port, plain_port, written, spec)
 
 
@@ -166,7 +171,8 @@ def secured_mosquitto(tmp_path: Path) -> Iterator[SecuredMosquitto]:
 
 @pytest.fixture
 def secured_mosquitto_factory(tmp_path: Path) -> Iterator[object]:
-    """Start more secured brokers with other settings: ``factory(name, **spec_changes)``."""
+    """Start more secured brokers with other settings: ``factory(name, **spec_changes)``
+    (``name``: a directory under tmp_path, or an absolute path)."""
     started: list[SecuredMosquitto] = []
 
     def factory(name: str, **spec_changes: object) -> SecuredMosquitto:
