@@ -11,6 +11,7 @@ import os
 import ssl
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 import tomllib
@@ -447,3 +448,21 @@ def test_aggregator_accounts_share_updates_and_still_cannot_forge(
     finally:
         for c in (*aggs, dev):
             c.close()
+
+
+def test_production_defaults_start_with_privilege_drop(secured_mosquitto_factory: Any) -> None:
+    """As root, the default config drops to user mosquitto: the files it reads or writes
+    afterwards (password file, server key, log, persistence) must belong to that user."""
+    user = "mosquitto" if os.geteuid() == 0 else None
+    with tempfile.TemporaryDirectory(prefix="edgefed-broker-") as d:
+        os.chmod(d, 0o755)  # pytest's tmp_path is 0700: user mosquitto could not enter it
+        sm = secured_mosquitto_factory(d, broker_user=user, persistence=True)
+        c = connect(sm, "dev-0")
+        try:
+            assert c.publish(TOPICS.presence("dev-0"), b"online") is not None
+        finally:
+            c.close()
+        sm.broker.stop()
+        log = (sm.written.directory / "mosquitto.log").read_text()
+        assert "as dev-0" in log  # the broker could write its log after dropping privileges
+        assert any((sm.written.directory / "data").iterdir())  # and its persistence file

@@ -305,7 +305,9 @@ def write_broker_config(spec: FleetSpec, out: Path) -> Written:
     )
     conf = d / "mosquitto.conf"
     conf.write_text(render_mosquitto_conf(spec, d))
-    broker_files = [d / "passwd", c / "server.key"]
+    log_file = d / "mosquitto.log"  # opened after mosquitto drops privileges
+    log_file.touch(mode=0o640, exist_ok=True)
+    broker_files = [d / "passwd", c / "server.key", log_file]
     if spec.persistence:
         broker_files.append(d / "data")
     _give_to_broker(broker_files, spec.broker_user)
