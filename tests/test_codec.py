@@ -185,7 +185,16 @@ def test_downlink_weights_kind_and_partial_update() -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["topk:0.01+int8", "topk:0.05", "int8", "int4", "fp16", "topk:0.02+fp16"]
+    "spec",
+    [
+        "topk:0.01+int8",
+        "topk:0.05",
+        "int8",
+        "int4",
+        "fp16",
+        "topk:0.02+fp16",
+        "topk:0.05+int8; topk_mode=approx",
+    ],
 )
 def test_error_feedback_conserves_mass(spec: str) -> None:
     """sum of what was sent + final residual == sum of all updates (EF invariant)."""
