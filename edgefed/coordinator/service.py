@@ -51,6 +51,7 @@ class CoordinatorService:
         self._stop = threading.Event()
         self.finished = threading.Event()
         self.error: BaseException | None = None
+        self.settle = 0.3  # seconds of extra presence reading before each round's sample
 
     # ---- inbox -----------------------------------------------------------------------
     def _handle(self, m: Incoming) -> None:
@@ -123,6 +124,9 @@ class CoordinatorService:
             while not self._stop.is_set() and self.engine.round < self.rounds:
                 need = self.engine.cfg.min_devices
                 self._pump(time.monotonic() + self.wait_timeout, self._enough_devices)
+                # Read presence already on its way (a burst of retained messages) before
+                # sampling: stopping at exactly min_devices sampled 7 of 10 online devices.
+                self._pump(time.monotonic() + self.settle)
                 if self._stop.is_set():
                     break
                 if len(self.online) < need:
