@@ -185,3 +185,237 @@ def secured_mosquitto_factory(tmp_path: Path) -> Iterator[object]:
     finally:
         for sm in started:
             sm.broker.stop()
+
+
+# ---- reliability fault tests (issue 7): a small fleet of real processes --------------------
+
+
+def _tiny_data(n: int, seed: int) -> tuple[object, object]:
+    import numpy as np
+
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, 10)).astype(np.float32)
+    return x, (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def fl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10-10-2 MLP exported once per session (FederatedModel.save layout), so coordinator
+    processes load it torch-free in a second instead of exporting it again; plus a held-out
+    set ``eval.npz`` and per-device data ``data-<i>.npz`` (synthetic: nothing downloads)."""
+    import numpy as np
+    import torch
+
+    from edgefed.coordinator.model import build_federated_model
+
+    d = tmp_path_factory.mktemp("fl-model")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+    x, y = _tiny_data(8, 0)
+    fm = build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)))
+    fm.save(d / "model")
+    x, y = _tiny_data(300, 999)
+    np.savez(d / "eval.npz", x=x, y=y)
+    for i in range(32):
+        x, y = _tiny_data(40, i)
+        np.savez(d / f"data-{i}.npz", x=x, y=y)
+    x, y = _tiny_data(150_000, 77)  # seconds of local training: a device still busy mid-round
+    np.savez(d / "data-slow.npz", x=x, y=y)
+    return d
+
+
+class Fleet:
+    """Configs, processes and outputs of one coordinator + N agents (real subprocesses:
+    ``python -m edgefed coordinator`` and ``python -m device_agent.cli``), for fault tests.
+    Every process started is killed by the fixture's teardown."""
+
+    def __init__(self, root: Path, model_dir: Path, url: str, n: int, **coord: object) -> None:
+        self.root, self.model_dir, self.url, self.n = root, model_dir, url, n
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.devices = [f"dev-{i}" for i in range(n)]
+        self.data: dict[str, Path] = {}  # per-device data file overrides (e.g. a slow device)
+        c = {"rounds": 3, "min_devices": n, "fraction": 1.0, "round_timeout": 20.0}
+        c.update(coord)
+        self.checkpoint = root / "coordinator.ckpt.npz"
+        self.metrics = root / "metrics.jsonl"
+        lines = ["[coordinator]"]
+        lines += [
+            f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in c.items()
+        ]
+        lines += [
+            f'checkpoint = "{self.checkpoint}"',
+            f'metrics = "{self.metrics}"',
+            "wait_timeout = 120",
+            "[model]",
+            f'dir = "{model_dir / "model"}"',
+            "[training]",
+            "lr = 0.1",
+            "[compression]",
+            'uplink = "topk:0.5+int8"',
+            "[evaluation]",
+            f'dataset = "{model_dir / "eval.npz"}"',
+            "[transport]",
+            f'url = "{url}"',
+            'fleet = "rel"',
+            "backoff_min = 0.2",
+            "backoff_max = 2.0",
+            "keepalive = 5",
+        ]
+        self.coord_config = root / "coordinator.toml"
+        root.mkdir(parents=True, exist_ok=True)
+        self.coord_config.write_text("\n".join(lines) + "\n")
+
+    def agent_config(self, dev: str) -> Path:
+        i = int(dev.split("-")[1])
+        p = self.root / f"{dev}.toml"
+        if not p.exists():
+            p.write_text(
+                "[agent]\n"
+                f'device_id = "{dev}"\n'
+                f'data = "{self.data.get(dev, self.model_dir / f"data-{i}.npz")}"\n'
+                f'state_dir = "{self.root / "state" / dev}"\n'
+                "[transport]\n"
+                f'url = "{self.url}"\nfleet = "rel"\n'
+                "backoff_min = 0.2\nbackoff_max = 2.0\nkeepalive = 5\n"
+            )
+        return p
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        import sys
+
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        env["OMP_NUM_THREADS"] = "1"
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=log, env=env)
+        log.close()
+        self.procs[name] = p
+        return p
+
+    def start_coordinator(self) -> subprocess.Popen[bytes]:
+        args = ["-m", "edgefed", "coordinator", "--config", str(self.coord_config)]
+        return self._spawn("coordinator", args)
+
+    def start_agent(self, dev: str) -> subprocess.Popen[bytes]:
+        return self._spawn(dev, ["-m", "device_agent.cli", "--config", str(self.agent_config(dev))])
+
+    def start_agents(self) -> None:
+        for d in self.devices:
+            self.start_agent(d)
+
+    def kill(self, name: str) -> None:
+        import signal
+
+        p = self.procs[name]
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+
+    def log(self, name: str) -> str:
+        p = self.root / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def rounds(self) -> list[dict[str, object]]:
+        import json
+
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+
+    def wait_rounds(self, k: int, timeout: float) -> list[dict[str, object]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.rounds()
+            if len(r) >= k:
+                return r
+            c = self.procs.get("coordinator")
+            if c is not None and c.poll() is not None and c.returncode != 0:
+                raise RuntimeError(f"coordinator exited {c.returncode}:\n{self.log('coordinator')}")
+            time.sleep(0.1)
+        tail = self.log("coordinator")[-3000:]
+        raise TimeoutError(f"{len(self.rounds())} of {k} rounds after {timeout}s\n{tail}")
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+
+@pytest.fixture
+def fleet_factory(tmp_path: Path, fl_model_dir: Path) -> Iterator[object]:
+    """``fleet_factory(url, n, **coordinator_keys)`` -> :class:`Fleet`; all processes are
+    SIGKILLed at teardown."""
+    made: list[Fleet] = []
+
+    def factory(url: str, n: int, **coord: object) -> Fleet:
+        f = Fleet(tmp_path / f"fleet{len(made)}", fl_model_dir, url, n, **coord)
+        made.append(f)
+        return f
+
+    try:
+        yield factory
+    finally:
+        for f in made:
+            f.stop_all()
+
+
+class Watcher:
+    """A plain paho subscriber that records (topic, logical payload) of single-frame
+    messages (frame header stripped) - the test's own eyes on the broker."""
+
+    def __init__(self, url: str, topics: list[str]) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        from edgefed.transport.chunking import HEADER_SIZE
+
+        self.messages: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watch-{id(self)}")
+
+        def on_connect(c, u, f, rc, p) -> None:  # type: ignore[no-untyped-def]
+            for t in topics:
+                c.subscribe(t, qos=1)
+
+        def on_message(c, u, msg) -> None:  # type: ignore[no-untyped-def]
+            with self._cond:
+                self.messages.append((msg.topic, bytes(msg.payload[HEADER_SIZE:])))
+                self._cond.notify_all()
+
+        self.client.on_connect = on_connect
+        self.client.on_message = on_message
+        self.client.connect(host, int(port), 30)
+        self.client.loop_start()
+
+    def wait_for(self, pred, timeout: float) -> list[tuple[str, bytes]]:  # type: ignore[no-untyped-def]
+        with self._cond:
+            if not self._cond.wait_for(lambda: pred(self.messages), timeout):
+                raise TimeoutError(f"condition not met in {timeout}s; saw {len(self.messages)}")
+            return list(self.messages)
+
+    def json(self, topic_suffix: str) -> list[dict[str, object]]:
+        import json
+
+        with self._cond:
+            return [json.loads(p) for t, p in self.messages if t.endswith(topic_suffix) and p]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def mqtt_watch() -> Iterator[object]:
+    """``mqtt_watch(url, [topic filters])`` -> :class:`Watcher`, closed at teardown."""
+    made: list[Watcher] = []
+
+    def factory(url: str, topics: list[str]) -> Watcher:
+        w = Watcher(url, topics)
+        made.append(w)
+        return w
+
+    try:
+        yield factory
+    finally:
+        for w in made:
+            w.close()
