@@ -17,6 +17,7 @@ namespace edgefed::quant {
 // microseconds on an idle machine and up to a scheduler time slice on a loaded one, so each
 // thread must get at least ~0.1 ms of streaming work (256K floats = 1 MB) to pay off.
 constexpr std::size_t kMinPerThread = std::size_t{1} << 18;
+constexpr std::size_t kPrefetchFloats = 1024;
 
 // ---------------------------------------------------------------- dispatch
 Isa parse_isa(const std::string& name) {
@@ -304,6 +305,11 @@ bool quantize_dynamic(const Kernels& k, const float* x, const Layout& L, bool sy
         const std::size_t o = blk / nb, j = blk % nb, off = o * len + j * B;
         const std::size_t m = std::min(B, len - j * B);
         float lo, hi;
+        // Keep memory busy while this block is quantized from L1: request the lines of a
+        // block ~4 KB ahead (the hardware prefetcher alone stalls between the two phases).
+        const float* ahead = x + off + kPrefetchFloats;
+        if (ahead + B <= x + n)
+          for (std::size_t c = 0; c < B; c += 16) __builtin_prefetch(ahead + c);
         mark(k.minmax(x + off, m, &lo, &hi));
         params_from_range(lo, hi, symmetric, p.qmin, p.qmax, scale + blk, zp + blk);
         if (!out) continue;
