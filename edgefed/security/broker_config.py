@@ -26,7 +26,7 @@ import os
 import pwd
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ class FleetSpec:
     # chunks payloads (transport chunk_size, 256 KiB by default), so no honest packet comes near
     # 16 MiB, while a hostile client can no longer make the broker buffer 256 MiB per message.
     max_packet_size: int = 16 * 1024 * 1024
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
