@@ -61,6 +61,7 @@ def machine() -> dict[str, object]:
         "onnxruntime": ort.__version__,
         "torch": getattr(torch, "__version__", None),
         "python": platform.python_version(),
+        "load_average_1min": os.getloadavg()[0],  # > threads means a shared, noisy machine
     }
 
 
@@ -179,7 +180,8 @@ def main() -> int:
     print(
         f"machine: {info['cpu']}, {info['threads']} threads, flags {' '.join(info['flags'])}; "
         f"edgefed isa {info['edgefed_isa']}, numpy {info['numpy']}, onnxruntime "
-        f"{info['onnxruntime']}, torch {info['torch']}"
+        f"{info['onnxruntime']}, torch {info['torch']}; "
+        f"load average {info['load_average_1min']:.1f}"
     )
     print("edgefed: all cores; 'ort' = onnxruntime 1 thread (baseline setting); ms = median")
     results = []

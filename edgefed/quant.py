@@ -12,6 +12,8 @@ Input policy (decided here, tested in tests/test_quant_errors.py):
 * layout: a non-contiguous or misaligned input is copied (it is read-only to us); an ``out``
   buffer must already be C-contiguous, aligned, writeable and of the right shape and dtype,
   since writing into a copy would lose the result (``ValueError``).
+* threads: ``threads`` is an upper bound (default: all cores); each extra thread needs at
+  least 256K elements, because a thread is started per call.
 * NaN / Inf in ``x`` raise :class:`NonFiniteError` naming the tensor and the first bad index.
   ``allow_nonfinite=True`` (given scales only) saturates them the way onnxruntime does on x86:
   +Inf -> qmax, -Inf and NaN -> qmin. Scales are never computed from non-finite values.
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value: compare fields
 class QuantizedTensor:
     """A quantized tensor and what is needed to dequantize it.
 
