@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgefed import sparse
 
@@ -351,3 +353,54 @@ def test_accumulate_sparse_batch_validates_everything_before_writing() -> None:
         with pytest.raises(ValueError, match=match):
             sparse._s.acc_sparse_batch(sums, None, [good, item], 1024, 1)
     assert not sums.any()  # the good item before the bad one was not applied either
+
+
+def py_decode_varint(data: bytes, count: int, n: int) -> list[int] | None:
+    """Independent reference decoder; None where the stream must be rejected."""
+    out, pos, prev = [], 0, 0
+    for i in range(count):
+        v, shift, start = 0, 0, pos
+        while True:
+            if pos >= len(data):
+                return None
+            b = data[pos]
+            pos += 1
+            if shift == 28 and b & 0xF0:
+                return None
+            v |= (b & 0x7F) << shift
+            if not b & 0x80:
+                if b == 0 and pos - start > 1:
+                    return None
+                break
+            shift += 7
+        if i and v == 0:
+            return None
+        idx = v if i == 0 else prev + v
+        if idx >= n:
+            return None
+        out.append(idx)
+        prev = idx
+    return out if pos == len(data) else None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=40), st.integers(0, 12), st.sampled_from([1, 200, 20_000, 2**32 - 1]))
+def test_varint_decoder_matches_reference_on_any_bytes(data: bytes, count: int, n: int) -> None:
+    ref = py_decode_varint(data, count, n)
+    arr = np.frombuffer(data, np.uint8)
+    if ref is None or count > len(data):
+        with pytest.raises(ValueError):
+            sparse.decode_indices(arr, "varint", count, n)
+    else:
+        assert sparse.decode_indices(arr, "varint", count, n).tolist() == ref
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from([1, 2, 127, 128, 129, 16383, 16384, 16385, 2**21, 2**28]), max_size=60)
+)
+def test_varint_round_trip_gap_boundaries(gaps: list[int]) -> None:
+    idx = np.cumsum(np.array([0, *gaps], np.int64))
+    n = int(idx[-1]) + 1
+    name, data = sparse.encode_indices(idx.astype(np.uint32), n, "varint")
+    assert sparse.decode_indices(data, name, idx.size, n).tolist() == idx.tolist()
