@@ -27,7 +27,9 @@ class InferenceModel:
             if e.get("role") != "x":
                 self.keys[e["name"]] = e["key"]
         self.x_name = next(e["name"] for e in inputs if e.get("role") == "x")
-        self.x_dtype = np.dtype(next(e.get("dtype", "float32") for e in inputs if e["role"] == "x"))
+        xe = next(e for e in inputs if e.get("role") == "x")
+        self.x_dtype = np.dtype(xe.get("dtype", "float32"))
+        self.x_shape = tuple(xe.get("shape", [])[1:])  # per-sample shape
 
     def predict(
         self, x: np.ndarray, params: dict[str, np.ndarray], batch_size: int = 1024
@@ -39,6 +41,8 @@ class InferenceModel:
         feeds = {n: np.ascontiguousarray(params[k], np.float32) for n, k in self.keys.items()}
         outs = []
         x = np.asarray(x, dtype=self.x_dtype)
+        if self.x_shape and tuple(x.shape[1:]) != tuple(int(d) for d in self.x_shape):
+            raise ValueError(f"input per-sample shape {x.shape[1:]} != model's {self.x_shape}")
         for i in range(0, len(x), batch_size):
             feeds[self.x_name] = np.ascontiguousarray(x[i : i + batch_size])
             outs.append(self.session.run(None, feeds)[0])
