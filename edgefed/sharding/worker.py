@@ -161,8 +161,6 @@ class AggregatorWorker:
         if msg is None:
             return
         rnd = msg["round"]
-        if self.state is not None and rnd <= self.state.round:
-            return  # the retained announcement of a round we already have
         try:
             version = msg["model_version"]
             sampled = msg["sampled"]
@@ -177,6 +175,15 @@ class AggregatorWorker:
         except (KeyError, ValueError, TypeError) as e:  # CodecError is a ValueError
             log.warning("%s: invalid round announcement: %s", self.cfg.worker_id, e)
             return
+        st = self.state
+        if st is not None and (rnd, version, frozenset(sampled)) == (
+            st.round, st.model_version, st.sampled,
+        ):  # fmt: skip
+            return  # the retained copy of the round we already have
+        if st is not None and rnd <= st.round:
+            # The coordinator is authoritative: it restarted without its checkpoint, or a
+            # new coordinator took over. Follow it rather than calling its updates late.
+            log.warning("%s: round %d announced after round %d", self.cfg.worker_id, rnd, st.round)
         self.state = _Round(rnd, version, schema, frozenset(sampled), self._new_acc(schema))
         self.new_keys = []
         log.info("%s: round %d open (%d devices)", self.cfg.worker_id, rnd, len(sampled))
