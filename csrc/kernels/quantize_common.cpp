@@ -4,7 +4,12 @@
 // are exact, so every thread count and every ISA gives identical bytes.
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -159,6 +164,63 @@ struct Rng {
   }
 };
 
+// Work splitting. Threads are started per call (no pool: no global state), but the caller
+// never waits for a helper the OS has not scheduled yet (on a loaded machine that wait is a
+// whole time slice): the work is cut into chunks claimed from a shared counter, the caller
+// claims chunks too, and a helper that starts late finds nothing left and exits on its own
+// (it is detached and owns the counter through a shared_ptr; it touches the caller's data
+// only for a chunk it claimed, and the caller waits until every claimed chunk is done).
+// Which worker ran which chunk never changes a result.
+template <class Fn>
+void split_work(std::size_t nitems, std::size_t item_elems, int threads, std::size_t align,
+                Fn&& fn) {
+  if (nitems == 0) return;
+  item_elems = std::max<std::size_t>(1, item_elems);
+  std::size_t chunk = std::max((kMinPerThread / 2 + item_elems - 1) / item_elems,
+                               (nitems + 4 * threads - 1) / (4 * threads));
+  chunk = (chunk + align - 1) / align * align;
+  const std::size_t nchunks = (nitems + chunk - 1) / chunk;
+  if (threads <= 1 || nchunks <= 1) {
+    fn(std::size_t{0}, nitems, 0);
+    return;
+  }
+  struct Shared {
+    std::atomic<std::size_t> next{0}, done{0};
+    std::size_t nchunks = 0;
+    std::mutex mutex;
+    std::exception_ptr error;
+    std::function<void(std::size_t, int)> run;  // refers to the caller's frame
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->nchunks = nchunks;
+  shared->run = [&](std::size_t c, int worker) {
+    fn(c * chunk, std::min(nitems, (c + 1) * chunk), worker);
+  };
+  auto work = [](Shared& sh, int worker) {
+    for (;;) {
+      const std::size_t c = sh.next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= sh.nchunks) return;
+      try {
+        sh.run(c, worker);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(sh.mutex);
+        if (!sh.error) sh.error = std::current_exception();
+      }
+      sh.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int w = 1; w < threads; ++w) {
+    try {
+      std::thread([shared, work, w] { work(*shared, w); }).detach();
+    } catch (const std::system_error&) {
+      break;  // no more threads available: the caller does the rest
+    }
+  }
+  work(*shared, 0);
+  while (shared->done.load(std::memory_order_acquire) < nchunks) std::this_thread::yield();
+  if (shared->error) std::rethrow_exception(shared->error);
+}
+
 // Walks the layout in segments that share one scale (vec = false: scale[sidx]) or that have
 // one scale per element (vec = true: scale[sidx + i]); seg returns true on NaN / Inf.
 template <class Seg>
@@ -170,18 +232,18 @@ bool drive(const Layout& L, int threads, Seg&& seg) {
   const std::size_t n = L.numel(), len = L.len, inner = L.inner;
   const int t = effective_threads(n, threads, kMinPerThread);
   if (L.gran == Granularity::PerTensor) {
-    parallel_for(n, t, 64, [&](std::size_t b, std::size_t e, int) { mark(seg(b, e - b, 0, false)); });
+    split_work(n, 1, t, 64, [&](std::size_t b, std::size_t e, int) { mark(seg(b, e - b, 0, false)); });
   } else if (L.gran == Granularity::PerAxis && inner > 1) {
-    parallel_for(L.outer * len, t, 1, [&](std::size_t b, std::size_t e, int) {
+    split_work(L.outer * len, inner, t, 1, [&](std::size_t b, std::size_t e, int) {
       for (std::size_t r = b; r < e; ++r) mark(seg(r * inner, inner, r % len, false));
     });
   } else if (L.gran == Granularity::PerAxis) {
-    parallel_for(L.outer, t, 1, [&](std::size_t b, std::size_t e, int) {
+    split_work(L.outer, len, t, 1, [&](std::size_t b, std::size_t e, int) {
       for (std::size_t o = b; o < e; ++o) mark(seg(o * len, len, 0, true));
     });
   } else if (inner == 1) {
     const std::size_t nb = L.nblocks(), B = L.block;
-    parallel_for(L.outer * nb, t, 1, [&](std::size_t b, std::size_t e, int) {
+    split_work(L.outer * nb, B, t, 1, [&](std::size_t b, std::size_t e, int) {
       for (std::size_t k = b; k < e; ++k) {
         const std::size_t o = k / nb, j = k % nb;
         mark(seg(o * len + j * B, std::min(B, len - j * B), k, false));
@@ -189,7 +251,7 @@ bool drive(const Layout& L, int threads, Seg&& seg) {
     });
   } else {
     const std::size_t nb = L.nblocks(), B = L.block;
-    parallel_for(L.outer * len, t, 1, [&](std::size_t b, std::size_t e, int) {
+    split_work(L.outer * len, inner, t, 1, [&](std::size_t b, std::size_t e, int) {
       for (std::size_t r = b; r < e; ++r) {
         const std::size_t o = r / len, a = r % len;
         mark(seg(r * inner, inner, (o * nb + a / B) * inner, true));
@@ -239,14 +301,16 @@ bool compute_scales(const Kernels& k, const float* x, const Layout& L, bool symm
   const int t = effective_threads(n, threads, kMinPerThread);
   if (L.gran == Granularity::PerTensor) {
     std::vector<float> mn(t, kInf), mx(t, -kInf);
-    parallel_for(n, t, 64, [&](std::size_t b, std::size_t e, int part) {
-      mark(k.minmax(x + b, e - b, &mn[part], &mx[part]));
+    split_work(n, 1, t, 64, [&](std::size_t b, std::size_t e, int part) {
+      float lo, hi;
+      mark(k.minmax(x + b, e - b, &lo, &hi));
+      mn[part] = std::min(mn[part], lo), mx[part] = std::max(mx[part], hi);
     });
     const float lo = *std::min_element(mn.begin(), mn.end());
     const float hi = *std::max_element(mx.begin(), mx.end());
     params_from_range(lo, hi, symmetric, qmin, qmax, scale, zp);
   } else if (L.gran == Granularity::PerAxis && inner > 1) {
-    parallel_for(len, t, 1, [&](std::size_t b, std::size_t e, int) {
+    split_work(len, L.outer * inner, t, 1, [&](std::size_t b, std::size_t e, int) {
       for (std::size_t a = b; a < e; ++a) {
         float lo = kInf, hi = -kInf;
         for (std::size_t o = 0; o < L.outer; ++o) {
@@ -259,7 +323,7 @@ bool compute_scales(const Kernels& k, const float* x, const Layout& L, bool symm
     });
   } else if (L.gran == Granularity::PerAxis) {
     std::vector<float> mn(static_cast<std::size_t>(t) * len, kInf), mx(mn.size(), -kInf);
-    parallel_for(L.outer, t, 1, [&](std::size_t b, std::size_t e, int part) {
+    split_work(L.outer, len, t, 1, [&](std::size_t b, std::size_t e, int part) {
       float* pmn = mn.data() + part * len;
       float* pmx = mx.data() + part * len;
       for (std::size_t o = b; o < e; ++o) mark(k.minmax_cols(x + o * len, len, pmn, pmx));
@@ -300,7 +364,7 @@ bool quantize_dynamic(const Kernels& k, const float* x, const Layout& L, bool sy
   const std::size_t n = L.numel(), len = L.len, inner = L.inner, nb = L.nblocks(), B = L.block;
   const int t = effective_threads(n, threads, kMinPerThread);
   if (inner == 1) {
-    parallel_for(L.outer * nb, t, 1, [&](std::size_t b, std::size_t e, int) {
+    split_work(L.outer * nb, B, t, 1, [&](std::size_t b, std::size_t e, int) {
       for (std::size_t blk = b; blk < e; ++blk) {
         const std::size_t o = blk / nb, j = blk % nb, off = o * len + j * B;
         const std::size_t m = std::min(B, len - j * B);
@@ -321,7 +385,7 @@ bool quantize_dynamic(const Kernels& k, const float* x, const Layout& L, bool sy
       }
     });
   } else {
-    parallel_for(L.outer * nb, t, 1, [&](std::size_t b, std::size_t e, int) {
+    split_work(L.outer * nb, B * inner, t, 1, [&](std::size_t b, std::size_t e, int) {
       std::vector<float> lo(inner), hi(inner);
       for (std::size_t blk = b; blk < e; ++blk) {
         const std::size_t o = blk / nb, j = blk % nb;
