@@ -10,7 +10,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "common.h"
+
 namespace edgefed {
+
+// effective_threads() asks the OS for the CPU count on every call (a sysfs read, ~10-30
+// us), which dominated small kernel calls (scales, biases). Inputs too small to split
+// never need that answer: return 1 for them first (same result as effective_threads).
+inline int pick_threads(std::size_t n, int requested, std::size_t min_per_thread = 1 << 16) {
+  if (requested == 1 || n < 2 * min_per_thread) return 1;
+  return effective_threads(n, requested, min_per_thread);
+}
 
 // ---------------------------------------------------------------------------------
 // Top-k by magnitude.

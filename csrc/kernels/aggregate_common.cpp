@@ -4,6 +4,7 @@
 
 #include "aggregate.h"
 #include "common.h"
+#include "sparse.h"
 
 namespace edgefed {
 
@@ -29,13 +30,13 @@ float half_to_float(uint16_t h) {
 }
 
 void acc_dense_f32(float* sums, const float* x, std::size_t n, float w, int threads) {
-  parallel_for(n, effective_threads(n, threads), 1024, [&](std::size_t b, std::size_t e, int) {
+  parallel_for(n, pick_threads(n, threads), 1024, [&](std::size_t b, std::size_t e, int) {
     for (std::size_t i = b; i < e; ++i) sums[i] += w * x[i];
   });
 }
 
 void acc_dense_f16(float* sums, const uint16_t* h, std::size_t n, float w, int threads) {
-  parallel_for(n, effective_threads(n, threads), 1024, [&](std::size_t b, std::size_t e, int) {
+  parallel_for(n, pick_threads(n, threads), 1024, [&](std::size_t b, std::size_t e, int) {
     for (std::size_t i = b; i < e; ++i) sums[i] += w * half_to_float(h[i]);
   });
 }
@@ -43,7 +44,7 @@ void acc_dense_f16(float* sums, const uint16_t* h, std::size_t n, float w, int t
 void acc_dense_int8(float* sums, const int8_t* q, std::size_t n, const float* scales,
                     std::size_t block, float w, int threads) {
   const std::size_t nb = (n + block - 1) / block;
-  parallel_for(nb, effective_threads(n, threads) > 1 ? effective_threads(nb, threads, 1) : 1, 1,
+  parallel_for(nb, pick_threads(n, threads) > 1 ? pick_threads(nb, threads, 1) : 1, 1,
                [&](std::size_t b0, std::size_t b1, int) {
                  for (std::size_t bl = b0; bl < b1; ++bl) {
                    const float s = w * scales[bl];
@@ -55,7 +56,7 @@ void acc_dense_int8(float* sums, const int8_t* q, std::size_t n, const float* sc
 
 void acc_dense_int4(float* sums, const uint8_t* packed, std::size_t n, const float* scales,
                     std::size_t block, float w, int threads) {
-  parallel_for(n, effective_threads(n, threads), 2, [&](std::size_t b, std::size_t e, int) {
+  parallel_for(n, pick_threads(n, threads), 2, [&](std::size_t b, std::size_t e, int) {
     for (std::size_t i = b; i < e; ++i) {
       uint8_t nib = (packed[i / 2] >> ((i & 1) * 4)) & 0x0f;
       int8_t v = static_cast<int8_t>(static_cast<int8_t>(nib << 4) >> 4);
@@ -68,7 +69,7 @@ namespace {
 template <class Value>
 void acc_sparse(float* sums, float* wsums, const uint32_t* idx, std::size_t count, float vw,
                 float w, int threads, Value&& value) {
-  parallel_for(count, effective_threads(count, threads, 1 << 15), 1,
+  parallel_for(count, pick_threads(count, threads, 1 << 15), 1,
                [&](std::size_t b, std::size_t e, int) {
                  for (std::size_t j = b; j < e; ++j) sums[idx[j]] += vw * value(j);
                  if (wsums)
@@ -101,7 +102,7 @@ void acc_sparse_batch(float* sums, float* wsums, std::size_t n, const SparseRef*
   const std::size_t nchunks = (n + chunk - 1) / chunk;
   std::size_t total = 0;
   for (std::size_t r = 0; r < nrefs; ++r) total += refs[r].count;
-  const int t = total < (1u << 15) ? 1 : std::min<int>(effective_threads(total, threads, 1 << 14),
+  const int t = total < (1u << 15) ? 1 : std::min<int>(pick_threads(total, threads, 1 << 14),
                                                         static_cast<int>(nchunks));
   parallel_for(nchunks, t, 1, [&](std::size_t c0, std::size_t c1, int) {
     // Per update, a cursor to its first entry at or after this thread's first chunk.

@@ -99,7 +99,7 @@ inline uint32_t mask16_at_least(const float* x, uint32_t L) {
 // buffer pre-sized to cap + 16, so there is no capacity check per element.
 bool collect_at_least(const float* x, std::size_t n, uint32_t L, std::size_t cap, int threads,
                       std::vector<uint32_t>& out, std::vector<float>& vals) {
-  int t = effective_threads(n, threads);
+  int t = pick_threads(n, threads);
   std::vector<std::unique_ptr<uint32_t[]>> parts(t);
   std::vector<std::unique_ptr<float[]>> vparts(t);
   std::vector<std::size_t> counts(t, 0);
@@ -159,7 +159,7 @@ struct Split {
 
 bool collect_band(const float* x, std::size_t n, uint32_t L, uint32_t H, std::size_t cap_def,
                   std::size_t cap_band, int threads, Split& out) {
-  int t = effective_threads(n, threads);
+  int t = pick_threads(n, threads);
   struct Buf {
     std::unique_ptr<uint32_t[]> di, bi;
     std::unique_ptr<float[]> dv, bv;
@@ -278,7 +278,7 @@ TopK topk_small(const float* x, std::size_t n, std::size_t k) {
 }  // namespace
 
 bool all_finite(const float* x, std::size_t n, int threads) {
-  int t = effective_threads(n, threads);
+  int t = pick_threads(n, threads);
   std::vector<char> ok(t, 1);
   parallel_for(n, t, 4096, [&](std::size_t b, std::size_t e, int p) {
     uint32_t worst = 0;
@@ -297,7 +297,7 @@ TopK topk_radix(const float* x, std::size_t n, std::size_t k, int threads) {
     return take_all(x, n);
   }
   constexpr std::size_t B1 = 1u << 16, B2 = 1u << 15;
-  int t = effective_threads(n, threads);
+  int t = pick_threads(n, threads);
   std::vector<std::vector<uint32_t>> h1(t, std::vector<uint32_t>(B1, 0));
   // Pass 1: histogram of the top 16 magnitude bits.
   parallel_for(n, t, 4096, [&](std::size_t b, std::size_t e, int p) {
@@ -442,7 +442,7 @@ TopK topk_approx(const float* x, std::size_t n, std::size_t k, double tolerance,
 }
 
 void add_inplace_checked(float* residual, const float* update, std::size_t n, int threads) {
-  int t = effective_threads(n, threads);
+  int t = pick_threads(n, threads);
   std::vector<char> ok(t, 1);
   parallel_for(n, t, 4096, [&](std::size_t b, std::size_t e, int p) {
     uint32_t worst = 0;
@@ -634,11 +634,11 @@ template <class Store>
 void quantize_blocks(const float* x, std::size_t n, std::size_t block, float qmax, float* scales,
                      int threads, Store&& store) {
   const std::size_t nb = (n + block - 1) / block;
-  int t = effective_threads(n, threads);
+  int t = pick_threads(n, threads);
   std::vector<char> ok(t, 1);
   // Parallel over blocks; `align` keeps int4 byte pairs inside one thread (block even or
   // one block per range).
-  parallel_for(nb, effective_threads(nb, t, 1), 1, [&](std::size_t b0, std::size_t b1, int p) {
+  parallel_for(nb, pick_threads(nb, t, 1), 1, [&](std::size_t b0, std::size_t b1, int p) {
     for (std::size_t bl = b0; bl < b1; ++bl) {
       std::size_t b = bl * block, e = std::min(n, b + block);
       float amax = 0.0f;
@@ -678,7 +678,7 @@ void quantize_int4_blocks(const float* x, std::size_t n, std::size_t block, uint
 
 void dequantize_int4_blocks(const uint8_t* packed, std::size_t n, std::size_t block,
                             const float* scales, float* out, int threads) {
-  parallel_for(n, effective_threads(n, threads), 2, [&](std::size_t b, std::size_t e, int) {
+  parallel_for(n, pick_threads(n, threads), 2, [&](std::size_t b, std::size_t e, int) {
     for (std::size_t i = b; i < e; ++i) {
       uint8_t nib = (packed[i / 2] >> ((i & 1) * 4)) & 0x0f;
       int8_t v = static_cast<int8_t>(static_cast<int8_t>(nib << 4) >> 4);
