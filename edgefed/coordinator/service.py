@@ -123,10 +123,15 @@ class CoordinatorService:
             self.client.start(timeout=None)
             while not self._stop.is_set() and self.engine.round < self.rounds:
                 need = self.engine.cfg.min_devices
-                self._pump(time.monotonic() + self.wait_timeout, self._enough_devices)
-                # Read presence already on its way (a burst of retained messages) before
-                # sampling: stopping at exactly min_devices sampled 7 of 10 online devices.
-                self._pump(time.monotonic() + self.settle)
+                wait_until = time.monotonic() + self.wait_timeout
+                while not self._stop.is_set():
+                    self._pump(wait_until, self._enough_devices)
+                    # Read presence already on its way (a burst of retained messages) before
+                    # sampling: stopping at exactly min_devices sampled 7 of 10 online devices.
+                    # It may also bring "offline" (Last Wills): then wait again.
+                    self._pump(min(wait_until, time.monotonic() + self.settle))
+                    if self._enough_devices() or time.monotonic() >= wait_until:
+                        break
                 if self._stop.is_set():
                     break
                 if len(self.online) < need:
