@@ -292,8 +292,23 @@ class Fleet:
         return p
 
     def start_coordinator(self) -> subprocess.Popen[bytes]:
-        args = ["-m", "edgefed", "coordinator", "--config", str(self.coord_config)]
+        # SIGUSR1 dumps every thread's stack into the log (see dump()): a hang is diagnosable.
+        code = (
+            "import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, "
+            "all_threads=True); from edgefed.cli import main; sys.exit(main(sys.argv[1:]))"
+        )
+        args = ["-c", code, "coordinator", "--config", str(self.coord_config)]
         return self._spawn("coordinator", args)
+
+    def dump(self, name: str) -> str:
+        """Ask a process started with faulthandler for its stacks; return its log."""
+        import signal
+
+        p = self.procs.get(name)
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
+        return self.log(name)
 
     def start_agent(self, dev: str) -> subprocess.Popen[bytes]:
         return self._spawn(dev, ["-m", "device_agent.cli", "--config", str(self.agent_config(dev))])
@@ -331,7 +346,7 @@ class Fleet:
             if c is not None and c.poll() is not None and c.returncode != 0:
                 raise RuntimeError(f"coordinator exited {c.returncode}:\n{self.log('coordinator')}")
             time.sleep(0.1)
-        tail = self.log("coordinator")[-3000:]
+        tail = self.dump("coordinator")[-6000:]
         raise TimeoutError(f"{len(self.rounds())} of {k} rounds after {timeout}s\n{tail}")
 
     def stop_all(self) -> None:
