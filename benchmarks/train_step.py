@@ -50,7 +50,9 @@ def _median_ms(fn, steps: int, repeats: int) -> float:
     return float(np.median(runs))
 
 
-def bench_model(name: str, threads_list: list[int], steps: int, repeats: int, bake: bool) -> list[dict]:
+def bench_model(
+    name: str, threads_list: list[int], steps: int, repeats: int, bake: bool
+) -> list[dict]:
     make, shape, target = MODELS[name]
     torch.manual_seed(0)
     model = make()
@@ -93,8 +95,11 @@ def bench_model(name: str, threads_list: list[int], steps: int, repeats: int, ba
                 "graph_bytes": len(g.onnx),
             }
         )
-        print(f"{name:22s} thr={threads} ort {o_ms:8.3f} ms  torch {t_ms:8.3f} ms  "
-              f"x{t_ms / o_ms:5.2f} (target >= {target})", flush=True)
+        print(
+            f"{name:22s} thr={threads} ort {o_ms:8.3f} ms  torch {t_ms:8.3f} ms  "
+            f"x{t_ms / o_ms:5.2f} (target >= {target})",
+            flush=True,
+        )
     return rows
 
 
@@ -120,14 +125,27 @@ print(json.dumps({"max_rss_mb": rss_kb / 1024, "rss_mb": cur / 1024, "torch_load
 def rss_cnn28() -> dict:
     torch.manual_seed(0)
     model = cnn_28()
-    g = export_training_step(model, (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))), optimizer=OPT)
+    g = export_training_step(
+        model, (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))), optimizer=OPT
+    )
     with tempfile.TemporaryDirectory() as d:
         g.save(d)
-        np.savez(Path(d) / "params.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()
-                                           if k in g.manifest["params"]})
+        np.savez(
+            Path(d) / "params.npz",
+            **{
+                k: v.detach().numpy()
+                for k, v in model.state_dict().items()
+                if k in g.manifest["params"]
+            },
+        )
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        out = subprocess.run([sys.executable, "-c", RSS_CHILD, d], capture_output=True, text=True,
-                             env=env, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, d],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"device process training CNN 28x28: max RSS {res['max_rss_mb']:.1f} MB (target < 150)")
     return res
@@ -139,7 +157,9 @@ def _dir_size(paths: list[Path]) -> int:
         if p.is_file():
             total += p.stat().st_size
         for root, _, files in os.walk(p):
-            total += sum((Path(root) / f).stat().st_size for f in files if not (Path(root) / f).is_symlink())
+            total += sum(
+                (Path(root) / f).stat().st_size for f in files if not (Path(root) / f).is_symlink()
+            )
     return total
 
 
@@ -175,8 +195,10 @@ def footprint() -> dict:
     sizes["numpy"] += _dir_size(extra) / 2**20
     torch_mb = _dir_size(pkg_paths("torch", ["torch", "torchgen", "functorch"])) / 2**20
     res = {"agent_packages_mb": sizes, "agent_total_mb": sum(sizes.values()), "torch_mb": torch_mb}
-    print(f"agent install (numpy+onnxruntime+paho-mqtt+pynacl): {res['agent_total_mb']:.0f} MB "
-          f"vs torch alone {torch_mb:.0f} MB")
+    print(
+        f"agent install (numpy+onnxruntime+paho-mqtt+pynacl): {res['agent_total_mb']:.0f} MB "
+        f"vs torch alone {torch_mb:.0f} MB"
+    )
     return res
 
 
@@ -194,12 +216,18 @@ def main() -> None:
     print("\n| model | params | threads | onnxruntime ms | torch eager ms | speedup | target |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['params']:,} | {r['threads']} | {r['ort_ms']:.3f} | "
-              f"{r['torch_ms']:.3f} | {r['speedup']:.2f}x | >= {r['target']}x |")
+        print(
+            f"| {r['model']} | {r['params']:,} | {r['threads']} | {r['ort_ms']:.3f} | "
+            f"{r['torch_ms']:.3f} | {r['speedup']:.2f}x | >= {r['target']}x |"
+        )
     OUT.mkdir(exist_ok=True)
     machine = f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}"
-    (OUT / "train_step.json").write_text(json.dumps({"machine": machine, "batch": BATCH, "steps": rows,
-                                                     "rss": rss, "footprint": fp}, indent=1))
+    (OUT / "train_step.json").write_text(
+        json.dumps(
+            {"machine": machine, "batch": BATCH, "steps": rows, "rss": rss, "footprint": fp},
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ DEFAULT_OPSET = 20
 TRACE_BATCH = 8  # example batch used for tracing; != 1 so nothing specialises on size 1
 MAX_BATCH = 1 << 20
 _TWO_GB = 2**31 - 1
+# The onnxscript optimizer made no runtime difference (onnxruntime folds constants itself)
+# but costs export time and owns the "x + eps is a no-op" rewrite: off.
+OPTIMIZE = False
 
 LossSpec = str | Callable[[Tensor, Tensor], Tensor]
 TrainableSpec = None | Iterable[str] | Callable[[str, nn.Parameter], bool]
@@ -237,7 +240,7 @@ def _onnx_export(
             registry=registry(opset),
             input_names=input_names,
             output_names=output_names,
-            optimize=False,
+            optimize=OPTIMIZE,
             opset_version=opset,
             verbose=False,
         )
