@@ -1,0 +1,172 @@
+"""The whole flow over MQTT: coordinator service + device agents, against a real mosquitto
+and against the embedded amqtt broker; hostile messages mid-run; checkpoint resume; and the
+`edgefed demo` command itself."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.agent import AgentService, DeviceWorker
+from edgefed.coordinator.metrics import MetricsWriter, read_metrics
+from edgefed.coordinator.rounds import RoundConfig, RoundEngine
+from edgefed.coordinator.service import CoordinatorService
+from edgefed.simulation import make_evaluator, simulate
+from edgefed.strategies import FedAvg
+from edgefed.transport import Topics, TransportConfig, split_message
+from edgefed.transport.client import MqttClient
+
+
+def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, 10)).astype(np.float32)
+    return x, (x[:, 0] + x[:, 3] > 0).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def fm():
+    import torch
+
+    from edgefed.coordinator.model import build_federated_model
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+    x, y = _data(8, 0)
+    return build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)))
+
+
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded_broker"])
+def test_federated_rounds_over_mqtt(broker: str, request, fm, tmp_path: Path) -> None:
+    b = request.getfixturevalue(broker)
+    devices = [_data(60, i) for i in range(3)]
+    hist = simulate(
+        None,
+        devices,
+        rounds=3,
+        compression="topk:0.5+int8",
+        test_data=_data(300, 9),
+        lr=0.3,
+        local_epochs=2,
+        broker=b.url,
+        work_dir=tmp_path,
+        federated_model=fm,
+        metrics_path=tmp_path / "m.jsonl",
+    )
+    assert [h["round"] for h in hist] == [1, 2, 3]
+    assert all(h["participants"] == 3 and h["dropped"] == {} for h in hist)
+    assert hist[-1]["accuracy"] > 0.8 and hist[-1]["cum_bytes_up"] > 0
+    assert len(read_metrics(tmp_path / "m.jsonl")) == 3
+    assert (tmp_path / "dev-000" / "model.npz").exists()  # the agent deployed the model
+
+
+def _agents(fm, url: str, fleet: str, tmp_path: Path, n: int = 2) -> list[AgentService]:
+    tc = TransportConfig(url=url, fleet=fleet, backoff_min=0.1, backoff_max=1.0)
+    return [
+        AgentService(DeviceWorker(f"a{i}", *_data(40, i), tmp_path / f"a{i}"), tc) for i in range(n)
+    ]
+
+
+def test_hostile_messages_duplicates_and_resume(mosquitto, fm, tmp_path: Path) -> None:
+    fleet = "hostile"
+    tc = TransportConfig(url=mosquitto.url, fleet=fleet, backoff_min=0.1, backoff_max=1.0)
+    topics = Topics(fleet)
+    ev = make_evaluator(
+        fm.graphs["full"].inference_onnx, fm.graphs["full"].manifest, *_data(200, 7)
+    )
+    ck = tmp_path / "coord.npz"
+
+    def service(rounds: int) -> CoordinatorService:
+        eng = RoundEngine(fm, FedAvg(), RoundConfig(min_devices=2, round_timeout=20), ev)
+        return CoordinatorService(
+            eng,
+            tc,
+            rounds,
+            checkpoint=ck,
+            metrics=MetricsWriter(tmp_path / "m.jsonl", None),
+            wait_timeout=30,
+        )
+
+    # a spy sees the real updates; an attacker replays one and sends junk everywhere
+    spy = MqttClient(tc, "spy", [topics.all_updates]).start()
+    evil = MqttClient(tc, "evil").start()
+    agents = _agents(fm, mosquitto.url, fleet, tmp_path)
+    threads = [a.start_thread() for a in agents]
+    svc = service(2)
+    t = threading.Thread(target=svc.run, daemon=True)
+    try:
+        t.start()
+        first = spy.get(timeout=30)
+        assert first is not None
+        for topic in (topics.update("a0"), topics.presence("a1"), topics.update("ghost")):
+            evil.publish_frame(topic, b"\x00" * 3)  # not even a frame
+            evil.publish(topic, b"{not json")  # a valid frame around garbage
+            evil.publish(topic, json.dumps({"status": "online", "device_id": "x"}).encode())
+        evil.publish_frame(topics.update("a0"), split_message(b"x" * 10, 4)[1][0][:-1])
+        dev = first.topic.rsplit("/", 1)[1]
+        evil.publish(first.topic, first.payload)  # replay with a new transport message id
+        nan = np.full(10, np.nan, np.float32).tobytes()
+        evil.publish(topics.update("a1"), b"\x10\x00\x00\x00" + nan[:12] + nan)
+        t.join(timeout=90)
+        assert not t.is_alive() and svc.error is None
+    finally:
+        svc.stop()
+        t.join(timeout=10)
+    hist = read_metrics(tmp_path / "m.jsonl")
+    assert [h["round"] for h in hist] == [1, 2]
+    assert all(h["participants"] == 2 for h in hist)
+    drops = [d for h in hist for d in h["drop_log"]]
+    assert any(d["device"] == dev and d["reason"].startswith("duplicate") for d in drops)
+    assert any(d["reason"].startswith("invalid") for d in drops)
+    assert svc.rejected["invalid presence"] >= 1
+    assert sum(1 for _ in svc.client.rejected) >= 1  # the broken frames, named in the log
+    # restart with the same checkpoint: resumes after round 2, runs only round 3
+    svc2 = service(3)
+    t2 = threading.Thread(target=svc2.run, daemon=True)
+    t2.start()
+    t2.join(timeout=90)
+    try:
+        assert not t2.is_alive() and svc2.error is None
+        assert svc2.engine.round == 3 and len(svc2.engine.history) == 3
+        assert [h["round"] for h in read_metrics(tmp_path / "m.jsonl")] == [1, 2, 3]
+    finally:
+        svc2.stop()
+        for a in agents:
+            a.stop()
+        for th in threads:
+            th.join(timeout=10)
+        spy.stop()
+        evil.stop()
+
+
+def test_demo_command_end_to_end(embedded_broker, tmp_path: Path, capsys) -> None:
+    from edgefed import cli_demo
+
+    args = argparse.Namespace(
+        devices=3,
+        rounds=2,
+        alpha=0.5,
+        model="mlp",
+        compression="int8",
+        strategy="fedavg",
+        lr=0.1,
+        weak=0,
+        broker=embedded_broker.url,
+        seed=0,
+        out=str(tmp_path / "demo"),
+    )
+    t0 = time.time()
+    assert cli_demo.run(args) == 0
+    out = capsys.readouterr().out
+    assert "round   2/2" in out and "final accuracy" in out
+    assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 1000
+    rows = read_metrics(tmp_path / "demo" / "metrics-int8.jsonl")
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["participants"] == 3
+    assert time.time() - t0 < 120
+    bad = argparse.Namespace(**{**vars(args), "broker": "http://nope"})
+    assert cli_demo.run(bad) == 2
