@@ -59,8 +59,11 @@ def _read_manifest(obj: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         raise TrainerError(f"manifest {obj}: unreadable: {e}") from e
 
 
-def _session(data: bytes, threads: int) -> ort.InferenceSession:
+def _session(data: bytes, threads: int, low_memory: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
+    if low_memory:  # no arena / pre-planned pattern: lower peak RSS, allocations per run
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -87,6 +90,7 @@ class StepTrainer:
         manifest: Mapping[str, Any] | str | Path,
         threads: int = 1,
         inference_onnx: bytes | str | Path | None = None,
+        low_memory: bool = False,
     ) -> None:
         if threads < 1:
             raise TrainerError(f"threads must be >= 1, got {threads}")
@@ -94,7 +98,7 @@ class StepTrainer:
         if self.manifest.get("format") != FORMAT:
             raise TrainerError(f"manifest format {self.manifest.get('format')!r} != {FORMAT!r}")
         self.threads = threads
-        self._sess = _session(_read_bytes(step_onnx), threads)
+        self._sess = _session(_read_bytes(step_onnx), threads, low_memory)
         self._inf_bytes = _read_bytes(inference_onnx) if inference_onnx is not None else None
         self._inf_sess: ort.InferenceSession | None = None
         self._in = {e["name"]: e for e in self.manifest["inputs"]}

@@ -159,3 +159,13 @@ def test_validation_errors_name_the_problem(setup) -> None:
         StepTrainer(g.onnx, g.manifest, threads=0)
     # float64 data is accepted and converted (documented), int labels of any width too
     tr.train_epochs(x.astype(np.float64), y.astype(np.int32), epochs=1)
+
+
+def test_low_memory_session_trains_identically(setup) -> None:
+    _, g, init, x, y = setup
+    a = _trainer(setup)
+    b = StepTrainer(g.onnx, g.manifest, low_memory=True)
+    b.set_params(init)
+    for tr in (a, b):
+        tr.train_epochs(x, y, epochs=1, batch_size=16, lr=0.1, seed=9)
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in init)
