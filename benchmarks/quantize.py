@@ -33,6 +33,7 @@ else:  # torch.quantize_per_tensor is deprecated in 2.13 but is the baseline ask
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
 
 OUT = Path(__file__).parent / "out" / "quantize.json"
+RESULTS = Path(__file__).parent / "results" / "quantize.md"
 TARGETS = {  # row -> (baseline it is compared with, minimum ratio of throughputs)
     "quantize (scale given)": ("ort", 1.0),
     "quantize per tensor incl. scale": ("ort q given", 0.45),
@@ -165,6 +166,39 @@ def bench_size(n: int, repeats: int) -> dict[str, dict[str, float]]:
     return rows
 
 
+def markdown(info: dict[str, object], results: list[dict], repeats: int) -> str:
+    """The results fragment (benchmarks/results/quantize.md) for the lead's RESULTS.md."""
+    impls = ["edgefed", "numpy", "torch", "ort", "ort all threads"]
+    lines = [
+        "## int8 quantize / dequantize (`benchmarks/quantize.py`)",
+        "",
+        f"Machine: {info['cpu']}, {info['threads']} threads, flags {' '.join(info['flags'])}; "
+        f"edgefed ISA {info['edgefed_isa']}, all cores; numpy {info['numpy']}, onnxruntime "
+        f"{info['onnxruntime']} (io_binding, preallocated output; `ort` = 1 intra-op thread as "
+        f"in the baseline, `ort all` = all cores), torch {info['torch']}. Median of {repeats} "
+        f"round-robin runs; GB/s counts 4 bytes per element. 1-min load average during the "
+        f"run: {info['load_average_1min']:.1f}.",
+        "",
+        "Regenerate: `PYTHONPATH=. python benchmarks/quantize.py --write-results`.",
+    ]
+    for res in results:
+        n = res["n"]
+        lines += ["", f"### {n / 1e6:g}M float32", ""]
+        lines.append("| operation | " + " | ".join(f"{i} ms (GB/s)" for i in impls) + " |")
+        lines.append("|---" * (len(impls) + 1) + "|")
+        for op, cells in res["ms"].items():
+            row = [
+                f"{cells[i]:.2f} ({4 * n / cells[i] / 1e6:.1f})" if i in cells else "—"
+                for i in impls
+            ]
+            lines.append(f"| {op} | " + " | ".join(row) + " |")
+        lines += ["", "| target | ratio | need | met |", "|---|---|---|---|"]
+        for c in res["checks"]:
+            met = "yes" if c["ok"] else "**no**"
+            lines.append(f"| {c['target']} | {c['ratio']:.2f}x | {c['need']:.2f}x | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_size(text: str) -> int:
     text = text.strip().upper()
     mult = {"K": 1_000, "M": 1_000_000}.get(text[-1], 1)
@@ -172,9 +206,12 @@ def parse_size(text: str) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    if ap.description is None:  # pragma: no cover
+        ap.description = "quantize benchmark"
     ap.add_argument("--sizes", default="1M,16M,50M", help="comma-separated, e.g. 1M,16M,50M")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median)")
+    ap.add_argument("--write-results", action="store_true", help=f"also write {RESULTS.name}")
     args = ap.parse_args()
     info = machine()
     print(
@@ -213,6 +250,9 @@ def main() -> int:
     OUT.write_text(json.dumps({"machine": info, "repeats": args.repeats, "results": results},
                               indent=1))  # fmt: skip
     print(f"\nwrote {OUT}")
+    if args.write_results:
+        RESULTS.write_text(markdown(info, results, args.repeats))
+        print(f"wrote {RESULTS}")
     return 0
 
 

@@ -41,8 +41,9 @@ std::size_t numel(const py::array& a) {
 
 void check_float_input(const py::array& x, const std::string& name) {
   q::check_size(numel(x));
-  require(is_dtype(x, py::dtype::of<float>()),
-          name + " must be float32, got " + std::string(py::str(x.dtype())));
+  if (!is_dtype(x, py::dtype::of<float>()))  // message built only on failure (py::str is slow)
+    throw edgefed::InvalidArgument(name + " must be float32, got " +
+                                   std::string(py::str(x.dtype())));
   check_array(x, name, false);
   require(x.size() > 0, name + " is empty");
 }

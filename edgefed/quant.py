@@ -86,7 +86,12 @@ def best_isa() -> str:
 
 
 # ---------------------------------------------------------------- argument normalisation
+_I8, _U8, _F32 = np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.float32)
+
+
 def _qdtype(dtype: npt.DTypeLike) -> np.dtype:
+    if dtype is np.int8 or dtype is np.uint8:  # fast path: this runs on every call
+        return np.dtype(dtype)
     try:
         d = np.dtype(dtype)
     except TypeError as e:
@@ -105,7 +110,9 @@ def _input(x: npt.ArrayLike, name: str, kinds: tuple[np.dtype, ...]) -> np.ndarr
         raise TypeError(f"{name} must be {want}, got {arr.dtype}")
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
-    return np.require(arr, requirements=["C", "A"])  # copies only if needed
+    if arr.flags.c_contiguous and arr.flags.aligned:
+        return arr
+    return np.require(arr, requirements=["C", "A"])  # an aligned C-contiguous copy
 
 
 def _threads(threads: int | None) -> int:
@@ -149,7 +156,7 @@ def _scale_shape(shape: tuple[int, ...], axis: int | None, block: int | None) ->
 
 def _scale(scale: npt.ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
     s = np.asarray(scale)
-    if not np.issubdtype(s.dtype, np.floating):
+    if s.dtype.kind != "f":
         raise TypeError(f"scale must be a float array or number, got {s.dtype}")
     if s.shape != shape and not (shape == () and s.size == 1):
         raise ValueError(f"scale has shape {s.shape}, expected {shape}")
@@ -160,7 +167,7 @@ def _zero_point(zp: npt.ArrayLike | None, shape: tuple[int, ...], qd: np.dtype) 
     if zp is None:
         return np.zeros(shape, qd)
     z = np.asarray(zp)
-    if not np.issubdtype(z.dtype, np.integer):
+    if z.dtype.kind not in "iu":
         raise TypeError(f"zero_point must be an integer array or int, got {z.dtype}")
     if z.shape != shape and not (shape == () and z.size == 1):
         raise ValueError(f"zero_point has shape {z.shape}, expected {shape}")
