@@ -5,7 +5,7 @@ Usage (the coordinator service keeps its own client for presence and tasks)::
 
     agg = ShardedAggregation(transport, schema, ShardingConfig(workers=3), resend=resend)
     agg.start(); agg.wait_for_workers()
-    agg.open_round(rnd, model_version, sampled)       # after the tasks went out
+    agg.open_round(rnd, model_version, sampled)       # BEFORE the tasks go out
     agg.pump(deadline, agg.all_reported)              # progress + liveness
     result = agg.close_round()                        # MergeResult: sums, weights, keys
 
