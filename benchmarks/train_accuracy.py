@@ -87,6 +87,7 @@ def run(name: str, make, shape: tuple[int, ...]) -> dict:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # both sides single-threaded: training time is informational
     rows = [run("digits MLP", digits_mlp, (64,)), run("digits CNN", digits_cnn, (1, 8, 8))]
     print("\n| model | ORT test acc | torch test acc | diff (pp) | param max abs diff | target |")
     print("|---|---|---|---|---|---|")
