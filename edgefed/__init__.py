@@ -11,4 +11,12 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "simulate"]
+
+
+def __getattr__(name: str):  # lazy: `import edgefed` stays light and torch-free
+    if name == "simulate":
+        from edgefed.simulation import simulate
+
+        return simulate
+    raise AttributeError(f"module 'edgefed' has no attribute {name!r}")
