@@ -77,6 +77,9 @@ def medians_ms(impls: dict[str, Callable[[], object]], repeats: int) -> dict[str
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            # onnxruntime's multi-threaded pool spins for a while after a run; let it park so
+            # it does not steal a core from whatever is timed next.
+            time.sleep(0.02)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
