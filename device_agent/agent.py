@@ -82,6 +82,8 @@ class DeviceWorker:
         self._trainers: dict[str, Any] = {}
         self._ef: ErrorFeedback | None = None
         self.last_loss: float | None = None
+        self.train_seconds = 0.0
+        self.train_log: list[tuple[int, float]] = []  # (round, seconds) for benchmarks
 
     @property
     def num_samples(self) -> int:
@@ -183,6 +185,7 @@ class DeviceWorker:
         payload = encode_update(delta, meta, spec, feedback=ef)
         update_id = secrets.token_hex(8)
         self.train_seconds = train_s
+        self.train_log.append((rnd, train_s))
         # The header repeats round/device/num_samples from the codec metadata so the
         # coordinator can drop late or duplicate updates before decoding; kept short
         # because at top-1% every byte counts.
