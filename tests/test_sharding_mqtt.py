@@ -259,6 +259,36 @@ def test_worker_killed_mid_round(cluster, policy):
         assert_equal_aggregate(res, [msgs[dev] for dev in counted])
 
 
+def test_hung_worker_fenced_then_rejoins_without_loss(cluster):
+    """SIGSTOP: the worker stays connected but silent. It is declared dead by heartbeat
+    timeout and fenced; its devices are asked to re-send (again, if a copy landed on the
+    hung worker). After SIGCONT it rejoins as a new instance and counts what it still
+    holds; copies that reached two workers are resolved at the merge: exactly once."""
+    driver, fleet, procs = cluster
+    d = driver(heartbeat_timeout=2.0)
+    devices, msgs = run_round(d, fleet, 1, 24)
+    for dev in devices[:12]:
+        fleet.send(dev, msgs[dev])
+    d.pump(time.monotonic() + 30, lambda: len(d.reported_devices()) >= 12)
+    old_instance = d.live["agg-2"]
+    os.kill(procs[2].pid, signal.SIGSTOP)
+    try:
+        for dev in devices[12:]:
+            fleet.send(dev, msgs[dev])
+        d.pump(time.monotonic() + 15, lambda: "agg-2" not in d.live)
+        assert "agg-2" not in d.live and ("agg-2", old_instance) in d.dead_instances
+        d.pump(time.monotonic() + 3)  # re-sends go out meanwhile
+    finally:
+        os.kill(procs[2].pid, signal.SIGCONT)
+    d.pump(time.monotonic() + 30, lambda: d.all_reported() and "agg-2" in d.live)
+    assert d.live.get("agg-2") not in (None, old_instance)  # rejoined as a new instance
+    res = d.close_round()
+    counted = [k[0] for k in res.keys]
+    assert sorted(counted) == sorted(devices)  # all, once
+    assert fleet.resends > 0
+    assert_equal_aggregate(res, list(msgs.values()))
+
+
 class ForgingWorker(AggregatorWorker):
     """An in-process worker whose partials are tampered with before they are sent."""
 

@@ -43,6 +43,8 @@ __all__ = ["ShardedAggregation"]
 
 
 class ShardedAggregation:
+    MAX_RESENDS = 3
+
     def __init__(
         self,
         transport: TransportConfig,
@@ -69,7 +71,8 @@ class ShardedAggregation:
         self.sampled: frozenset[str] = frozenset()
         self.merger: PartialMerger | None = None
         self.lost: dict[str, str] = {}  # device -> reason (this round)
-        self.resent: set[str] = set()
+        self.resent: dict[str, int] = {}  # device -> re-send requests this round
+        self._last_resend = 0.0
         self.rejected_messages = 0
         self._closing = False
 
@@ -101,6 +104,7 @@ class ShardedAggregation:
                     log.exception("error handling %s", m.topic)
                     self.rejected_messages += 1
             self.check_liveness()
+            self.resend_again()
 
     def handle(self, m: Incoming) -> None:
         try:
@@ -205,8 +209,29 @@ class ShardedAggregation:
             log.info(
                 "round %d: asking %d devices to re-send their update", self.round, len(missing)
             )
-            self.resent |= set(missing)
-            self.resend(missing)
+            self._resend(missing)
+
+    def _resend(self, devices: list[str]) -> None:
+        assert self.resend is not None
+        for d in devices:
+            self.resent[d] = self.resent.get(d, 0) + 1
+        self._last_resend = time.monotonic()
+        self.resend(devices)
+
+    def resend_again(self) -> None:
+        """A re-sent update can land on a worker that is hung but still connected (the broker
+        keeps it in the group until its keepalive expires): ask again, every
+        ``heartbeat_timeout``, the devices already asked once whose update is still not
+        reported, at most ``MAX_RESENDS`` times per device and round."""
+        if self.resend is None or self._closing or self.round is None or not self.resent:
+            return
+        if time.monotonic() - self._last_resend < self.cfg.heartbeat_timeout:
+            return
+        have = self.reported_devices()
+        again = sorted(d for d, n in self.resent.items() if d not in have and n < self.MAX_RESENDS)
+        if again:
+            log.info("round %d: asking %d devices again", self.round, len(again))
+            self._resend(again)
 
     # ---- rounds ----------------------------------------------------------------------
     def reported_devices(self) -> set[str]:
@@ -222,7 +247,7 @@ class ShardedAggregation:
         self.sampled = frozenset(sampled)
         self.reported = {}
         self.lost = {}
-        self.resent = set()
+        self.resent = {}
         self.merger = None
         self._closing = False
         msg = {

@@ -341,16 +341,28 @@ class AggregatorWorker:
         self._publish_partial()
 
     def _refence(self, st: _Round) -> None:
-        """The coordinator wrote this instance off (it looked dead): its sums will never be
-        merged and their devices were asked to re-send. Start over as a new instance, so
-        the updates it receives from now on count again."""
+        """The coordinator wrote this instance off (it looked dead, e.g. it hung): nothing it
+        sent as that instance will be merged, and its devices were asked to re-send. Rejoin
+        as a new instance; the updates it still holds are counted again under the new one
+        (a copy re-sent by the device to another worker is resolved at the merge), so a
+        worker that comes back loses nothing."""
         log.error("%s: fenced by the coordinator; rejoining as a new instance", self.cfg.worker_id)
         self.instance = secrets.token_hex(8)
-        self.state = _Round(
-            st.round, st.model_version, st.schema, st.sampled, self._new_acc(st.schema)
-        )
-        self.state.closed = st.closed
+        new = _Round(st.round, st.model_version, st.schema, st.sampled, self._new_acc(st.schema))
+        new.closed = st.closed
+        new.rejected = st.rejected
         self.new_keys = []
+        if st.kept is not None and not st.closed:
+            for dev, key in st.keys.items():
+                if dev in st.excluded:
+                    continue
+                new.acc.add(decode_update(st.kept[dev], st.schema), weight=st.weights[dev])
+                new.keys[dev], new.weights[dev] = key, st.weights[dev]
+                new.kept[dev] = st.kept[dev]  # type: ignore[index]
+                new.kept_bytes += len(st.kept[dev])
+                new.weight_total += st.weights[dev]
+                self.new_keys.append(key)
+        self.state = new
         online = {"status": "online", "worker": self.cfg.worker_id, "instance": self.instance,
                   "group": self.cfg.group}  # fmt: skip
         self.client.publish(
