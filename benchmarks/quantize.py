@@ -3,8 +3,9 @@
 Run: ``PYTHONPATH=. python benchmarks/quantize.py [--sizes 1M,16M,50M] [--repeats 5]``.
 Prints a table (median ms and GB/s of float32 processed, i.e. 4 bytes per element, as in
 /work/shared/baselines.md) and the ratios the issue sets as targets, and writes
-benchmarks/out/quantize.json. onnxruntime runs with io_binding and a preallocated output,
-once with intra_op_num_threads=1 (the baseline's setting) and once with all cores.
+benchmarks/out/quantize.json (``--write-results`` also writes benchmarks/results/quantize.md).
+onnxruntime runs with io_binding and a preallocated output, once with intra_op_num_threads=1
+(the baseline's setting) and once with all cores (pool spinning off, see ort_op).
 """
 
 from __future__ import annotations
@@ -77,9 +78,7 @@ def medians_ms(impls: dict[str, Callable[[], object]], repeats: int) -> dict[str
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-            # onnxruntime's multi-threaded pool spins for a while after a run; let it park so
-            # it does not steal a core from whatever is timed next.
-            time.sleep(0.02)
+            time.sleep(0.02)  # let torch's / onnxruntime's worker threads go idle
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -98,6 +97,9 @@ def ort_op(op: str, x: np.ndarray, s: np.ndarray, z: np.ndarray, threads: int, o
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    if threads > 1:  # idle pool threads would otherwise spin for tens of ms after each run,
+        # taking a core from whatever is timed next (measured: edgefed 10.6 -> 45 ms at 16M)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     b = sess.io_binding()
     for name, arr in (("x", x), ("s", s), ("z", z)):
