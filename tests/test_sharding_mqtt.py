@@ -202,6 +202,11 @@ def test_three_workers_equal_single_process_and_duplicates_count_once(cluster):
     assert res.conflicts, "the re-sent copies should have reached a second worker"
     assert res.worker_rejected_updates >= 2  # the unsampled and the malformed one
     assert_equal_aggregate(res, list(msgs.values()))
+    # the coordinator busy elsewhere (not pumping) for longer than the heartbeat timeout:
+    # its own deafness must not be read as dead workers
+    time.sleep(d.cfg.heartbeat_timeout + 1.0)
+    d.pump(time.monotonic() + 1.0)
+    assert len(d.live) == 3, d.dead_instances
     # a second round on the same workers: state is per round
     devices2, msgs2 = run_round(d, fleet, 2, 12)
     for dev in devices2:

@@ -73,6 +73,7 @@ class ShardedAggregation:
         self.lost: dict[str, str] = {}  # device -> reason (this round)
         self.resent: dict[str, int] = {}  # device -> re-send requests this round
         self._last_resend = 0.0
+        self._last_pump = 0.0
         self.rejected_messages = 0
         self._closing = False
 
@@ -95,6 +96,13 @@ class ShardedAggregation:
 
     # ---- inbox -----------------------------------------------------------------------
     def pump(self, until: float, done: Callable[[], bool] = lambda: False) -> None:
+        """Handle messages until ``done()`` or ``until``. Liveness is judged only while we
+        listen and only with the inbox drained: a coordinator busy elsewhere (evaluating,
+        checkpointing) must not read its own deafness as silent workers."""
+        now = time.monotonic()
+        if now - self._last_pump > 0.5:
+            for w in self.live:
+                self.last_seen[w] = max(self.last_seen.get(w, now), now)
         while not done() and time.monotonic() < until:
             m = self.client.get(timeout=min(0.05, max(0.0, until - time.monotonic())))
             if m is not None:
@@ -103,8 +111,11 @@ class ShardedAggregation:
                 except Exception:
                     log.exception("error handling %s", m.topic)
                     self.rejected_messages += 1
-            self.check_liveness()
-            self.resend_again()
+            if self.client.inbox.empty():
+                self.check_liveness()
+                self.resend_again()
+            self._last_pump = time.monotonic()
+        self._last_pump = time.monotonic()
 
     def handle(self, m: Incoming) -> None:
         try:
