@@ -54,7 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher-state", help="DigitsCNN state_dict, e.g. from federated training")
     ap.add_argument("--retrain", action="store_true", help="ignore the cached teacher")
-    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--train-per-digit", type=int, default=10, help="placements per train digit")
+    ap.add_argument("--teacher-epochs", type=int, default=2)
     ap.add_argument("--distill-epochs", type=int, default=3)
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
@@ -65,9 +66,9 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     t_start = time.perf_counter()
 
-    data = noisy_digits()
+    data = noisy_digits(train_per_digit=args.train_per_digit)
     teacher = DigitsCNN()
-    cache = OUT / f"teacher_digits28_e{args.teacher_epochs}.pt"
+    cache = OUT / f"teacher_digits28_n{args.train_per_digit}_e{args.teacher_epochs}.pt"
     t0 = time.perf_counter()
     if args.teacher_state:
         teacher.load_state_dict(torch.load(args.teacher_state, weights_only=True))
