@@ -333,15 +333,23 @@ def test_aliased_example_inputs_are_refused() -> None:
     _assert_distinct([torch.zeros(3), torch.zeros(3)])
 
 
-def test_gate_refuses_a_graph_that_disagrees_with_the_model() -> None:
+def smooth_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, label_smoothing=0.1)
+
+
+def test_callable_loss_and_gate_refuses_a_graph_that_disagrees_with_the_model() -> None:
     torch.manual_seed(5)
     m = digits_mlp(8)
     x, y = torch.randn(4, 64), torch.randint(0, 10, (4,))
-    g = export_training_step(m, (x, y))
+    g = export_training_step(m, (x, y), loss=smooth_ce)
+    assert g.manifest["loss"] == "smooth_ce"
+    verify_step(g, m, smooth_ce, SGD(), x, y, freeze_bn_stats=False)  # passes with the truth
+    with pytest.raises(VerificationError, match="loss"):  # plain CE is not what was exported
+        verify_step(g, m, nn.functional.cross_entropy, SGD(), x, y, freeze_bn_stats=False)
     other = copy.deepcopy(m)
     other[1] = nn.Tanh()
     with pytest.raises(VerificationError, match="loss"):
-        verify_step(g, other, nn.functional.cross_entropy, SGD(), x, y, freeze_bn_stats=False)
+        verify_step(g, other, smooth_ce, SGD(), x, y, freeze_bn_stats=False)
 
 
 def test_bad_arguments_are_clear_errors(zoo_model) -> None:

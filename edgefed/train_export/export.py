@@ -387,13 +387,11 @@ def export_training_step(
         outs += [bufs[n].detach() for n in out_bufs]
         return tuple(outs)
 
-    out_slots: list[tuple[dict[str, Any], str]] = []
     out_names = ["loss"] + [f"new_param:{n}" for n in tnames]
     out_names += [f"new_state:{k}:{n}" for k in kinds for n in tnames]
     if optimizer.has_step:
         out_names.append("new_state:step")
     out_names += [f"new_buffer:{n}" for n in out_bufs]
-    del out_slots
 
     was_training = {m: m.training for m in model.modules()}
     try:
