@@ -83,7 +83,7 @@ class DeviceWorker:
         self._ef: ErrorFeedback | None = None
         self.last_loss: float | None = None
         self.train_seconds = 0.0
-        self.train_log: list[tuple[int, float]] = []  # (round, seconds) for benchmarks
+        self.train_log: list[tuple[int, float, float]] = []  # (round, wall s, thread CPU s)
 
     @property
     def num_samples(self) -> int:
@@ -160,7 +160,7 @@ class DeviceWorker:
             log.warning("%s: rejected task weights: %s", self.device_id, e.reason)
             return self._error(rnd, f"bad weights: {e.reason}")
         tr, manifest = self._trainer(sha)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         tr.set_params(weights)
         tr.reset_optimizer_state()  # local optimizer state starts fresh every round
         kwargs: dict[str, Any] = {}
@@ -176,6 +176,7 @@ class DeviceWorker:
             **kwargs,
         )
         train_s = time.perf_counter() - t0
+        train_cpu = time.thread_time() - c0  # onnxruntime (1 thread) runs in this thread
         new = tr.params
         updated = list(manifest["trainable"]) + list(manifest.get("updated_buffers", []))
         delta = {k: (np.asarray(new[k], np.float32) - weights[k]) for k in updated}
@@ -185,7 +186,7 @@ class DeviceWorker:
         payload = encode_update(delta, meta, spec, feedback=ef)
         update_id = secrets.token_hex(8)
         self.train_seconds = train_s
-        self.train_log.append((rnd, train_s))
+        self.train_log.append((rnd, train_s, train_cpu))
         # The header repeats round/device/num_samples from the codec metadata so the
         # coordinator can drop late or duplicate updates before decoding; kept short
         # because at top-1% every byte counts.
