@@ -123,3 +123,36 @@ def test_reconnects_after_broker_restart(mosquitto) -> None:
     finally:
         pub.stop()
         sub.stop()
+
+
+def test_tls_and_credentials_from_config(secured_mosquitto) -> None:
+    """TLS + username/password from TransportConfig against the issue-7 secured broker."""
+    sm = secured_mosquitto
+    pw = sm.written.passwords
+    base = dict(
+        url=f"mqtts://127.0.0.1:{sm.tls_port}",
+        fleet="farm",
+        ca_file=str(sm.written.ca_cert),
+        backoff_min=0.05,
+        backoff_max=0.5,
+    )
+    t = Topics("farm")
+    coord = MqttClient(
+        TransportConfig(**base, username="coordinator", password=pw["coordinator"]),
+        "coordinator",
+        [t.all_updates],
+    ).start(timeout=15)
+    dev = MqttClient(
+        TransportConfig(**base, username="dev-0", password=pw["dev-0"]), "dev-0"
+    ).start(timeout=15)
+    try:
+        assert coord.protocol_name == "5"
+        dev.publish(t.update("dev-0"), b"over tls" * 100)
+        got = _drain(coord, 1)
+        assert got and got[0].payload == b"over tls" * 100
+    finally:
+        dev.stop()
+        coord.stop()
+    wrong = MqttClient(TransportConfig(**base, username="dev-1", password="wrong"), "dev-1")
+    with pytest.raises(TimeoutError, match="no connection"):
+        wrong.start(timeout=2)
