@@ -183,3 +183,25 @@ def test_checkpoint_resume_continues_identically(fm, tmp_path: Path) -> None:
     tasks = eng2.start_round(sorted(workers))
     assert unpack(tasks["d0"])[0]["round"] == 3
     assert "graph" in unpack(tasks["d0"])[1]  # graphs are resent after a restart
+
+
+def test_streaming_fedavg_equals_aggregate_over_kept_updates(fm, tmp_path: Path) -> None:
+    from edgefed.codec import decode_update
+    from edgefed.strategies import ClientUpdate, Median
+
+    eng, workers = _setup(fm, tmp_path, strategy=FedAvg(max_update_norm=0.05))
+    before = {k: v.copy() for k, v in eng.params.items()}
+    ups = []
+    for d, t in eng.start_round(sorted(workers)).items():
+        out = workers[d].handle_task(t)
+        eng.handle_update(d, out)
+        h, parts = unpack(out)
+        dense = decode_update(parts["update"], eng.schema).to_dense()
+        ups.append(ClientUpdate(d, dense, h["num_samples"]))
+    eng.finish_round()
+    ref = FedAvg(max_update_norm=0.05).aggregate(1, before, ups)
+    for k in ref:
+        np.testing.assert_allclose(eng.params[k], ref[k], rtol=1e-5, atol=1e-7)
+    assert not eng._sums  # nothing held between rounds
+    med = RoundEngine(fm, Median(), RoundConfig())
+    assert not med._streaming  # robust strategies keep every update until the round ends

@@ -35,7 +35,14 @@ from edgefed.codec import (
 from edgefed.coordinator.checkpoint import Checkpoint
 from edgefed.coordinator.metrics import RoundMetrics
 from edgefed.coordinator.model import FederatedModel
-from edgefed.strategies import ClientUpdate, Strategy, UpdateRejected, validate_update
+from edgefed.strategies import (
+    ClientUpdate,
+    LinearStrategy,
+    Strategy,
+    UpdateRejected,
+    clip_update,
+    validate_update,
+)
 from edgefed.transport.dedupe import SeenSet
 from edgefed.transport.message import MessageError, pack, require, unpack
 
@@ -93,6 +100,10 @@ class RoundEngine:
         self._open: int | None = None
         self._sampled: dict[str, str] = {}  # device -> graph id
         self._accepted: dict[str, ClientUpdate] = {}
+        # Linear strategies aggregate on arrival (bounded memory); others at the round's end.
+        self._streaming = isinstance(strategy, LinearStrategy)
+        self._sums: dict[str, np.ndarray] = {}
+        self._wsum: dict[str, np.ndarray] = {}
         self._drops: list[dict[str, str]] = []
         self._bytes_up = 0
         self._payload_up = 0
@@ -143,6 +154,7 @@ class RoundEngine:
         self._open = rnd
         self._sampled = {d: self.graph_for(d) for d in chosen}
         self._accepted = {}
+        self._sums, self._wsum = {}, {}
         self._drops = []
         self._bytes_up = 0
         self._payload_up = 0
@@ -248,12 +260,30 @@ class RoundEngine:
         except UpdateRejected as e:
             return self._drop(dev, f"invalid: {e.reason}")
         self.seen.check_and_add(key)
+        if self._streaming:
+            self._accumulate(cu)
+            cu = ClientUpdate(dev, {}, cu.num_samples, None, cu.loss)  # keep only the record
         self._accepted[dev] = cu
         self._payload_up += len(parts["update"])
         st = self.device(dev)
         st.accepted += 1
         st.bytes_up += len(data)
         return True
+
+    def _accumulate(self, cu: ClientUpdate) -> None:
+        """Fold one validated update into the running per-coordinate sums, so memory stays
+        at two model-sized buffers however many devices answer (linear strategies only;
+        robust ones need every update and keep them)."""
+        delta = cu.delta
+        if self.strategy.max_update_norm is not None:
+            delta = clip_update(delta, self.strategy.max_update_norm)[0]
+        w = float(cu.num_samples)
+        for name, d in delta.items():
+            if name not in self._sums:
+                self._sums[name] = np.zeros(d.shape, np.float64)
+                self._wsum[name] = np.zeros(d.shape, np.float64)
+            self._sums[name] += w * d
+            self._wsum[name] += w
 
     def all_answered(self) -> bool:
         return bool(self._sampled) and set(self._accepted) == set(self._sampled)
@@ -270,7 +300,12 @@ class RoundEngine:
             self._drop(d, "deadline: no update before the round closed")
         t0 = time.monotonic()
         ups = list(self._accepted.values())
-        self.params = self.strategy.aggregate(self._open, self.params, ups)
+        if self._streaming:
+            assert isinstance(self.strategy, LinearStrategy)
+            self.params = self.strategy.apply_sums(self._open, self.params, self._sums, self._wsum)
+            self._sums, self._wsum = {}, {}
+        else:
+            self.params = self.strategy.aggregate(self._open, self.params, ups)
         agg_s = time.monotonic() - t0
         self.round = self._open
         self._open = None
