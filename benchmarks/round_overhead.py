@@ -7,7 +7,8 @@ per model: median round wall time, the devices' summed training CPU time in that
 the overhead = wall - training CPU / cores (devices train in parallel threads; the rest is
 int8 downlink encode, 50 task publishes, chunking, broker, decode + validation of 50
 updates, FedAvg, held-out evaluation, checkpoint), and the coordinator's peak RSS next to
-the model's float32 size and the RSS of an idle coordinator process (imports only).
+the model's float32 size, the RSS of a bare Python process (idle) and of the coordinator
+ready to run (imports, model, engine; before the first round).
 Baseline for the wall time: the same rounds in-process (no broker, no threads, devices one
 after another) through the same engine and workers.
 
@@ -238,6 +239,7 @@ def run_one(hidden: int, a: argparse.Namespace, work: Path) -> dict:
         "bytes_up_per_round": c["rounds"][-1]["bytes_up"],
         "idle_rss_mb": c["idle_rss_mb"],
         "peak_rss_mb": c["peak_rss_mb"],
+        "loaded_rss_mb": c["loaded_rss_mb"],
         "coordinator_cpu_per_round_s": c["coordinator_cpu_per_round"],
     }
 
@@ -276,7 +278,8 @@ def main() -> int:
     print(
         f"{'params':>10} {'model MB':>8} {'round s':>8} {'train CPU':>9} {'overhead s':>10} "
         f"{'coord CPU':>9} "
-        f"{'in-proc s':>9} {'down/round':>11} {'up/round':>10} {'idle RSS':>9} {'peak RSS':>9}"
+        f"{'in-proc s':>9} {'down/round':>11} {'up/round':>10} {'idle RSS':>9} "
+        f"{'ready RSS':>9} {'peak RSS':>9}"
     )
     for r in rows:
         print(
@@ -284,7 +287,7 @@ def main() -> int:
             f"{r['train_s']:>9.2f} {r['overhead_s']:>10.2f} "
             f"{r['coordinator_cpu_per_round_s']:>9.2f} {r['inprocess_round_s']:>9.2f} "
             f"{r['bytes_down_per_round']:>11,} {r['bytes_up_per_round']:>10,} "
-            f"{r['idle_rss_mb']:>8.0f}M {r['peak_rss_mb']:>8.0f}M"
+            f"{r['idle_rss_mb']:>8.0f}M {r['loaded_rss_mb']:>8.0f}M {r['peak_rss_mb']:>8.0f}M"
         )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
