@@ -69,6 +69,9 @@ def _session(data: bytes, threads: int, low_memory: bool = False) -> ort.Inferen
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    # Idle intra-op threads must not spin: on a device the agent shares the cores with MQTT
+    # and the OS, and spinning workers slowed whatever ran next (seen in the benchmarks).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception as e:
