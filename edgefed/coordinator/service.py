@@ -81,6 +81,9 @@ class CoordinatorService:
         except (ValueError, UnicodeDecodeError) as e:
             self._reject(f"presence/{device}", f"invalid presence: {e}")
             return
+        except RecursionError:  # deeply nested JSON
+            self._reject(f"presence/{device}", "invalid presence: JSON nested too deeply")
+            return
         if msg["status"] == "offline":
             self.online.discard(device)
             log.info("device %s went offline", device)

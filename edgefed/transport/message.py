@@ -41,6 +41,8 @@ def unpack(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
         header = json.loads(bytes(data[4 : 4 + hlen]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MessageError(f"header is not UTF-8 JSON: {e}") from None
+    except RecursionError:  # e.g. 15,000 nested "[": json recurses per level
+        raise MessageError("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise MessageError("header is not a JSON object")
     spec = header.pop("parts", [])
