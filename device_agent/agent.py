@@ -126,6 +126,8 @@ class DeviceWorker:
             rnd = require(header, "round", int)
             version = require(header, "model_version", str)
             sha = require(header, "graph_sha", str)
+            if not sha.isalnum():  # it names a directory: no "../"
+                raise MessageError(f"bad graph id {sha[:80]!r}")
             hyper = require(header, "hyper", dict)
             uplink = require(header, "uplink", str)
             schema = ModelSchema(require(header, "schema", dict))
