@@ -51,6 +51,11 @@ class AgentState:
         self.last_round = 0
         self.last_update_id: str | None = None
         self.rounds_done = 0
+        # A write killed mid-way leaves its temp file ("<name>.<random>.tmp" here,
+        # ".residual.ef.<random>" from ErrorFeedback.save); repeated power loss would fill
+        # the disk with them. One agent owns the directory, so clear them at start.
+        for t in [*self.dir.glob("*.tmp"), *self.dir.glob(".residual.ef.*")]:
+            t.unlink(missing_ok=True)
         p = self.dir / "state.json"
         if p.exists():
             try:
