@@ -155,7 +155,6 @@ class RoundEngine:
         self._sampled = {d: self.graph_for(d) for d in chosen}
         self._accepted = {}
         self._sums, self._wsum = {}, {}
-        self._drops = []
         self._bytes_up = 0
         self._payload_up = 0
         self._bytes_down = 0
@@ -335,6 +334,7 @@ class RoundEngine:
             aggregate_seconds=agg_s,
         )
         self.history.append(m.to_dict())
+        self._drops = []  # drops between rounds (late copies) land in the next round's metrics
         return m
 
     # ---- checkpoints -----------------------------------------------------------------
