@@ -15,7 +15,7 @@ import time
 def test_broker_restart_mid_training_every_process_reconnects(
     mosquitto, fleet_factory, mqtt_watch
 ) -> None:
-    rounds = 4
+    rounds = 6  # several rounds after the outage, however fast the first ones ran
     fleet = fleet_factory(mosquitto.url, 4, rounds=rounds, min_devices=4, round_timeout=8.0)
     fleet.start_agents()
     fleet.start_coordinator()

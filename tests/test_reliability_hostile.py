@@ -136,7 +136,7 @@ def test_hostile_bytes_on_every_topic_are_rejected_and_service_keeps_going(
         ["dev-0", "dev-1"],
         rounds=2,
         min_devices=3,
-        round_timeout=8.0,
+        round_timeout=10.0,
         transport=transport,
     )
     shapes = fleet.model.shapes

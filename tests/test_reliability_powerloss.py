@@ -52,6 +52,7 @@ def outbox_v(v: int) -> bytes:
 def writer(state_dir: str) -> None:
     st = AgentState(state_dir, DEV, durable=True)
     v = st.last_round
+    print("ready", flush=True)  # the test's random delay starts now, not at process start
     while True:
         v += 1
         st.save_outbox(outbox_v(v))
@@ -92,11 +93,15 @@ def test_sigkill_during_state_writes_leaves_old_or_new_never_torn(tmp_path: Path
     seen: list[int] = []
     for _ in range(25):
         p = subprocess.Popen(
-            [sys.executable, __file__, str(tmp_path)], env=env, stderr=subprocess.PIPE
+            [sys.executable, __file__, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
-        time.sleep(rng.uniform(0.4, 1.2))
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.05, 0.8))
         p.send_signal(signal.SIGKILL)
-        _, err = p.communicate(timeout=10)
+        _, err = p.communicate(timeout=30)
         assert p.returncode == -signal.SIGKILL, err.decode()[-2000:]
         seen.append(check(tmp_path))
     assert seen == sorted(seen) and seen[-1] >= 10, seen  # progress across kills
