@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=cfg.checkpoint,
         metrics=MetricsWriter(cfg.metrics, sys.stdout),
         wait_timeout=cfg.wait_timeout,
+        sharding=cfg.sharding,
     )
     try:
         svc.run()

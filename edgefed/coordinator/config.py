@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefed.coordinator.rounds import RoundConfig
+from edgefed.sharding.config import ShardingConfig
 from edgefed.transport import TransportConfig
 
 BUILTIN_MODELS = ("digits_mlp", "digits_cnn")
@@ -46,6 +47,8 @@ class CoordinatorConfig:
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
     evaluation: dict[str, Any] = field(default_factory=lambda: {"dataset": "digits"})
     transport: TransportConfig = field(default_factory=TransportConfig)
+    # [sharding]: aggregator workers sum the updates (docs/scale-out.md); None: this process does
+    sharding: ShardingConfig | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> CoordinatorConfig:
@@ -66,7 +69,7 @@ class CoordinatorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoordinatorConfig:
-        unknown = set(d) - set(_SECTIONS) - {"strategy", "transport"}
+        unknown = set(d) - set(_SECTIONS) - {"strategy", "transport", "sharding"}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
         for sec, keys in _SECTIONS.items():
@@ -131,9 +134,27 @@ class CoordinatorConfig:
         strategy = dict(d.get("strategy", {"name": "fedavg"}))
         from edgefed.strategies import make_strategy
 
-        make_strategy(
+        strat = make_strategy(
             strategy.get("name", "fedavg"), **{k: v for k, v in strategy.items() if k != "name"}
         )
+        sharding = None
+        if "sharding" in d:
+            if not isinstance(d["sharding"], dict):
+                raise ValueError("[sharding] must be a table")
+            sharding = ShardingConfig.from_dict(d["sharding"])
+            # Workers only sum (weight * delta); they never see the other updates, so neither a
+            # robust strategy (median, trimmed mean) nor a norm bound can run on their sums.
+            from edgefed.strategies import LinearStrategy
+
+            if not isinstance(strat, LinearStrategy):
+                raise ValueError(
+                    f"[sharding] needs a linear strategy (fedavg, fedprox, fedadam, fedyogi), "
+                    f"not {strategy.get('name')!r}"
+                )
+            if strat.max_update_norm is not None or strat.norm_bound is not None:
+                raise ValueError(
+                    "[sharding] cannot apply [strategy] max_update_norm: workers sum raw updates"
+                )
         ev = dict(d.get("evaluation", {"dataset": "digits"}))
         return cls(
             rounds=c.get("rounds", 20),
@@ -145,6 +166,7 @@ class CoordinatorConfig:
             strategy=strategy,
             evaluation=ev,
             transport=TransportConfig.from_dict(d.get("transport", {})),
+            sharding=sharding,
         )
 
     def make_strategy(self):

@@ -297,11 +297,40 @@ class RoundEngine:
             raise RuntimeError("no open round")
         for d in self.pending():
             self._drop(d, "deadline: no update before the round closed")
+        return self._close(self._sums, self._wsum)
+
+    def finish_round_from_sums(self, res: Any) -> RoundMetrics:
+        """Close the open round from the aggregator workers' merged partials (an
+        :class:`edgefed.sharding.merge.MergeResult`) instead of updates this process collected:
+        the strategy's (sum, weight) path, as with streaming. Per-device bytes and train loss
+        stay with the workers, so they are reported as 0 / None here."""
+        if self._open is None:
+            raise RuntimeError("no open round")
+        if not isinstance(self.strategy, LinearStrategy):
+            raise RuntimeError("sharded aggregation needs a linear strategy")
+        for dev, rnd, uid in res.keys:
+            if dev in self._sampled and rnd == self._open:
+                self.seen.check_and_add((dev, rnd, uid))
+                self._accepted[dev] = ClientUpdate(dev, {}, 0, None, None)
+                self.device(dev).accepted += 1
+        for dev, reason in sorted(res.dropped.items()):
+            self._drop(dev, reason)
+        for _ in range(res.worker_rejected_updates):
+            self._drop("(worker)", "invalid: rejected by an aggregator worker")
+        for d in self.pending():
+            if d not in res.dropped:
+                self._drop(d, "deadline: no update before the round closed")
+        return self._close(dict(res.sums), dict(res.weights), streaming=True)
+
+    def _close(
+        self, sums: dict[str, np.ndarray], wsum: dict[str, np.ndarray], streaming: bool = False
+    ) -> RoundMetrics:
+        assert self._open is not None
         t0 = time.monotonic()
         ups = list(self._accepted.values())
-        if self._streaming:
+        if self._streaming or streaming:
             assert isinstance(self.strategy, LinearStrategy)
-            self.params = self.strategy.apply_sums(self._open, self.params, self._sums, self._wsum)
+            self.params = self.strategy.apply_sums(self._open, self.params, sums, wsum)
             self._sums, self._wsum = {}, {}
         else:
             self.params = self.strategy.aggregate(self._open, self.params, ups)

@@ -20,6 +20,7 @@ from pathlib import Path
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
+from edgefed.sharding.config import ShardingConfig
 from edgefed.transport import Topics, TransportConfig
 from edgefed.transport.client import Incoming, MqttClient
 
@@ -36,6 +37,7 @@ class CoordinatorService:
         metrics: MetricsWriter | None = None,
         wait_timeout: float = 300.0,
         client_id: str = "edgefed-coordinator",
+        sharding: ShardingConfig | None = None,
     ) -> None:
         self.engine = engine
         self.rounds = rounds
@@ -43,9 +45,21 @@ class CoordinatorService:
         self.metrics = metrics or MetricsWriter(None, None)
         self.wait_timeout = wait_timeout
         self.topics = Topics(transport.fleet, transport.topic_prefix)
-        self.client = MqttClient(
-            transport, client_id, subscriptions=[self.topics.all_presence, self.topics.all_updates]
-        )
+        # Sharded: the aggregator workers read the updates ($share/...), this process only
+        # presence; it merges the workers' partial sums (docs/scale-out.md).
+        subs = [self.topics.all_presence]
+        if sharding is None:
+            subs.append(self.topics.all_updates)
+        self.client = MqttClient(transport, client_id, subscriptions=subs)
+        self._tasks: dict[str, bytes] = {}
+        self.agg = None
+        if sharding is not None:
+            from edgefed.sharding.driver import ShardedAggregation
+
+            self.agg = ShardedAggregation(
+                transport, engine.schema, sharding, resend=self._resend,
+                client_id=f"{client_id}-agg",
+            )  # fmt: skip
         self.online: set[str] = set()
         self.rejected: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -109,6 +123,13 @@ class CoordinatorService:
                     log.exception("error handling message on %s", m.topic)
                     self.rejected["handler error"] += 1
 
+    def _resend(self, devices: list[str]) -> None:
+        """A worker died holding updates: send those devices their task again; the agent
+        answers a repeated task with its stored update (same update id)."""
+        for d in devices:
+            if d in self._tasks:
+                self.client.publish(self.topics.task(d), self._tasks[d])
+
     def _enough_devices(self) -> bool:
         return len(self.online) >= self.engine.cfg.min_devices
 
@@ -124,6 +145,9 @@ class CoordinatorService:
         try:
             self.resume()
             self.client.start(timeout=None)
+            if self.agg is not None:
+                self.agg.start(timeout=None)
+                self.agg.wait_for_workers()
             while not self._stop.is_set() and self.engine.round < self.rounds:
                 need = self.engine.cfg.min_devices
                 wait_until = time.monotonic() + self.wait_timeout
@@ -144,6 +168,10 @@ class CoordinatorService:
                     )
                 tasks = self.engine.start_round(sorted(self.online))
                 rnd = self.engine.open_round
+                assert rnd is not None
+                self._tasks = tasks
+                if self.agg is not None:  # workers must know the round before any update
+                    self.agg.open_round(rnd, self.engine.model_version, sorted(tasks))
                 self.client.publish(
                     self.topics.round,
                     json.dumps(
@@ -158,10 +186,16 @@ class CoordinatorService:
                 for dev, data in tasks.items():
                     self.client.publish(self.topics.task(dev), data)
                 deadline = time.monotonic() + self.engine.cfg.round_timeout
-                self._pump(deadline, self.engine.all_answered)
+                if self.agg is None:
+                    self._pump(deadline, self.engine.all_answered)
+                else:  # device presence waits in this service's inbox meanwhile
+                    self.agg.pump(deadline, lambda: self._stop.is_set() or self.agg.all_reported())
                 if self._stop.is_set():
                     break
-                m = self.engine.finish_round()
+                if self.agg is None:
+                    m = self.engine.finish_round()
+                else:
+                    m = self.engine.finish_round_from_sums(self.agg.close_round())
                 if self.checkpoint:
                     save_checkpoint(self.checkpoint, self.engine.checkpoint())
                 self.metrics.write(m, self.rounds)
@@ -172,6 +206,8 @@ class CoordinatorService:
             raise
         finally:
             self.client.stop()
+            if self.agg is not None:
+                self.agg.stop()
             self.finished.set()
         return out
 
