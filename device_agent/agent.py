@@ -233,6 +233,10 @@ class AgentConfig:
     state_dir: str = "/var/lib/edgefed-agent"
     threads: int = 1
     profile: str | None = None  # "weak" forces the head-only graph
+    # Public key (hex .pub, `edgefed keygen`) of the coordinator's downlink signing key: when
+    # set, every task must carry its valid signature for this topic and a current round.
+    coordinator_key: str | None = None
+    bundle_key: str | None = None  # public key that model bundles must be signed with
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     @classmethod
@@ -247,7 +251,9 @@ class AgentConfig:
         unknown = set(d) - {"agent", "transport"}
         if unknown:
             raise ValueError(f"unknown sections in agent config: {sorted(unknown)}")
-        allowed = {"device_id", "data", "state_dir", "threads", "profile"}
+        allowed = {
+            "device_id", "data", "state_dir", "threads", "profile", "coordinator_key", "bundle_key"
+        }  # fmt: skip
         bad = set(agent) - allowed
         if bad:
             raise ValueError(f"unknown [agent] keys: {sorted(bad)}")
@@ -270,6 +276,7 @@ class AgentService:
         worker: DeviceWorker,
         transport: TransportConfig,
         profile: str | None = None,
+        verifier: Any = None,  # edgefed.security.downlink.DownlinkVerifier | None
     ) -> None:
         from edgefed.transport.client import MqttClient
 
@@ -286,6 +293,12 @@ class AgentService:
         self.caps = capabilities(profile)
         self._stop = threading.Event()
         self.updates_sent = 0
+        self.refused: list[str] = []  # reasons of refused (unsigned, forged, replayed) downlink
+        self.verifier = verifier
+        if verifier is None:
+            log.warning("%s: no coordinator_key: accepting UNSIGNED tasks (demo only)", dev)
+        else:  # a restart must not reopen the replay window: nothing older than our last round
+            verifier.load_state({self.topics.task(dev): max(0, worker.state.last_round)})
 
     def announce(self) -> None:
         msg = {
@@ -311,8 +324,18 @@ class AgentService:
                 m = self.client.get(timeout=0.2)
                 if m is None:
                     continue
+                payload = m.payload
+                if self.verifier is not None:
+                    try:
+                        payload, _ = self.verifier.open(m.topic, m.payload)
+                    except ValueError as e:  # EnvelopeError: unsigned, forged, tampered, replayed
+                        reason = getattr(e, "reason", str(e))
+                        log.warning("%s: refused downlink on %s: %s", self.worker.device_id,
+                                    m.topic, e)  # fmt: skip
+                        self.refused.append(reason)
+                        continue
                 try:
-                    out = self.worker.handle_task(m.payload)
+                    out = self.worker.handle_task(payload)
                 except Exception:  # a bad task must not kill the agent
                     log.exception("%s: task failed", self.worker.device_id)
                     continue

@@ -25,7 +25,18 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TrainerError) as e:
         print(f"edgefed-agent: {e}", file=sys.stderr)
         return 2
-    svc = AgentService(worker, cfg.transport, profile=cfg.profile)
+    verifier = None
+    if cfg.coordinator_key:
+        from edgefed.bundle.format import BundleError
+        from edgefed.bundle.signing import load_verify_key
+        from edgefed.security.downlink import DownlinkVerifier
+
+        try:
+            verifier = DownlinkVerifier(load_verify_key(cfg.coordinator_key))
+        except (ValueError, BundleError) as e:
+            print(f"edgefed-agent: [agent] coordinator_key: {e}", file=sys.stderr)
+            return 2
+    svc = AgentService(worker, cfg.transport, profile=cfg.profile, verifier=verifier)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())  # systemd stop: finish cleanly
     try:
         svc.run()

@@ -72,6 +72,17 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"edgefed coordinator: bad config: {e}", file=sys.stderr)
         return 2
+    signer = None
+    if cfg.signing_key:
+        from edgefed.bundle.format import BundleError
+        from edgefed.bundle.signing import load_signing_key
+        from edgefed.security.downlink import DownlinkSigner
+
+        try:
+            signer = DownlinkSigner(load_signing_key(cfg.signing_key))
+        except (ValueError, BundleError) as e:
+            print(f"edgefed coordinator: [security] signing_key: {e}", file=sys.stderr)
+            return 2
     engine = build_engine(cfg)
     svc = CoordinatorService(
         engine,
@@ -81,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=MetricsWriter(cfg.metrics, sys.stdout),
         wait_timeout=cfg.wait_timeout,
         sharding=cfg.sharding,
+        signer=signer,
     )
     try:
         svc.run()

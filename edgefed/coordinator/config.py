@@ -33,6 +33,8 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "compression": {"uplink": str, "downlink": str, "error_feedback": bool},
     "fleet": {"weak_ram_mb": int, "weak_cores": int},
     "evaluation": {"dataset": str, "test_fraction": (int, float), "seed": int},
+    # Ed25519 private key (hex, `edgefed keygen`) signing every downlink message (issue 7)
+    "security": {"signing_key": str},
 }
 
 
@@ -49,6 +51,7 @@ class CoordinatorConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     # [sharding]: aggregator workers sum the updates (docs/scale-out.md); None: this process does
     sharding: ShardingConfig | None = None
+    signing_key: str | None = None  # None: downlink unsigned (demo only; warned at start)
 
     @classmethod
     def load(cls, path: str | Path) -> CoordinatorConfig:
@@ -59,7 +62,7 @@ class CoordinatorConfig:
             raise ValueError(f"{path}: not valid TOML: {e}") from None
         cfg = cls.from_dict(d)
         base = Path(path).resolve().parent  # relative paths are relative to the config file
-        for attr in ("checkpoint", "metrics"):
+        for attr in ("checkpoint", "metrics", "signing_key"):
             v = getattr(cfg, attr)
             if v and not Path(v).is_absolute():
                 setattr(cfg, attr, str(base / v))
@@ -167,6 +170,7 @@ class CoordinatorConfig:
             evaluation=ev,
             transport=TransportConfig.from_dict(d.get("transport", {})),
             sharding=sharding,
+            signing_key=d.get("security", {}).get("signing_key"),
         )
 
     def make_strategy(self):

@@ -20,6 +20,7 @@ from pathlib import Path
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
+from edgefed.security.downlink import DownlinkSigner
 from edgefed.sharding.config import ShardingConfig
 from edgefed.transport import Topics, TransportConfig
 from edgefed.transport.client import Incoming, MqttClient
@@ -38,6 +39,7 @@ class CoordinatorService:
         wait_timeout: float = 300.0,
         client_id: str = "edgefed-coordinator",
         sharding: ShardingConfig | None = None,
+        signer: DownlinkSigner | None = None,
     ) -> None:
         self.engine = engine
         self.rounds = rounds
@@ -51,7 +53,12 @@ class CoordinatorService:
         if sharding is None:
             subs.append(self.topics.all_updates)
         self.client = MqttClient(transport, client_id, subscriptions=subs)
-        self._tasks: dict[str, bytes] = {}
+        self._tasks: dict[str, bytes] = {}  # device -> signed task of the open round
+        # Every downlink message is signed (topic-bound, round as anti-replay sequence) when a
+        # key is configured; without one agents cannot tell our model from a forged one.
+        self.signer = signer
+        if signer is None:
+            log.warning("no [security] signing_key: downlink messages are NOT signed (demo only)")
         self.agg = None
         if sharding is not None:
             from edgefed.sharding.driver import ShardedAggregation
@@ -169,20 +176,23 @@ class CoordinatorService:
                 tasks = self.engine.start_round(sorted(self.online))
                 rnd = self.engine.open_round
                 assert rnd is not None
+                if self.signer is not None:
+                    tasks = {
+                        d: self.signer.sign(self.topics.task(d), t, rnd) for d, t in tasks.items()
+                    }
                 self._tasks = tasks
                 if self.agg is not None:  # workers must know the round before any update
                     self.agg.open_round(rnd, self.engine.model_version, sorted(tasks))
-                self.client.publish(
-                    self.topics.round,
-                    json.dumps(
-                        {
-                            "round": rnd,
-                            "model_version": self.engine.model_version,
-                            "sampled": sorted(tasks),
-                        }
-                    ).encode(),
-                    retain=True,
-                )
+                announce = json.dumps(
+                    {
+                        "round": rnd,
+                        "model_version": self.engine.model_version,
+                        "sampled": sorted(tasks),
+                    }
+                ).encode()
+                if self.signer is not None:
+                    announce = self.signer.sign(self.topics.round, announce, rnd)
+                self.client.publish(self.topics.round, announce, retain=True)
                 for dev, data in tasks.items():
                     self.client.publish(self.topics.task(dev), data)
                 deadline = time.monotonic() + self.engine.cfg.round_timeout
