@@ -1,5 +1,7 @@
-"""Wire format under attack: hand-built malicious payloads (one per check) and
-hypothesis properties (round trip, error bounds, mutated / truncated bytes)."""
+"""Wire format v1 (safetensors) under attack: hand-built malicious payloads (one per check)
+and hypothesis properties (round trip, error bounds, mutated / truncated bytes). v1 stays
+decodable, so its checks stay tested; the compact v2 has its own file,
+tests/test_codec_compact.py."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def resign(header: dict, body: bytes) -> bytes:
 def valid(spec: str = "topk:0.05+int8", seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     upd = {k: rng.standard_normal(s).astype(np.float32) for k, s in SCHEMA.items()}
-    return encode_update(upd, META, f"{spec}; min_elements=100")
+    return encode_update(upd, META, f"{spec}; min_elements=100; small=none", version=1)
 
 
 def check_decoded(u: DecodedUpdate) -> None:

@@ -3,7 +3,8 @@
 Grammar (``;``-separated, whitespace ignored)::
 
     spec      := pipeline (";" item)*
-    item      := glob "=" pipeline | "min_elements=" INT | "topk_mode=" ("exact" | "approx")
+    item      := glob "=" pipeline | "min_elements=" INT | "small=" pipeline
+               | "topk_mode=" ("exact" | "approx")
     pipeline  := "none" | "fp16" | "int8" | "int8:channel" | "int8:block=" INT
                | "int4" | "int4:block=" INT | "topk:" FRACTION ["+" ("int8" | "fp16")]
 
@@ -13,8 +14,13 @@ Examples: ``"topk:0.01+int8"``, ``"int8:block=256; *.bias=none"``,
 Decisions:
 
 * Tensors with fewer than ``min_elements`` elements (default 1024: biases, norms) are sent
-  dense float32 unless an override names them: compressing them saves little and costs
-  accuracy (see shared/baselines.md).
+  *dense* (never top-k: a sparse bias loses most of its signal) unless an override names
+  them. Their pipeline is ``small=`` if given, else derived from the default: float32 for
+  ``none``, fp16 for ``fp16``, per-tensor int8 for every lossy default (int8 / int4 /
+  top-k). Why int8 and not float32 (the v1 choice): on digits-sized models the small
+  tensors were ~65% of a top-1% update and kept int8 at 3.8x; per-tensor int8 with error
+  feedback covering them measured no accuracy change (benchmarks/results/runtime.md).
+  ``small=none`` restores the old behaviour.
 * ``int8:channel`` means axis 0 (output channels of a row-major weight); on the wire it is
   the same as blocks of one row, so the decoder and accumulator have one code path.
 * ``int8`` blocks run over the *flattened* tensor; ``int4`` defaults to block 32.
@@ -106,6 +112,7 @@ class CompressionSpec:
     overrides: tuple[tuple[str, Pipeline], ...] = field(default=())
     min_elements: int = 1024
     topk_mode: Literal["exact", "approx"] = "exact"
+    small: Pipeline | None = None  # None: derived from ``default`` (see module docstring)
 
     @classmethod
     def parse(cls, text: str) -> CompressionSpec:
@@ -115,6 +122,7 @@ class CompressionSpec:
         default = parse_pipeline(parts[0])
         overrides: list[tuple[str, Pipeline]] = []
         min_elements, mode = 1024, "exact"
+        small: Pipeline | None = None
         for item in parts[1:]:
             key, sep, value = item.partition("=")
             key, value = key.strip(), value.strip()
@@ -124,20 +132,32 @@ class CompressionSpec:
                 if not value.isdigit():
                     raise CodecError(f"min_elements must be an int, got {value!r}")
                 min_elements = int(value)
+            elif key == "small":
+                small = parse_pipeline(value)
+                if small.kind == "topk":
+                    raise CodecError("small= must be a dense pipeline (none, fp16, int8, int4)")
             elif key == "topk_mode":
                 if value not in ("exact", "approx"):
                     raise CodecError("topk_mode must be 'exact' or 'approx'")
                 mode = value
             else:
                 overrides.append((key, parse_pipeline(value)))
-        return cls(default, tuple(overrides), min_elements, mode)  # type: ignore[arg-type]
+        return cls(default, tuple(overrides), min_elements, mode, small)  # type: ignore[arg-type]
+
+    @property
+    def small_pipeline(self) -> Pipeline:
+        if self.small is not None:
+            return self.small
+        if self.default.kind in ("f32", "f16"):
+            return self.default
+        return Pipeline("int8")
 
     def for_tensor(self, name: str, n: int) -> Pipeline:
         for pattern, pipe in self.overrides:
             if fnmatch.fnmatchcase(name, pattern):
                 return pipe
         if n < self.min_elements:
-            return Pipeline("f32")
+            return self.small_pipeline
         return self.default
 
     def __str__(self) -> str:
@@ -147,4 +167,6 @@ class CompressionSpec:
             items.append(f"min_elements={self.min_elements}")
         if self.topk_mode != "exact":
             items.append(f"topk_mode={self.topk_mode}")
+        if self.small is not None:
+            items.append(f"small={self.small}")
         return "; ".join(items)
