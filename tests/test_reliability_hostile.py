@@ -24,6 +24,7 @@ buffers within their budget, process RSS growth small).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -71,11 +72,14 @@ def resign(payload: bytes) -> bytes:
 def nan_payload(shapes: dict[str, tuple[int, ...]], meta: UpdateMeta) -> bytes:
     """A codec payload that passes the integrity check but carries NaN values."""
     t = {k: np.full(s, 0.25, np.float32) for k, s in shapes.items()}
-    p = encode_update(t, meta, CompressionSpec.parse("none"))
+    # the safetensors wire format v1 (decoders accept it alongside the compact v2)
+    v1 = {"version": 1} if "version" in inspect.signature(encode_update).parameters else {}
+    p = encode_update(t, meta, CompressionSpec.parse("none"), **v1)
     nan = np.array([np.nan], np.float32).tobytes()
-    p2 = p.replace(np.array([0.25], np.float32).tobytes(), nan)
-    assert p2 != p
-    return resign(p2)
+    body0 = 8 + struct.unpack_from("<Q", p)[0]  # replace in the tensor body only
+    body = p[body0:].replace(np.array([0.25], np.float32).tobytes(), nan)
+    assert body != p[body0:]
+    return resign(p[:body0] + body)
 
 
 def rss_mb() -> float:
