@@ -237,6 +237,7 @@ class AgentConfig:
     # set, every task must carry its valid signature for this topic and a current round.
     coordinator_key: str | None = None
     bundle_key: str | None = None  # public key that model bundles must be signed with
+    group: str | None = None  # roll-out group (besides "all"), e.g. "canary"
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     @classmethod
@@ -252,7 +253,8 @@ class AgentConfig:
         if unknown:
             raise ValueError(f"unknown sections in agent config: {sorted(unknown)}")
         allowed = {
-            "device_id", "data", "state_dir", "threads", "profile", "coordinator_key", "bundle_key"
+            "device_id", "data", "state_dir", "threads", "profile", "coordinator_key", "bundle_key",
+            "group",
         }  # fmt: skip
         bad = set(agent) - allowed
         if bad:
@@ -268,6 +270,16 @@ class AgentConfig:
         return cls(**agent, transport=TransportConfig.from_dict(d.get("transport", {})))
 
 
+def _activate_bundle(installed: Any) -> None:
+    """Roll-out hook: the new model must open in the session ``edgefed-agent predict`` uses
+    (one thread, CPU); raising here makes DeviceRollout roll back and report it."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    ort.InferenceSession(str(installed.model_path), opts, providers=["CPUExecutionProvider"])
+
+
 class AgentService:
     """One device on MQTT. ``run()`` blocks until :meth:`stop`."""
 
@@ -277,6 +289,8 @@ class AgentService:
         transport: TransportConfig,
         profile: str | None = None,
         verifier: Any = None,  # edgefed.security.downlink.DownlinkVerifier | None
+        bundle_key: str | None = None,  # roll-out on: signed bundles install under state_dir
+        groups: tuple[str, ...] = ("all",),
     ) -> None:
         from edgefed.transport.client import MqttClient
 
@@ -290,6 +304,17 @@ class AgentService:
             subscriptions=[self.topics.task(dev)],
             will=(self.topics.presence(dev), offline),
         )
+        # Bundles are signed by the bundle key (checked by install_bundle), not wrapped in the
+        # downlink envelope: they are routed to the roll-out before task verification.
+        self.rollout = None
+        if bundle_key is not None:
+            from edgefed.bundle.rollout import DeviceRollout
+
+            self.rollout = DeviceRollout(
+                self.client, self.topics, dev, worker.state.dir / "bundles", bundle_key,
+                activate=_activate_bundle, groups=groups,
+            )  # fmt: skip
+            self.client.subscriptions = [*self.client.subscriptions, *self.rollout.subscriptions()]
         self.caps = capabilities(profile)
         self._stop = threading.Event()
         self.updates_sent = 0
@@ -309,6 +334,8 @@ class AgentService:
             "graphs": self.worker.state.graphs(),
             "model_version": self.worker.state.model_version,
         }
+        if self.rollout is not None:
+            msg["bundle_version"] = self.rollout._version()
         self.client.publish(
             self.topics.presence(self.worker.device_id), json.dumps(msg).encode(), retain=True
         )
@@ -323,6 +350,13 @@ class AgentService:
                     self.announce()  # after every (re)connect: the retained state is fresh
                 m = self.client.get(timeout=0.2)
                 if m is None:
+                    continue
+                if self.rollout is not None and self.rollout.handles(m.topic):
+                    rep = self.rollout.handle(m.payload)  # reports its status itself
+                    log.info("%s: roll-out %s: %s %s", self.worker.device_id, rep.offered_version,
+                             rep.status, rep.reason)  # fmt: skip
+                    if rep.status == "installed":
+                        self.announce()  # presence carries the bundle version now
                     continue
                 payload = m.payload
                 if self.verifier is not None:

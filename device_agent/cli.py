@@ -36,7 +36,10 @@ def _run(args: argparse.Namespace) -> int:
         except (ValueError, BundleError) as e:
             print(f"edgefed-agent: [agent] coordinator_key: {e}", file=sys.stderr)
             return 2
-    svc = AgentService(worker, cfg.transport, profile=cfg.profile, verifier=verifier)
+    svc = AgentService(
+        worker, cfg.transport, profile=cfg.profile, verifier=verifier,
+        bundle_key=cfg.bundle_key, groups=("all", cfg.group) if cfg.group else ("all",),
+    )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())  # systemd stop: finish cleanly
     try:
         svc.run()
@@ -49,6 +52,8 @@ def _predict(args: argparse.Namespace) -> int:
     from device_agent.agent import AgentConfig
     from device_agent.inference import InferenceModel
     from device_agent.state import AgentState
+    from edgefed.bundle.format import BundleError
+    from edgefed.bundle.unpack import current
 
     try:
         state_dir = args.state_dir or AgentConfig.load(args.config).state_dir
@@ -58,16 +63,23 @@ def _predict(args: argparse.Namespace) -> int:
             device = json.loads((Path(state_dir) / "state.json").read_text())["device_id"]
         else:
             device = AgentConfig.load(args.config).device_id
-        st = AgentState(state_dir, device)
-        params, sha, version = st.load_model()
-        _, manifest, inference = st.load_graph(sha)
         if args.input.endswith(".npz"):
             with np.load(args.input, allow_pickle=False) as z:
                 x = z["x"]
         else:
             x = np.load(args.input, allow_pickle=False)
-        logits = InferenceModel(inference, manifest).predict(x, params)
-    except (OSError, ValueError, KeyError) as e:
+        # A rolled-out bundle (verified at install) is the deployed model; the model of the
+        # last federated round is the fallback for a device that never received one.
+        bundle = current(Path(state_dir) / "bundles")
+        if bundle is not None:
+            version = bundle.manifest.model_version
+            logits = _predict_bundle(bundle, x)
+        else:
+            st = AgentState(state_dir, device)
+            params, sha, version = st.load_model()
+            _, manifest, inference = st.load_graph(sha)
+            logits = InferenceModel(inference, manifest).predict(x, params)
+    except (OSError, ValueError, KeyError, BundleError) as e:
         print(f"edgefed-agent predict: {e}", file=sys.stderr)
         return 2
     classes = logits.argmax(axis=1)
@@ -76,6 +88,18 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         print(f"model {version}: " + " ".join(str(int(c)) for c in classes))
     return 0
+
+
+def _predict_bundle(bundle: object, x: np.ndarray) -> np.ndarray:
+    """Run an installed bundle's model (first input, first output) on ``x``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(bundle.model_path), opts, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+    spec = bundle.manifest.inputs[0]  # type: ignore[attr-defined]
+    x = np.asarray(x, dtype=np.dtype(spec.dtype))
+    return np.asarray(sess.run(None, {spec.name: x})[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("run the coordinator service", "edgefed.coordinator.cli"),
     "aggregator": ("run a sharded aggregator worker", "edgefed.sharding.cli"),
     "export": ("distill / prune / quantize a model into an ONNX bundle", "edgefed.export.cli"),
-    "bundle": ("inspect, verify or sign a model bundle", "edgefed.bundle.cli"),
+    "bundle": ("inspect, verify, sign or publish (roll out) a model bundle", "edgefed.bundle.cli"),
     "keygen": ("create an Ed25519 signing key pair", "edgefed.bundle.keygen_cli"),
     "broker-config": ("write a secured mosquitto config for a fleet", "edgefed.security.cli"),
     "quantize-bench": ("quick int8 quantize throughput check", "edgefed.cli_quant"),

@@ -1,4 +1,4 @@
-"""``edgefed bundle inspect|verify|sign``. Exit code 0 ok, 1 refused (reason on stderr)."""
+"""``edgefed bundle inspect|verify|sign|publish``. Exit code 0 ok, 1 refused (reason on stderr)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("file")
     p.add_argument("--key", required=True, help="private key file")
     p.add_argument("-o", "--output", help="write here instead of replacing FILE")
+    p = sub.add_parser("publish", help="roll a signed bundle out to a fleet group over MQTT")
+    p.add_argument("file")
+    p.add_argument("--broker", required=True, help="mqtt://host:port (or mqtts://)")
+    p.add_argument("--fleet", default="default")
+    p.add_argument("--group", default="all", help="device group (default: all)")
+    p.add_argument("--key", help="public key: refuse to publish a bundle it does not verify")
+    p.add_argument("--wait", nargs="*", default=[], metavar="DEVICE",
+                   help="wait for these devices' reports and print them")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=120.0)
 
 
 def _summary(m: Manifest) -> str:
@@ -59,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "verify":
             m = verify_bundle(args.file, args.key)
             print(f"OK: {args.file} model_version {m.model_version}, {len(m.members)} members")
+        elif args.action == "publish":
+            return _publish(args)
         else:
             signed = sign_bundle(
                 read_bundle_file(args.file, DEFAULT_LIMITS), load_signing_key(args.key)
@@ -72,3 +83,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"REFUSED: {args.file}: {e.reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    """Exit 0 when every ``--wait`` device installed it, 1 otherwise (reports on stdout)."""
+    from edgefed.bundle.rollout import all_status_topic, collect_reports, publish_bundle
+    from edgefed.transport import Topics, TransportConfig
+    from edgefed.transport.client import MqttClient
+
+    data = read_bundle_file(args.file, DEFAULT_LIMITS)
+    if args.key:
+        verify_bundle(args.file, args.key)
+    t = TransportConfig(url=args.broker, fleet=args.fleet)
+    topics = Topics(t.fleet, t.topic_prefix)
+    client = MqttClient(
+        t, f"edgefed-bundle-{os.getpid()}", subscriptions=[all_status_topic(topics)]
+    )
+    client.start(timeout=30)
+    try:
+        publish_bundle(client, topics, data, args.group)
+        print(f"published {args.file} to group {args.group!r} of fleet {args.fleet!r}")
+        reps = collect_reports(client, topics, set(args.wait), args.timeout) if args.wait else {}
+    finally:
+        client.stop()
+    for dev in args.wait:
+        r = reps.get(dev)
+        print(
+            json.dumps(asdict(r), sort_keys=True)
+            if r
+            else f'{{"device": "{dev}", "status": "no report"}}'
+        )
+    return 0 if all(reps.get(d) and reps[d].status == "installed" for d in args.wait) else 1
