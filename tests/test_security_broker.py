@@ -357,9 +357,17 @@ def test_acl_topics_come_from_the_transport_layout() -> None:
     topics = Topics("f", prefix="acme")
     acl = render_acl(topics, ["d1"], ["c"])
     lines = [line.split() for line in acl.splitlines() if line.startswith("topic ")]
+    from edgefed.bundle.rollout import bundle_topic, status_topic
+    from edgefed.sharding.topics import ShardTopics
+
+    rollout = {bundle_topic(topics), status_topic(topics, "d1")}
     for _, _access, topic in lines:
         assert topic.startswith(topics.base + "/")
-        if "+" not in topic:
+        if "+" in topic:
+            continue
+        if topic.startswith(ShardTopics(topics).agg + "/"):
+            ShardTopics(topics).parse(topic)
+        elif topic not in rollout:
             topics.parse(topic)  # every concrete topic is one the runtime knows
     assert ["topic", "write", topics.update("d1")] in lines
     assert ["topic", "write", f"{topics.base}/task/+"] in lines
@@ -466,3 +474,46 @@ def test_production_defaults_start_with_privilege_drop(secured_mosquitto_factory
         log = (sm.written.directory / "mosquitto.log").read_text()
         assert "as dev-0" in log  # the broker could write its log after dropping privileges
         assert any((sm.written.directory / "data").iterdir())  # and its persistence file
+
+
+def test_rollout_and_sharding_topics_under_the_acl(secured_mosquitto_factory: Any) -> None:
+    """Roll-out: a device gets its group's bundle (not another group's) and reports only as
+    itself. Sharding: a worker account reads updates via $share and publishes its partial,
+    which the coordinator reads; a device cannot publish a partial."""
+    from edgefed.bundle.rollout import bundle_topic, status_topic
+    from edgefed.security.broker_config import Device
+    from edgefed.sharding.topics import ShardTopics
+
+    agg = ShardTopics(TOPICS)
+    devices = (Device("dev-0", ("canary",)), Device("dev-1"))
+    sm = secured_mosquitto_factory("full", devices=devices, aggregators=("agg-1",))
+    coord = connect(sm, "coordinator", protocol=V5)
+    d0, d1 = connect(sm, "dev-0", protocol=V5), connect(sm, "dev-1", protocol=V5)
+    w = connect(sm, "agg-1", protocol=V5)
+    try:
+        coord.subscribe(f"{TOPICS.base}/bundle-status/+", f"{agg.agg}/partial/+")
+        d0.subscribe(bundle_topic(TOPICS, "canary"), bundle_topic(TOPICS, "all"))
+        d1.subscribe(bundle_topic(TOPICS, "canary"), bundle_topic(TOPICS, "all"))
+        w.subscribe(agg.shared_updates("aggs"))
+        assert coord.publish(bundle_topic(TOPICS, "canary"), b"b-canary").value == 0
+        assert coord.publish(bundle_topic(TOPICS, "all"), b"b-all").value == 0
+        d0.wait_for(bundle_topic(TOPICS, "all"))
+        d1.wait_for(bundle_topic(TOPICS, "all"))
+        assert sorted(p for _, p in d0.messages) == [b"b-all", b"b-canary"]
+        assert [p for _, p in d1.messages] == [b"b-all"]  # not in group canary
+        # a report as another device is refused, its own goes through (after it, in order)
+        assert d1.publish(status_topic(TOPICS, "dev-0"), b"forged").value == 0x87
+        assert d1.publish(status_topic(TOPICS, "dev-1"), b"ok").value == 0
+        coord.wait_for(status_topic(TOPICS, "dev-1"))
+        # a device cannot publish a partial; the worker reads updates via $share and can
+        assert d0.publish(agg.partial("agg-1"), b"forged").value == 0x87
+        assert d0.publish(agg.partial("dev-0"), b"forged").value == 0x87
+        assert d0.publish(TOPICS.update("dev-0"), b"u0").value == 0
+        w.wait_for(TOPICS.update("dev-0"))
+        assert w.publish(agg.partial("agg-1"), b"partial").value == 0
+        coord.wait_for(agg.partial("agg-1"))
+        assert [p for _, p in coord.messages] == [b"ok", b"partial"]
+        assert w.publish(agg.partial("agg-2"), b"as another worker").value == 0x87
+    finally:
+        for c in (coord, d0, d1, w):
+            c.close()

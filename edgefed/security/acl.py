@@ -11,6 +11,15 @@ so the ACL and the runtime cannot drift apart. Rules per role (least privilege):
   It may not write ``update/+`` or ``presence/+``, so a stolen coordinator password still
   cannot forge device updates.
 * observer (dashboards): read ``metrics``, ``round``, ``presence/+``.
+* roll-out (issue 6): a device reads ``bundle/all`` and ``bundle/<g>`` for each of its
+  groups and writes only ``bundle-status/<d>``; the coordinator writes ``bundle/+`` and reads
+  ``bundle-status/+``. Bundles carry their own signature; the ACL keeps reports honest.
+* aggregator worker ``w`` (sharding, issue 8): reads the update topics (through its shared
+  subscription ``$share/<group>/.../update/+``: mosquitto checks the topic after the share
+  prefix), ``agg/round``, ``agg/close``, ``agg/amend/w``; writes ``agg/presence/w`` (its Last
+  Will), ``agg/status/w``, ``agg/partial/w``. The coordinator writes ``agg/round``,
+  ``agg/close``, ``agg/amend/+`` and reads ``agg/presence/+``, ``agg/status/+``,
+  ``agg/partial/+``. A device can write none of ``agg/...``: no forged partial sums.
 
 mosquitto semantics worth knowing: a denied PUBLISH is dropped silently under MQTT 3.1.1
 (the client sees a normal PUBACK) and answered with reason code 0x87 "not authorized"
@@ -20,9 +29,11 @@ is ever delivered through it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from edgefed.bundle.rollout import ALL, bundle_topic, status_topic
+from edgefed.sharding.topics import ShardTopics
 from edgefed.transport.topics import Topics, check_name
 
 READ, WRITE, READWRITE = "read", "write", "readwrite"
@@ -34,12 +45,27 @@ class Rule:
     topic: str
 
 
-def device_rules(topics: Topics, device: str) -> list[Rule]:
+def device_rules(topics: Topics, device: str, groups: Iterable[str] = ()) -> list[Rule]:
     return [
         Rule(WRITE, topics.presence(device)),
         Rule(WRITE, topics.update(device)),
         Rule(READ, topics.round),
         Rule(READ, topics.task(device)),
+        *(Rule(READ, bundle_topic(topics, g)) for g in dict.fromkeys([ALL, *groups])),
+        Rule(WRITE, status_topic(topics, device)),
+    ]
+
+
+def aggregator_rules(topics: Topics, worker: str) -> list[Rule]:
+    a = ShardTopics(topics)
+    return [
+        Rule(READ, topics.all_updates),
+        Rule(READ, a.round),
+        Rule(READ, a.close),
+        Rule(READ, a.amend(worker)),
+        Rule(WRITE, a.presence(worker)),
+        Rule(WRITE, a.status(worker)),
+        Rule(WRITE, a.partial(worker)),
     ]
 
 
@@ -50,6 +76,14 @@ def coordinator_rules(topics: Topics) -> list[Rule]:
         Rule(READWRITE, topics.round),
         Rule(WRITE, _wildcard(topics.task, "+")),
         Rule(READWRITE, topics.metrics),
+        Rule(WRITE, _wildcard(lambda g: bundle_topic(topics, g), "+")),
+        Rule(READ, _wildcard(lambda d: status_topic(topics, d), "+")),
+        Rule(READWRITE, ShardTopics(topics).round),
+        Rule(WRITE, ShardTopics(topics).close),
+        Rule(WRITE, _wildcard(ShardTopics(topics).amend, "+")),
+        Rule(READ, _wildcard(ShardTopics(topics).presence, "+")),
+        Rule(READ, _wildcard(ShardTopics(topics).status, "+")),
+        Rule(READ, _wildcard(ShardTopics(topics).partial, "+")),
     ]
 
 
@@ -76,6 +110,8 @@ def render_acl(
     devices: Iterable[str],
     coordinators: Iterable[str],
     observers: Iterable[str] = (),
+    groups: Mapping[str, Iterable[str]] | None = None,  # device -> roll-out groups
+    aggregators: Iterable[str] = (),
 ) -> str:
     """Text of a mosquitto ``acl_file``: one ``user`` block per account, no ``pattern`` lines.
 
@@ -94,6 +130,8 @@ def render_acl(
         block(c, coordinator_rules(topics))
     for o in observers:
         block(o, observer_rules(topics))
+    for w in aggregators:
+        block(w, aggregator_rules(topics, w))
     for d in devices:
-        block(d, device_rules(topics, d))
+        block(d, device_rules(topics, d, (groups or {}).get(d, ())))
     return "\n\n".join(blocks) + "\n"

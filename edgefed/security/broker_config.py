@@ -55,6 +55,7 @@ class FleetSpec:
     devices: tuple[Device, ...] = ()
     coordinators: tuple[str, ...] = ("coordinator",)
     observers: tuple[str, ...] = ()
+    aggregators: tuple[str, ...] = ()  # sharded-aggregation worker accounts (one per worker)
     hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
     bind: str = "0.0.0.0"
     tls_port: int = 8883
@@ -73,6 +74,7 @@ class FleetSpec:
         try:
             Topics(self.fleet, self.prefix)
             names = [d.id for d in self.devices] + list(self.coordinators) + list(self.observers)
+            names += list(self.aggregators)
             for n in names:
                 check_name("account name", n)
             for d in self.devices:
@@ -106,6 +108,7 @@ _KEYS = {
     "devices": list,
     "coordinators": list,
     "observers": list,
+    "aggregators": list,
     "hosts": list,
     "bind": str,
     "tls_port": int,
@@ -140,7 +143,7 @@ def spec_from_dict(doc: dict[str, Any]) -> FleetSpec:
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise FleetConfigError(f"devices[{i}].groups must be a list of strings")
         devices.append(Device(str(d["id"]), tuple(groups)))
-    for key in ("coordinators", "observers", "hosts"):
+    for key in ("coordinators", "observers", "aggregators", "hosts"):
         if key in kw:
             if not all(isinstance(x, str) for x in kw[key]):
                 raise FleetConfigError(f"{key} must be a list of strings")
@@ -272,7 +275,9 @@ def write_broker_config(spec: FleetSpec, out: Path) -> Written:
         ca.write(c / "ca.crt", c / "ca.key")
     certs.make_server_cert(ca, list(spec.hosts)).write(c / "server.crt", c / "server.key")
 
-    accounts = [*spec.coordinators, *spec.observers, *(dev.id for dev in spec.devices)]
+    accounts = [
+        *spec.coordinators, *spec.observers, *spec.aggregators, *(dev.id for dev in spec.devices)
+    ]  # fmt: skip
     passwords: dict[str, str] = {}
     client_certs: dict[str, tuple[Path, Path]] = {}
     for user in accounts:
@@ -287,7 +292,10 @@ def write_broker_config(spec: FleetSpec, out: Path) -> Written:
         certs.write_private(acc_file, text.encode())
 
     certs.write_private(d / "passwd", password_file(passwords).encode())
-    acl = render_acl(spec.topics, [x.id for x in spec.devices], spec.coordinators, spec.observers)
+    acl = render_acl(
+        spec.topics, [x.id for x in spec.devices], spec.coordinators, spec.observers,
+        groups={x.id: x.groups for x in spec.devices}, aggregators=spec.aggregators,
+    )  # fmt: skip
     (d / "acl").write_text(acl)
     (d / "fleet.json").write_text(
         json.dumps(
@@ -296,6 +304,7 @@ def write_broker_config(spec: FleetSpec, out: Path) -> Written:
                 "prefix": spec.prefix,
                 "coordinators": list(spec.coordinators),
                 "observers": list(spec.observers),
+                "aggregators": list(spec.aggregators),
                 "devices": [{"id": x.id, "groups": list(x.groups)} for x in spec.devices],
             },
             indent=2,
