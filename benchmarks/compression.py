@@ -1,10 +1,15 @@
 """Compression table: 1M and 10M parameter updates at density 100%, 10%, 1%, 0.1%.
 
-Columns: bytes on the wire (whole payload: header, indices, values, scales), ratio vs
-raw float32, relative L2 error of one update (top-k error includes the dropped entries;
+Columns: bytes on the wire (whole payload, wire format v2 = compact default: header,
+indices, values, scales, crc32), the same payload in v1 (safetensors), ratio vs raw
+float32, relative L2 error of one update (top-k error includes the dropped entries;
 with error feedback those are sent in later rounds), encode ms (encode_update: selection,
-quantisation, index coding, container, sha256), decode ms (decode_update: every check,
+quantisation, index coding, framing, checksum), decode ms (decode_update: every check,
 index decoding, zero-copy views) and decode+dense ms (plus to_dense()). Best of 3.
+
+A second table shows where the format matters: a digits-sized MLP update (64-128-10,
+9,610 parameters in 4 tensors), bytes per message in v1 and v2 and the reduction vs a
+float32 update in the *same* format.
 
 Run: PYTHONPATH=. python benchmarks/compression.py [--sizes 1000000 10000000]
 """
@@ -67,24 +72,47 @@ def main() -> None:
             y = dense["layer.weight"].reshape(-1)
             err = float(np.linalg.norm(y - x) / np.linalg.norm(x))
             ratio = 4 * n / len(payload)
+            v1 = len(encode_update(tensors, META, spec, version=1))
             rows.append(
-                [f"{n:,}", f"{density:.1%}", spec, f"{len(payload):,}", f"{ratio:.1f}x",
+                [f"{n:,}", f"{density:.1%}", spec, f"{len(payload):,}", f"{v1:,}", f"{ratio:.1f}x",
                  f"{err:.4f}", f"{enc_ms:.1f}", f"{dec_ms:.1f}", f"{dd_ms:.1f}"]
             )  # fmt: skip
             records.append(
-                {"n": n, "density": density, "spec": spec, "bytes": len(payload),
+                {"n": n, "density": density, "spec": spec, "bytes": len(payload), "bytes_v1": v1,
                  "ratio_vs_f32": ratio, "rel_l2": err, "encode_ms": enc_ms,
                  "decode_ms": dec_ms, "decode_dense_ms": dd_ms}
             )  # fmt: skip
     print(f"update compression -- {machine()}")
     print(
         table(
-            ["params", "density", "spec", "bytes on wire", "vs f32", "rel L2 err", "encode ms",
-             "decode ms", "decode+dense ms"],
+            ["params", "density", "spec", "bytes on wire", "v1 bytes", "vs f32", "rel L2 err",
+             "encode ms", "decode ms", "decode+dense ms"],
             rows,
         )
     )  # fmt: skip
-    print(f"wrote {write_json('compression', {'machine': machine(), 'rows': records})}")
+    small = small_model_table()
+    out = {"machine": machine(), "rows": records, "small_model": small}
+    print(f"wrote {write_json('compression', out)}")
+
+
+def small_model_table() -> list[dict]:
+    """Digits MLP-sized update: per-message bytes of both wire versions (seeded deltas)."""
+    rng = np.random.default_rng(0)
+    shapes = {"0.weight": (128, 64), "0.bias": (128,), "2.weight": (10, 128), "2.bias": (10,)}
+    upd = {k: (0.01 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    meta = UpdateMeta(round=37, device_id="device-07", num_samples=70, model_version="r37")
+    rows, recs = [], []
+    f32 = {v: len(encode_update(upd, meta, "none", version=v)) for v in (1, 2)}
+    for spec in ["none", "int8", "topk:0.1+int8", "topk:0.01+int8"]:
+        b = {v: len(encode_update(upd, meta, spec, version=v)) for v in (1, 2)}
+        rows.append(
+            [spec, f"{b[1]:,}", f"{f32[1] / b[1]:.1f}x", f"{b[2]:,}", f"{f32[2] / b[2]:.1f}x"]
+        )
+        recs.append({"spec": spec, "bytes_v1": b[1], "bytes_v2": b[2],
+                     "reduction_v1": f32[1] / b[1], "reduction_v2": f32[2] / b[2]})  # fmt: skip
+    print("\ndigits MLP update (9,610 params, 4 tensors), bytes per message")
+    print(table(["spec", "v1 bytes", "v1 vs f32", "v2 bytes", "v2 vs f32"], rows))
+    return recs
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Every input must either decode into a valid update (finite float32 tensors of the
 schema's shapes) or raise CodecError; anything else (another exception, a crash, a
 hang, memory blow-up) is a finding. The seed corpus holds valid payloads of every
-encoding. The first input byte picks a mode: raw bytes (exercises framing and the
-digest check), or "re-signed" (the sha256 in the header is recomputed first, so
-mutations reach the per-tensor checks behind the integrity check).
+encoding in both wire versions (v2 compact, the default, and v1 safetensors). The first
+input byte picks a mode: raw bytes (exercises framing and the integrity check), or
+"re-signed" (v1: the sha256 in the header is recomputed; v2: the trailing crc32 is
+recomputed), so mutations reach the per-tensor checks behind the integrity check.
 
 Run: PYTHONPATH=. python benchmarks/fuzz_wire.py [--seconds 120]
 Falls back to hypothesis with many examples if atheris is not installed.
@@ -21,15 +22,22 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# The libFuzzer worker runs with cwd benchmarks/out, where a relative PYTHONPATH=. would
+# resolve to the wrong folder and an installed (older) edgefed would be fuzzed instead of
+# this tree (this happened): always put the repository root first.
+sys.path.insert(0, str(HERE.parent))
 
 
 def resign(data: bytes) -> bytes:
+    if data[:4] == b"EFU\x02" and len(data) >= 8:  # v2: recompute the trailing crc32
+        return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
     try:
         n = struct.unpack_from("<Q", data, 0)[0]
         if n > len(data) - 8 or n > 1 << 20:
@@ -79,9 +87,10 @@ def seeds(folder: Path) -> None:
     specs = ["none", "fp16", "int8", "int8:block=64", "int8:channel", "int4:block=16",
              "topk:0.05", "topk:0.05+int8", "topk:0.6+fp16"]  # fmt: skip
     for i, spec in enumerate(specs):
-        p = encode_update(upd, meta, f"{spec}; min_elements=40")
-        for mode in (0, 1):
-            (folder / f"seed_{i}_{mode}").write_bytes(bytes([mode]) + p)
+        for version in (1, 2):
+            p = encode_update(upd, meta, f"{spec}; min_elements=40", version=version)
+            for mode in (0, 1):
+                (folder / f"seed_v{version}_{i}_{mode}").write_bytes(bytes([mode]) + p)
 
 
 def worker(seconds: int, corpus: Path) -> None:

@@ -238,6 +238,14 @@ ATTACKS = [
         "popcount|bits|nnz|bitmap|index",
     ),
     ("sparse negative scale", lambda: good(scale=-0.5), "scales"),
+    ("sparse huge scale", lambda: good(scale=1e37), "FLT_MAX/128"),  # q * s would be Inf
+    (
+        "int8 huge scale",
+        lambda: dense_w(
+            2, [(np.array([1e37, 1], np.float32), None), (np.zeros(N, np.int8), None)], uv(1000)
+        ),
+        "FLT_MAX/128",
+    ),
     ("sparse nan f32", lambda: good(flags=0x00, vals=np.array([1, np.nan, 2], np.float32)), "NaN"),
     ("sparse values short", lambda: good(vals=np.array([1, 2], np.int8)), "truncated"),
     ("trailing bytes", lambda: with_b(head(count=uv(1))).raw(b"\0").seal(), "trailing bytes"),

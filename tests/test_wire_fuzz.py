@@ -93,6 +93,13 @@ def neg_scale(h: dict, body: bytearray) -> bytearray:
     return body
 
 
+def huge_scale(h: dict, body: bytearray) -> bytearray:
+    """Finite, but q * s overflows to Inf (found by benchmarks/fuzz_wire.py)."""
+    b0 = h["w/s"]["data_offsets"][0]
+    body[b0 : b0 + 4] = struct.pack("<f", 7.8e37)
+    return body
+
+
 def dup_index(h: dict, body: bytearray) -> bytearray:
     b0 = h["w/i"]["data_offsets"][0]
     body[b0 + 1] = 0  # second gap 0 -> duplicate index
@@ -133,6 +140,7 @@ ATTACKS = [
     ("truncated body", lambda p: p[:-1], "outside the body|cover"),
     ("nan value", lambda p: mutate_entries(p, nan_values), "NaN"),
     ("negative scale", lambda p: mutate_entries(p, neg_scale), "scales"),
+    ("huge scale", lambda p: mutate_entries(p, huge_scale), "FLT_MAX/128"),
     ("duplicate index", lambda p: mutate_entries(p, dup_index), "duplicate"),
     ("overlap", lambda p: mutate_entries(p, shift_offsets), "byte range|outside"),
     ("trailing bytes", lambda p: mutate_entries(p, trailing), "cover"),

@@ -226,9 +226,15 @@ def _finite(a: np.ndarray) -> bool:
     return bool(_s.all_finite(a, 0))
 
 
+# |q| <= 128 (int8; int4 <= 8), so q * s stays finite only for s <= FLT_MAX / 128. Found by
+# benchmarks/fuzz_wire.py: a scale of 7.8e37 passed "finite" and decoded to Inf. Encoders
+# write s = max|x| / 127, so only |x| > 0.99 * FLT_MAX (never a real update) is refused.
+MAX_SCALE = float(np.finfo(np.float32).max) / 128
+
+
 def _scales(a: np.ndarray, name: str) -> np.ndarray:
-    if not _finite(a) or np.any(a < 0):
-        raise CodecError(f"tensor {name!r}: scales must be finite and >= 0")
+    if not _finite(a) or np.any(a < 0) or np.any(a > MAX_SCALE):
+        raise CodecError(f"tensor {name!r}: scales must be finite, >= 0 and <= FLT_MAX/128")
     return a
 
 

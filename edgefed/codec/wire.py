@@ -29,7 +29,7 @@ import numpy as np
 
 from edgefed import sparse
 from edgefed._core import sparse as _s
-from edgefed.codec.compact import decode_compact, encode_compact, is_compact
+from edgefed.codec.compact import MAX_SCALE, decode_compact, encode_compact, is_compact
 from edgefed.codec.container import Entry, read_container, write_container
 from edgefed.codec.errors import CodecError
 from edgefed.codec.schema import DecodeLimits, ModelSchema, UpdateMeta
@@ -284,8 +284,8 @@ def _finite_f(a: np.ndarray) -> bool:
 
 def _scales(p: bytes, e: Entry, name: str) -> np.ndarray:
     s = e.view(p)
-    if not _finite_f(s) or np.any(s < 0):
-        raise CodecError(f"tensor {name!r}: scales must be finite and >= 0")
+    if not _finite_f(s) or np.any(s < 0) or np.any(s > MAX_SCALE):  # q * s must stay finite
+        raise CodecError(f"tensor {name!r}: scales must be finite, >= 0 and <= FLT_MAX/128")
     return s
 
 
