@@ -83,9 +83,14 @@ def test_sharding_config_is_validated() -> None:
     cfg = CoordinatorConfig.from_dict({"sharding": {"workers": 3, "on_worker_loss": "drop"}})
     assert cfg.sharding is not None and cfg.sharding.workers == 3
     assert CoordinatorConfig.from_dict({}).sharding is None
+    assert cfg.sharding_transport is None
+    t = {"workers": 2, "transport": {"url": "mqtt://h:1883", "username": "c-agg"}}
+    st = CoordinatorConfig.from_dict({"sharding": t}).sharding_transport
+    assert st is not None and st.username == "c-agg"
     bad = [
         ({"sharding": {"workers": 0}}, "workers"),
         ({"sharding": {"wrkers": 2}}, "wrkers"),
+        ({"sharding": {"transport": "mqtt://h"}}, "sharding.transport"),
         ({"sharding": {"on_worker_loss": "pray"}}, "on_worker_loss"),
         ({"sharding": {}, "strategy": {"name": "median"}}, "linear strategy"),
         ({"sharding": {}, "strategy": {"name": "fedavg", "max_update_norm": 1.0}}, "norm"),

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=MetricsWriter(cfg.metrics, sys.stdout),
         wait_timeout=cfg.wait_timeout,
         sharding=cfg.sharding,
+        sharding_transport=cfg.sharding_transport,
         signer=signer,
     )
     try:

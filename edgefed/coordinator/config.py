@@ -51,6 +51,9 @@ class CoordinatorConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     # [sharding]: aggregator workers sum the updates (docs/scale-out.md); None: this process does
     sharding: ShardingConfig | None = None
+    # [sharding.transport]: the aggregation client's own account. A secured broker maps one
+    # account to one connection (use_username_as_clientid), and the service opens two.
+    sharding_transport: TransportConfig | None = None
     signing_key: str | None = None  # None: downlink unsigned (demo only; warned at start)
 
     @classmethod
@@ -140,11 +143,17 @@ class CoordinatorConfig:
         strat = make_strategy(
             strategy.get("name", "fedavg"), **{k: v for k, v in strategy.items() if k != "name"}
         )
-        sharding = None
+        sharding = sharding_transport = None
         if "sharding" in d:
             if not isinstance(d["sharding"], dict):
                 raise ValueError("[sharding] must be a table")
-            sharding = ShardingConfig.from_dict(d["sharding"])
+            sd = dict(d["sharding"])
+            st = sd.pop("transport", None)
+            if st is not None:
+                if not isinstance(st, dict):
+                    raise ValueError("[sharding.transport] must be a table")
+                sharding_transport = TransportConfig.from_dict(st)
+            sharding = ShardingConfig.from_dict(sd)
             # Workers only sum (weight * delta); they never see the other updates, so neither a
             # robust strategy (median, trimmed mean) nor a norm bound can run on their sums.
             from edgefed.strategies import LinearStrategy
@@ -170,6 +179,7 @@ class CoordinatorConfig:
             evaluation=ev,
             transport=TransportConfig.from_dict(d.get("transport", {})),
             sharding=sharding,
+            sharding_transport=sharding_transport,
             signing_key=d.get("security", {}).get("signing_key"),
         )
 

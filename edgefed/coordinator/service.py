@@ -40,6 +40,7 @@ class CoordinatorService:
         client_id: str = "edgefed-coordinator",
         sharding: ShardingConfig | None = None,
         signer: DownlinkSigner | None = None,
+        sharding_transport: TransportConfig | None = None,  # default: ``transport``
     ) -> None:
         self.engine = engine
         self.rounds = rounds
@@ -64,7 +65,7 @@ class CoordinatorService:
             from edgefed.sharding.driver import ShardedAggregation
 
             self.agg = ShardedAggregation(
-                transport, engine.schema, sharding, resend=self._resend,
+                sharding_transport or transport, engine.schema, sharding, resend=self._resend,
                 client_id=f"{client_id}-agg",
             )  # fmt: skip
         self.online: set[str] = set()
