@@ -283,7 +283,7 @@ class Fleet:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         import sys
 
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        env = dict(os.environ)
         env["OMP_NUM_THREADS"] = "1"
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
         p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=log, env=env)

@@ -20,7 +20,7 @@ from edgefed.bundle.format import Manifest, TensorSpec
 from edgefed.bundle.signing import load_signing_key, write_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def model(seed: int, op: str = "MatMul") -> tuple[bytes, np.ndarray]:

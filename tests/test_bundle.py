@@ -323,7 +323,7 @@ def test_onnx_checker_accepts_tiny_model():
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = dict(os.environ)
     return subprocess.run(
         [sys.executable, "-m", "edgefed", *args], cwd=cwd, env=env, capture_output=True, text=True
     )

@@ -105,7 +105,7 @@ def start_workers(url: str, tmp: Path, n: int, heartbeat: float = 0.3) -> list[s
         f'[worker]\nid = "x"\ngroup = "aggs"\nheartbeat_interval = {heartbeat}\n'
         f'[transport]\nurl = "{url}"\nfleet = "shard"\n'
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     procs = []
     for i in range(n):
         log = open(tmp / f"agg-{i}.log", "wb")  # noqa: SIM115 (closed with the process)

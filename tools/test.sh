@@ -15,6 +15,8 @@ $SUDO apt-get install -y -q --no-install-recommends \
 python3 -m pip install --upgrade-strategy only-if-needed ".[test]"
 
 ruff check edgefed device_agent tests benchmarks tools
-# `pytest`, not `python -m pytest`: the latter puts the source folder (which has no
-# compiled _core) ahead of the installed package on sys.path.
-pytest -p no:cacheprovider tests "$@"
+# Run from tests/ so that neither pytest nor the `python -m edgefed ...` subprocesses the
+# tests start put the source folder (which has no compiled _core) ahead of the installed
+# package on sys.path.
+cd tests
+pytest -c ../pyproject.toml --rootdir=.. -p no:cacheprovider "$@" .

@@ -101,7 +101,8 @@ class RoundEngine:
         self._sampled: dict[str, str] = {}  # device -> graph id
         self._accepted: dict[str, ClientUpdate] = {}
         # Linear strategies aggregate on arrival (bounded memory); others at the round's end.
-        self._streaming = isinstance(strategy, LinearStrategy)
+        # Decided again when each round opens (see _streaming_allowed).
+        self._streaming = self._streaming_allowed()
         self._sums: dict[str, np.ndarray] = {}
         self._wsum: dict[str, np.ndarray] = {}
         self._drops: list[dict[str, str]] = []
@@ -152,6 +153,7 @@ class RoundEngine:
         rnd = self.round + 1
         chosen = self.sample(online)
         self._open = rnd
+        self._streaming = self._streaming_allowed()
         self._sampled = {d: self.graph_for(d) for d in chosen}
         self._accepted = {}
         self._sums, self._wsum = {}, {}
@@ -268,6 +270,14 @@ class RoundEngine:
         st.accepted += 1
         st.bytes_up += len(data)
         return True
+
+    def _streaming_allowed(self) -> bool:
+        """Aggregate on arrival only for linear strategies without an adaptive norm bound:
+        the adaptive bound needs every norm of the round before it clips any update."""
+        return (
+            isinstance(self.strategy, LinearStrategy)
+            and getattr(self.strategy, "norm_bound", None) is None
+        )
 
     def _accumulate(self, cu: ClientUpdate) -> None:
         """Fold one validated update into the running per-coordinate sums, so memory stays
