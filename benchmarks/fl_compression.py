@@ -8,7 +8,9 @@ uplink codec differs (the runtime's default int8 downlink is measured in the dem
 
 Runs through ``edgefed.simulate``'s in-process path: the real exported ONNX step graphs in
 onnxruntime, the real codec bytes, the real round engine and FedAvg - only the broker is
-skipped. Baseline: the plain-torch simulation in shared/baselines.md (same setup).
+skipped. Byte ratios compare with float32 (``none``) sent through the same codec (wire
+format v2) and the same update message; accuracy reference: the plain-torch simulation
+in shared/baselines.md (same setup).
 
     python benchmarks/fl_compression.py                      # full: ~20-40 min on 2 cores
     python benchmarks/fl_compression.py --rounds 30 --seeds 1 --models mlp   # quick look
