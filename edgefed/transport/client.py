@@ -83,6 +83,10 @@ class MqttClient:
         self.seen = SeenSet(100_000)
         self.rejected: deque[tuple[str, str]] = deque(maxlen=1000)
         self.connected = threading.Event()
+        # Set once the broker has acknowledged every subscription of the current connection:
+        # start() waits for it, so nothing published right after start() can be missed.
+        self.subscribed = threading.Event()
+        self._pending_subs: set[int] = set()
         self.protocol = mqtt.MQTTv311 if config.protocol == "3.1.1" else mqtt.MQTTv5
         self.bytes_out = 0
         self.bytes_in = 0
@@ -131,6 +135,7 @@ class MqttClient:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         return c
 
     def _connect(self) -> None:
@@ -181,14 +186,28 @@ class MqttClient:
             else:
                 log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
             return
+        self.subscribed.clear()
+        self._pending_subs = set()
         for topic in self.subscriptions:
-            client.subscribe(topic, qos=1)
+            _, mid = client.subscribe(topic, qos=1)
+            self._pending_subs.add(mid)
+        if not self._pending_subs:
+            self.subscribed.set()
         self.connects += 1
         self.connected.set()
         log.debug("%s connected (MQTT %s)", self.client_id, self.protocol_name)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for rc in reason_codes:
+            if rc.is_failure:
+                log.warning("%s: subscription refused by the broker: %s", self.client_id, rc)
+        self._pending_subs.discard(mid)
+        if not self._pending_subs:
+            self.subscribed.set()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         if not self._stop.is_set():
             log.info("%s disconnected: %s", self.client_id, reason_code)
 
@@ -268,12 +287,17 @@ class MqttClient:
         return "5" if self.protocol == mqtt.MQTTv5 else "3.1.1"
 
     def start(self, timeout: float | None = 30.0) -> MqttClient:
-        """Start the network thread; wait up to ``timeout`` for the first CONNACK (None: don't)."""
+        """Start the network thread; wait up to ``timeout`` for the first CONNACK and the
+        SUBACKs of every subscription (None: don't wait)."""
         self._thread = threading.Thread(
             target=self._run, name=f"mqtt-{self.client_id}", daemon=True
         )
         self._thread.start()
-        if timeout is not None and not self.connected.wait(timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is not None and not (
+            self.connected.wait(timeout)
+            and self.subscribed.wait(max(0.0, deadline - time.monotonic()))
+        ):
             self.stop()
             raise TimeoutError(
                 f"{self.client_id}: no connection to {self.config.url} in {timeout}s"
