@@ -220,6 +220,8 @@ def test_three_workers_equal_single_process_and_duplicates_count_once(cluster):
     # duplicates (still in flight on a loaded machine) cannot take part in this one.
     devices3 = [f"dev-{40 + i}" for i in range(6)]
     d.open_round(1, VERSION, devices3)
+    d.pump(time.monotonic() + 20, lambda: d.workers_at(1))  # as the service does before tasks
+    assert d.workers_at(1), d.worker_round
     msgs3 = {dev: make_update(1, dev, 7000 + i) for i, dev in enumerate(devices3)}
     for dev in devices3:
         fleet.send(dev, msgs3[dev])

@@ -75,6 +75,7 @@ class ShardedAggregation:
         self._last_resend = 0.0
         self._last_pump = 0.0
         self.rejected_messages = 0
+        self.worker_round: dict[str, int | None] = {}  # last round each worker reported
         self._closing = False
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -167,6 +168,8 @@ class ShardedAggregation:
         if self.live.get(worker) != inst:
             return
         self.last_seen[worker] = time.monotonic()
+        rnd = msg.get("round")
+        self.worker_round[worker] = rnd if isinstance(rnd, int) else None
         keys = msg.get("new_keys")
         if msg.get("round") != self.round or not isinstance(keys, list):
             return
@@ -245,6 +248,12 @@ class ShardedAggregation:
             self._resend(again)
 
     # ---- rounds ----------------------------------------------------------------------
+    def workers_at(self, rnd: int) -> bool:
+        """Every live worker has reported round ``rnd`` open. Updates for a round LOWER than a
+        worker's current one count as late, so after re-announcing an earlier round (a
+        coordinator restarted without its checkpoint) wait for this before sending tasks."""
+        return bool(self.live) and all(self.worker_round.get(w) == rnd for w in self.live)
+
     def reported_devices(self) -> set[str]:
         return {d for w in self.live for d in self.reported.get(w, {})}
 
