@@ -23,10 +23,18 @@ _IGNORED_PREFIXES = ("sym_", "_assert", "_local_scalar_dense")
 
 @functools.cache
 def registry(opset: int = 20) -> Any:
-    """torch.onnx's torchlib registry, built once per process (1.5 s each time otherwise)."""
+    """torch.onnx's torchlib registry plus edgefed's custom ops, built once per process.
+
+    (Building it takes 1.5 s, so not once per export.)
+    """
     from torch.onnx._internal.exporter import _registration
 
-    return _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, 18))
+    from .pool_ops import onnx_translations
+
+    reg = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, 18))
+    for target, fn in onnx_translations().items():  # our custom ops and their ONNX
+        reg.register_op(target, fn)
+    return reg
 
 
 @functools.cache
