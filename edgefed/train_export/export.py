@@ -43,6 +43,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .decompositions import decomposition_table
 from .diagnose import check_supported, registry
 from .errors import TrainExportError
+from .fusion import fuse_momentum_into_gemm, fuse_sgd_into_gemm
 from .optimizers import SGD, Optimizer
 from .verify import BATCHES, verify_inference, verify_step
 
@@ -172,6 +173,8 @@ def _trace_and_export(
         gm = make_fx(
             fn, decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True
         )(*fakes)
+    fuse_momentum_into_gemm(gm)
+    fuse_sgd_into_gemm(gm)
     check_supported(gm, model, run)
     batch = Dim("batch", min=1, max=MAX_BATCH)
     dyn = [{0: batch} if s.batch else None for s in slots]

@@ -1,0 +1,155 @@
+"""Graph rewrites on the traced step that onnxruntime cannot do itself.
+
+Momentum into the weight-gradient GEMM: SGD momentum traces to ``buf * mu + grad`` where
+``grad`` is a matrix product (Linear weights; conv weights through our im2col). onnxruntime
+fuses the Add into a Gemm but not the scale, so ``buf * mu`` costs one extra read and write
+of the whole state per step. ``addmm(buf, a, b, beta=mu)`` exports to one Gemm whose beta
+does it while the product is written. Same arithmetic (one rounding of mu*buf, one of the
+sum): the verification gate checks it like everything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+_PASS_THROUGH = {aten.alias.default, aten.view.default, aten.reshape.default}
+
+
+def _scaled_input(node: Any) -> tuple[Any, float] | None:
+    """(buf, mu) when node is ``mul(buf, <python float>)``."""
+    if getattr(node, "target", None) != aten.mul.Tensor or len(node.users) != 1:
+        return None
+    a, b = node.args
+    if isinstance(b, float) and isinstance(a, fx.Node):
+        return a, b
+    if isinstance(a, float) and isinstance(b, fx.Node):
+        return b, a
+    return None
+
+
+def _matmul_source(node: Any) -> tuple[Any, bool] | None:
+    """(mm node, transposed) when node is mm(a, b) seen through views / 2-D transposes."""
+    transposed = False
+    while isinstance(node, fx.Node) and node.target != aten.mm.default:
+        if len(node.users) != 1:
+            return None
+        if node.target == aten.permute.default and list(node.args[1]) == [1, 0]:
+            transposed = not transposed
+        elif node.target not in _PASS_THROUGH:
+            return None
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return None
+    return node, transposed
+
+
+def _static_shape(node: Any) -> list[int] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if val is None or not all(isinstance(d, int) for d in val.shape):
+        return None  # symbolic (batch-sized) results are activations, not weight gradients
+    return [int(d) for d in val.shape]
+
+
+def fuse_momentum_into_gemm(gm: fx.GraphModule) -> int:
+    """Rewrite ``mul(buf, mu) + mm(...)`` into ``addmm(buf, ..., beta=mu)``; returns count."""
+    g = gm.graph
+    done = 0
+    for node in list(g.nodes):
+        if node.target != aten.add.Tensor or node.kwargs or len(node.args) != 2:
+            continue
+        for scaled, other in (node.args, node.args[::-1]):
+            hit = _scaled_input(scaled)
+            src = _matmul_source(other) if hit else None
+            if not hit or not src:
+                continue
+            (buf, mu), (mm, transposed) = hit, src
+            a, b = mm.args
+            mm_shape, out_shape = _static_shape(mm), _static_shape(node)
+            if mm_shape is None or out_shape is None:
+                continue
+            m, n = mm_shape
+            shape2d = [n, m] if transposed else [m, n]
+            with g.inserting_before(node):  # a Reshape of a graph input copies in onnxruntime
+                reshape = out_shape != shape2d
+                buf2d = g.call_function(aten.view.default, (buf, shape2d)) if reshape else buf
+                if transposed:  # (a @ b)^T = b^T @ a^T
+                    a, b = (
+                        g.call_function(aten.permute.default, (b, [1, 0])),
+                        g.call_function(aten.permute.default, (a, [1, 0])),
+                    )
+                fused = g.call_function(aten.addmm.default, (buf2d, a, b), {"beta": mu})
+                out = g.call_function(aten.view.default, (fused, out_shape)) if reshape else fused
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+            done += 1
+            break
+    if done:
+        g.eliminate_dead_code()
+        gm.recompile()
+    return done
+
+
+def _lr_scaled(node: Any) -> tuple[Any, Any] | None:
+    """(lr, grad) when node is ``mul(lr, grad)`` with lr a 0-d tensor."""
+    if getattr(node, "target", None) != aten.mul.Tensor or len(node.users) != 1:
+        return None
+    for lr, grad in (node.args, node.args[::-1]):
+        val = getattr(lr, "meta", {}).get("val") if isinstance(lr, fx.Node) else None
+        if val is not None and val.dim() == 0 and isinstance(grad, fx.Node):
+            return lr, grad
+    return None
+
+
+def fuse_sgd_into_gemm(gm: fx.GraphModule) -> int:
+    """Rewrite ``p - lr * mm(a, b)`` into ``addmm(p, lr * a, b, alpha=-1)``; returns count.
+
+    Plain SGD (the coordinator's default) then updates each weight inside the Gemm that
+    computes its gradient: no gradient tensor is written and read back. ``lr`` scales the
+    smaller operand (batch-sized for weight gradients). Rounding differs from lr * (a @ b)
+    by an ulp; the verification gate bounds it.
+    """
+    g = gm.graph
+    done = 0
+    for node in list(g.nodes):
+        if node.target != aten.sub.Tensor or node.kwargs or len(node.args) != 2:
+            continue
+        p, scaled = node.args
+        hit = _lr_scaled(scaled)
+        src = _matmul_source(hit[1]) if hit else None
+        if not hit or not src or not isinstance(p, fx.Node):
+            continue
+        (lr, _), (mm, transposed) = hit, src
+        a, b = mm.args
+        mm_shape, out_shape = _static_shape(mm), _static_shape(node)
+        if mm_shape is None or out_shape is None:
+            continue
+        m, n = mm_shape
+        shape2d = [n, m] if transposed else [m, n]
+        with g.inserting_before(node):
+            reshape = out_shape != shape2d
+            p2d = g.call_function(aten.view.default, (p, shape2d)) if reshape else p
+            if transposed:
+                a, b = (
+                    g.call_function(aten.permute.default, (b, [1, 0])),
+                    g.call_function(aten.permute.default, (a, [1, 0])),
+                )
+            if shape2d[0] <= shape2d[1]:  # a is (rows, K), b is (K, cols): scale the smaller
+                a = g.call_function(aten.mul.Tensor, (a, lr))
+            else:
+                b = g.call_function(aten.mul.Tensor, (b, lr))
+            fused = g.call_function(aten.addmm.default, (p2d, a, b), {"alpha": -1})
+            out = g.call_function(aten.view.default, (fused, out_shape)) if reshape else fused
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        done += 1
+    if done:
+        g.eliminate_dead_code()
+        gm.recompile()
+    return done
+
+
+__all__ = ["fuse_momentum_into_gemm", "fuse_sgd_into_gemm"]
