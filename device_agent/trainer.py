@@ -69,9 +69,12 @@ def _session(data: bytes, threads: int, low_memory: bool = False) -> ort.Inferen
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    # Idle intra-op threads must not spin: on a device the agent shares the cores with MQTT
-    # and the OS, and spinning workers slowed whatever ran next (seen in the benchmarks).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Workers spin between the nodes of one step (waking a sleeping worker per node cost
+    # 3-5% of a 2-thread CNN step) but stop when run() returns: on a device the agent
+    # shares the cores with MQTT and the OS, and workers left spinning after a run slowed
+    # whatever ran next (seen in the benchmarks).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception as e:
