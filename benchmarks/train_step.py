@@ -47,6 +47,7 @@ def _interleaved_ms(fns, steps: int, repeats: int) -> list[float]:
     runs: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            time.sleep(0.05)  # let the other runtime's worker threads stop spinning first
             t = time.perf_counter()
             for _ in range(steps):
                 fn()
