@@ -54,43 +54,58 @@ def _static_shape(node: Any) -> list[int] | None:
     return [int(d) for d in val.shape]
 
 
+def _replace_with_addmm(
+    gm: fx.GraphModule, node: Any, mm: Any, transposed: bool, c: Any, lr: Any, kw: dict
+) -> bool:
+    """Replace ``node`` (an elementwise combination of ``c`` and mm's product, maybe seen
+    transposed / reshaped) by ``addmm(c, a, b, **kw)``; ``lr`` (if given) scales the smaller
+    operand. False (graph untouched) when shapes are symbolic."""
+    mm_shape, out_shape = _static_shape(mm), _static_shape(node)
+    if mm_shape is None or out_shape is None:
+        return False
+    g = gm.graph
+    a, b = mm.args
+    m, n = mm_shape
+    shape2d = [n, m] if transposed else [m, n]
+    reshape = out_shape != shape2d  # a Reshape of a graph input copies in onnxruntime: avoid
+    with g.inserting_before(node):
+        c2d = g.call_function(aten.view.default, (c, shape2d)) if reshape else c
+        if transposed:  # (a @ b)^T = b^T @ a^T
+            a, b = (
+                g.call_function(aten.permute.default, (b, [1, 0])),
+                g.call_function(aten.permute.default, (a, [1, 0])),
+            )
+        if lr is not None and shape2d[0] <= shape2d[1]:  # a: (rows, K), b: (K, cols)
+            a = g.call_function(aten.mul.Tensor, (a, lr))
+        elif lr is not None:
+            b = g.call_function(aten.mul.Tensor, (b, lr))
+        fused = g.call_function(aten.addmm.default, (c2d, a, b), kw)
+        out = g.call_function(aten.view.default, (fused, out_shape)) if reshape else fused
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    return True
+
+
+def _finish(gm: fx.GraphModule, done: int) -> int:
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return done
+
+
 def fuse_momentum_into_gemm(gm: fx.GraphModule) -> int:
     """Rewrite ``mul(buf, mu) + mm(...)`` into ``addmm(buf, ..., beta=mu)``; returns count."""
-    g = gm.graph
     done = 0
-    for node in list(g.nodes):
+    for node in list(gm.graph.nodes):
         if node.target != aten.add.Tensor or node.kwargs or len(node.args) != 2:
             continue
         for scaled, other in (node.args, node.args[::-1]):
             hit = _scaled_input(scaled)
             src = _matmul_source(other) if hit else None
-            if not hit or not src:
-                continue
-            (buf, mu), (mm, transposed) = hit, src
-            a, b = mm.args
-            mm_shape, out_shape = _static_shape(mm), _static_shape(node)
-            if mm_shape is None or out_shape is None:
-                continue
-            m, n = mm_shape
-            shape2d = [n, m] if transposed else [m, n]
-            with g.inserting_before(node):  # a Reshape of a graph input copies in onnxruntime
-                reshape = out_shape != shape2d
-                buf2d = g.call_function(aten.view.default, (buf, shape2d)) if reshape else buf
-                if transposed:  # (a @ b)^T = b^T @ a^T
-                    a, b = (
-                        g.call_function(aten.permute.default, (b, [1, 0])),
-                        g.call_function(aten.permute.default, (a, [1, 0])),
-                    )
-                fused = g.call_function(aten.addmm.default, (buf2d, a, b), {"beta": mu})
-                out = g.call_function(aten.view.default, (fused, out_shape)) if reshape else fused
-            node.replace_all_uses_with(out)
-            g.erase_node(node)
-            done += 1
-            break
-    if done:
-        g.eliminate_dead_code()
-        gm.recompile()
-    return done
+            if hit and src and _replace_with_addmm(gm, node, *src, hit[0], None, {"beta": hit[1]}):
+                done += 1
+                break
+    return _finish(gm, done)
 
 
 def _lr_scaled(node: Any) -> tuple[Any, Any] | None:
@@ -112,44 +127,16 @@ def fuse_sgd_into_gemm(gm: fx.GraphModule) -> int:
     smaller operand (batch-sized for weight gradients). Rounding differs from lr * (a @ b)
     by an ulp; the verification gate bounds it.
     """
-    g = gm.graph
     done = 0
-    for node in list(g.nodes):
+    for node in list(gm.graph.nodes):
         if node.target != aten.sub.Tensor or node.kwargs or len(node.args) != 2:
             continue
         p, scaled = node.args
         hit = _lr_scaled(scaled)
         src = _matmul_source(hit[1]) if hit else None
-        if not hit or not src or not isinstance(p, fx.Node):
-            continue
-        (lr, _), (mm, transposed) = hit, src
-        a, b = mm.args
-        mm_shape, out_shape = _static_shape(mm), _static_shape(node)
-        if mm_shape is None or out_shape is None:
-            continue
-        m, n = mm_shape
-        shape2d = [n, m] if transposed else [m, n]
-        with g.inserting_before(node):
-            reshape = out_shape != shape2d
-            p2d = g.call_function(aten.view.default, (p, shape2d)) if reshape else p
-            if transposed:
-                a, b = (
-                    g.call_function(aten.permute.default, (b, [1, 0])),
-                    g.call_function(aten.permute.default, (a, [1, 0])),
-                )
-            if shape2d[0] <= shape2d[1]:  # a is (rows, K), b is (K, cols): scale the smaller
-                a = g.call_function(aten.mul.Tensor, (a, lr))
-            else:
-                b = g.call_function(aten.mul.Tensor, (b, lr))
-            fused = g.call_function(aten.addmm.default, (p2d, a, b), {"alpha": -1})
-            out = g.call_function(aten.view.default, (fused, out_shape)) if reshape else fused
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        done += 1
-    if done:
-        g.eliminate_dead_code()
-        gm.recompile()
-    return done
+        if hit and src and isinstance(p, fx.Node):
+            done += _replace_with_addmm(gm, node, *src, p, hit[0], {"alpha": -1})
+    return _finish(gm, done)
 
 
 __all__ = ["fuse_momentum_into_gemm", "fuse_sgd_into_gemm"]

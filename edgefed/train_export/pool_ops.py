@@ -178,17 +178,10 @@ def max_pool2d_with_indices(
     return torch.ops.edgefed.max_pool2d_fwd.default(x, k)
 
 
-def max_pool2d_with_indices_backward(
-    grad: Tensor,
-    x: Tensor,
-    kernel_size: Any,
-    stride: Any,
-    padding: Any,
-    dilation: Any,
-    ceil_mode: bool,
-    indices: Tensor,
-) -> Any:
-    k = fast_path(x, kernel_size, stride, padding, dilation, ceil_mode)
+def max_pool2d_with_indices_backward(grad: Tensor, x: Tensor, *args: Any) -> Any:
+    """args: kernel_size, stride, padding, dilation, ceil_mode, indices (aten's order)."""
+    *window, indices = args
+    k = fast_path(x, *window)
     if k is None:
         return NotImplemented
     return torch.ops.edgefed.max_pool2d_bwd.default(
