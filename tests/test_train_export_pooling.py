@@ -60,6 +60,9 @@ def test_step_matches_torch_with_ties(name: str) -> None:
         assert "SpaceToDepth" in ops and "Col2Im" in ops and not with_indices
     else:
         assert "SpaceToDepth" not in ops and with_indices
+    # the inference graph (verified against the model by the export) needs no indices at all
+    inf = [n for n in onnx.load_from_string(g.inference_onnx).graph.node if n.op_type == "MaxPool"]
+    assert len(inf) == 1 and len(inf[0].output) == 1
 
     # Integer inputs and p = 0: most windows hold several equal maxima; torch sends the
     # gradient to the FIRST one in row-major window order, and so must the step graph.

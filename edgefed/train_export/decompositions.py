@@ -166,7 +166,7 @@ def threshold_backward(grad_out: Tensor, x: Tensor, threshold: float) -> Tensor:
     return grad_out * (x > threshold).to(grad_out.dtype)
 
 
-def decomposition_table() -> dict[Any, Callable[..., Any]]:
+def decomposition_table(training: bool = True) -> dict[Any, Callable[..., Any]]:
     """core aten decompositions + the ones above (built fresh: callers may extend it)."""
     table: dict[Any, Callable[..., Any]] = dict(core_aten_decompositions())
     table.update(
@@ -190,7 +190,8 @@ def decomposition_table() -> dict[Any, Callable[..., Any]]:
     # Non-overlapping max pooling goes through pool_ops (the exporter's MaxPool-with-indices
     # is 14x slower in onnxruntime); other windows keep torch's reference backward.
     ref_backward = table[aten.max_pool2d_with_indices_backward.default]
-    table[aten.max_pool2d_with_indices.default] = pool_ops.max_pool2d_with_indices
+    if training:  # inference graphs never read the indices: the exporter's plain MaxPool
+        table[aten.max_pool2d_with_indices.default] = pool_ops.max_pool2d_with_indices
 
     def max_pool_backward(*args: Any, **kwargs: Any) -> Any:
         r = pool_ops.max_pool2d_with_indices_backward(*args, **kwargs)

@@ -164,10 +164,11 @@ def _trace_and_export(
     opset: int,
     model: nn.Module,
     run: Callable[[], Any],
+    training: bool = True,
 ) -> bytes:
     examples = [s.example for s in slots]
     _assert_distinct(examples)
-    table = decomposition_table()
+    table = decomposition_table(training)
     with fx_config.patch(use_duck_shape=False):
         fakes = _fake_inputs(slots)
         gm = make_fx(
@@ -175,6 +176,8 @@ def _trace_and_export(
         )(*fakes)
     fuse_momentum_into_gemm(gm)
     fuse_sgd_into_gemm(gm)
+    gm.graph.eliminate_dead_code()  # e.g. pooling indices an inference graph never reads
+    gm.recompile()
     check_supported(gm, model, run)
     batch = Dim("batch", min=1, max=MAX_BATCH)
     dyn = [{0: batch} if s.batch else None for s in slots]
@@ -418,7 +421,9 @@ def export_training_step(
             return torch.func.functional_call(model, values, (flat[0],))
 
         _set_modes(model, False, False)
-        inf_onnx = _trace_and_export(infer, inf_slots, ["output"], opset, model, lambda: model(xe))
+        inf_onnx = _trace_and_export(
+            infer, inf_slots, ["output"], opset, model, lambda: model(xe), training=False
+        )
         with torch.no_grad():
             sample_out = model(xe[:2])
     finally:
