@@ -27,6 +27,21 @@ def _model() -> nn.Module:
     )
 
 
+def _weight_first_gemms(onnx_bytes: bytes) -> int:
+    """Gemms whose A operand is a parameter (seen through Identity): W @ x^T forwards."""
+    graph = onnx.load_from_string(onnx_bytes).graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def source(name: str) -> str:
+        while name in producer and producer[name].op_type == "Identity":
+            name = producer[name].input[0]
+        return name
+
+    return sum(
+        1 for n in graph.node if n.op_type == "Gemm" and source(n.input[0]).startswith("param:")
+    )
+
+
 def _gemms(onnx_bytes: bytes) -> list[dict[str, float]]:
     out = []
     for n in onnx.load_from_string(onnx_bytes).graph.node:
@@ -43,6 +58,8 @@ def test_update_is_fused_and_matches_torch(momentum: float, attr: str, value: fl
     )
     fused = [a for a in _gemms(g.onnx) if a.get(attr) == pytest.approx(value)]
     assert len(fused) == 3  # conv (im2col GEMM) and both Linear weights
+    assert _weight_first_gemms(g.onnx) == 2  # both Linear forwards as W @ x^T
+    assert _weight_first_gemms(g.inference_onnx) == 0
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 1, 4, 4)).astype(np.float32)

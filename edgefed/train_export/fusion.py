@@ -139,4 +139,40 @@ def fuse_sgd_into_gemm(gm: fx.GraphModule) -> int:
     return _finish(gm, done)
 
 
-__all__ = ["fuse_momentum_into_gemm", "fuse_sgd_into_gemm"]
+def transposed_linear_forward(gm: fx.GraphModule) -> int:
+    """Linear forward ``addmm(b, x, W^T)`` -> ``addmm(b[:, None], W, x^T)^T``; returns count.
+
+    MLAS packs the B operand of every Gemm. ``x @ W^T`` packs the whole weight matrix each
+    step (weights are inputs, so nothing is pre-packed); ``W @ x^T`` packs only the
+    batch-sized activations and reads W in place: 0.56 vs 0.79 ms for 32x784 @ 784x1024.
+    onnxruntime's transpose optimizer then cancels or folds most of the transposes into the
+    neighbouring Gemms (0.04 ms left on the 784-1024-512-10 MLP, whose step went 4.3 -> 3.7
+    ms at 1 thread with plain SGD).
+    """
+    g = gm.graph
+    done = 0
+    for node in list(g.nodes):
+        if node.target != aten.addmm.default or node.kwargs or len(node.args) != 3:
+            continue
+        bias, x, wt = node.args
+        if not (isinstance(wt, fx.Node) and wt.target == aten.permute.default):
+            continue
+        w = wt.args[0]
+        ws = _static_shape(w)
+        bs = _static_shape(bias)
+        if ws is None or bs is None or len(ws) != 2 or bs != [ws[0]]:
+            continue
+        if _static_shape(x) is not None:
+            continue  # only batch-sized activations
+        with g.inserting_before(node):
+            bcol = g.call_function(aten.view.default, (bias, [ws[0], 1]))
+            xt = g.call_function(aten.permute.default, (x, [1, 0]))
+            yt = g.call_function(aten.addmm.default, (bcol, w, xt))
+            y = g.call_function(aten.permute.default, (yt, [1, 0]))
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+        done += 1
+    return _finish(gm, done)
+
+
+__all__ = ["fuse_momentum_into_gemm", "fuse_sgd_into_gemm", "transposed_linear_forward"]
