@@ -18,37 +18,40 @@ from edgefed.train_export import SGD, export_training_step
 class PositionalPool(nn.Module):
     """maxpool(x + p) with a per-pixel parameter p: dL/dp shows WHICH input got the gradient."""
 
-    def __init__(self, c: int, h: int, w: int, pool: nn.MaxPool2d) -> None:
+    def __init__(self, c: int, h: int, w: int, pool: nn.MaxPool2d, relu: bool) -> None:
         super().__init__()
         self.p = nn.Parameter(torch.zeros(c, h, w))
+        self.act = nn.ReLU() if relu else nn.Identity()
         self.pool = pool
         self.fc = nn.LazyLinear(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(x + self.p).flatten(1))
+        return self.fc(self.pool(self.act(x + self.p)).flatten(1))
 
 
 POOLS = {
-    "2x2 stride 2, 7x7 (floor remainder)": (nn.MaxPool2d(2), 7, True),
-    "3x3 stride 3, 9x9": (nn.MaxPool2d(3), 9, True),
-    "2x2 stride 2, 6x5": (nn.MaxPool2d(2), (6, 5), True),
-    "3x3 stride 2 pad 1 (default path)": (nn.MaxPool2d(3, stride=2, padding=1), 7, False),
-    "2x2 ceil_mode, 7x7 (default path)": (nn.MaxPool2d(2, ceil_mode=True), 7, False),
+    "2x2 stride 2, 7x7 (floor remainder)": (nn.MaxPool2d(2), 7, True, False),
+    "3x3 stride 3, 9x9": (nn.MaxPool2d(3), 9, True, False),
+    "2x2 stride 2, 6x5": (nn.MaxPool2d(2), (6, 5), True, False),
+    # ReLU before the pool: its mask moves onto the pooled gradient (fusion.py); zeros tie
+    "ReLU then 2x2 stride 2, 7x7": (nn.MaxPool2d(2), 7, True, True),
+    "3x3 stride 2 pad 1 (default path)": (nn.MaxPool2d(3, stride=2, padding=1), 7, False, False),
+    "2x2 ceil_mode, 7x7 (default path)": (nn.MaxPool2d(2, ceil_mode=True), 7, False, False),
 }
 
 
-def _model(pool: nn.MaxPool2d, hw: int | tuple[int, int]) -> nn.Module:
+def _model(pool: nn.MaxPool2d, hw: int | tuple[int, int], relu: bool) -> nn.Module:
     h, w = (hw, hw) if isinstance(hw, int) else hw
     torch.manual_seed(0)
-    m = PositionalPool(2, h, w, pool)
+    m = PositionalPool(2, h, w, pool, relu)
     m(torch.zeros(1, 2, h, w))  # materialise the lazy Linear
     return m
 
 
 @pytest.mark.parametrize("name", list(POOLS))
 def test_step_matches_torch_with_ties(name: str) -> None:
-    pool, hw, fast = POOLS[name]
-    m = _model(pool, hw)
+    pool, hw, fast, relu = POOLS[name]
+    m = _model(pool, hw, relu)
     h, w = m.p.shape[1:]
     g = export_training_step(
         m, (torch.randn(4, 2, h, w), torch.randint(0, 3, (4,))), optimizer=SGD(momentum=0.9)
@@ -60,6 +63,9 @@ def test_step_matches_torch_with_ties(name: str) -> None:
         assert "SpaceToDepth" in ops and "Col2Im" in ops and not with_indices
     else:
         assert "SpaceToDepth" not in ops and with_indices
+    if fast and relu:  # ReLU's mask was applied before Col2Im, not on the full-size gradient
+        unpooled = {o for n in nodes if n.op_type in ("Col2Im", "Pad") for o in n.output}
+        assert not [n for n in nodes if n.op_type == "Mul" and set(n.input) & unpooled]
     # the inference graph (verified against the model by the export) needs no indices at all
     inf = [n for n in onnx.load_from_string(g.inference_onnx).graph.node if n.op_type == "MaxPool"]
     assert len(inf) == 1 and len(inf[0].output) == 1
@@ -67,7 +73,7 @@ def test_step_matches_torch_with_ties(name: str) -> None:
     # Integer inputs and p = 0: most windows hold several equal maxima; torch sends the
     # gradient to the FIRST one in row-major window order, and so must the step graph.
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 2, (8, 2, h, w)).astype(np.float32)
+    x = rng.integers(-1 if relu else 0, 2, (8, 2, h, w)).astype(np.float32)
     y = rng.integers(0, 3, 8)
     state = {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
     tr = StepTrainer(g.onnx, g.manifest)

@@ -43,7 +43,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .decompositions import decomposition_table
 from .diagnose import check_supported, registry
 from .errors import TrainExportError
-from .fusion import fuse_momentum_into_gemm, fuse_sgd_into_gemm, transposed_linear_forward
+from .fusion import (
+    fuse_momentum_into_gemm,
+    fuse_sgd_into_gemm,
+    relu_mask_before_unpool,
+    transposed_linear_forward,
+)
 from .optimizers import SGD, Optimizer
 from .verify import BATCHES, verify_inference, verify_step
 
@@ -176,6 +181,7 @@ def _trace_and_export(
         )(*fakes)
     fuse_momentum_into_gemm(gm)
     fuse_sgd_into_gemm(gm)
+    relu_mask_before_unpool(gm)
     if training:  # inference keeps x @ W^T: at batch 1 that is the GEMV-friendly orientation
         transposed_linear_forward(gm)
     gm.graph.eliminate_dead_code()  # e.g. pooling indices an inference graph never reads

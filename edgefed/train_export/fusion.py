@@ -10,6 +10,7 @@ sum): the verification gate checks it like everything else.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -175,4 +176,59 @@ def transposed_linear_forward(gm: fx.GraphModule) -> int:
     return _finish(gm, done)
 
 
-__all__ = ["fuse_momentum_into_gemm", "fuse_sgd_into_gemm", "transposed_linear_forward"]
+def _through_alias(node: Any) -> Any:
+    while isinstance(node, fx.Node) and node.target == aten.alias.default:
+        node = node.args[0]
+    return node
+
+
+def _relu_mask_source(mask: Any) -> Any:
+    """The tensor r when mask is ``(r > 0).to(float32)`` (ReLU's backward mask), else None."""
+    if getattr(mask, "target", None) != aten._to_copy.default or len(mask.users) != 1:
+        return None
+    gt = mask.args[0]
+    if getattr(gt, "target", None) != aten.gt.Scalar or gt.args[1] != 0 or len(gt.users) != 1:
+        return None
+    return _through_alias(gt.args[0])
+
+
+def relu_mask_before_unpool(gm: fx.GraphModule) -> int:
+    """ReLU -> max pool backward: apply ReLU's mask to the POOLED gradient.
+
+    ``unpool(g) * (relu_out > 0)`` equals ``unpool(g * (pooled > 0))``: unpooling sends each
+    gradient to the window's maximum, and the maximum is > 0 exactly when ``pooled`` is. The
+    mask then costs a quarter (2x2 windows) of the passes over the full-size map.
+    """
+    g = gm.graph
+    pool_bwd = torch.ops.edgefed.max_pool2d_bwd.default
+    done = 0
+    for node in list(g.nodes):
+        if node.target != aten.mul.Tensor or node.kwargs or len(node.args) != 2:
+            continue
+        for unpool, mask in (node.args, node.args[::-1]):
+            r = _relu_mask_source(mask)
+            if getattr(unpool, "target", None) != pool_bwd or len(unpool.users) != 1 or r is None:
+                continue
+            idx = unpool.args[1]  # getitem(max_pool2d_fwd(x, k), 1)
+            fwd = idx.args[0] if getattr(idx, "target", None) is operator.getitem else None
+            if fwd is None or _through_alias(fwd.args[0]) is not r or r.target != aten.relu.default:
+                continue
+            with g.inserting_before(node):
+                pooled = g.call_function(operator.getitem, (fwd, 0))
+                pos = g.call_function(aten.gt.Scalar, (pooled, 0))
+                keep = g.call_function(aten._to_copy.default, (pos,), {"dtype": torch.float32})
+                masked = g.call_function(aten.mul.Tensor, (unpool.args[0], keep))
+                out = g.call_function(pool_bwd, (masked, *unpool.args[1:]))
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+            done += 1
+            break
+    return _finish(gm, done)
+
+
+__all__ = [
+    "fuse_momentum_into_gemm",
+    "fuse_sgd_into_gemm",
+    "relu_mask_before_unpool",
+    "transposed_linear_forward",
+]
