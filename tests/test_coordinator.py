@@ -205,3 +205,47 @@ def test_streaming_fedavg_equals_aggregate_over_kept_updates(fm, tmp_path: Path)
     assert not eng._sums  # nothing held between rounds
     med = RoundEngine(fm, Median(), RoundConfig())
     assert not med._streaming  # robust strategies keep every update until the round ends
+
+
+def test_checkpoint_keeps_json_strategy_state_and_refuses_objects(tmp_path: Path) -> None:
+    """A DP ledger (JSON) must survive a restart: as an object array np.savez pickled it and
+    the loader (allow_pickle=False) then refused the whole checkpoint."""
+    from edgefed.privacy.strategy import DPFedAvg
+
+    dp = DPFedAvg(clip_norm=1.0, noise_multiplier=1.1, expected_clients=10, sample_rate=0.1)
+    for _ in range(7):
+        dp.ledger.record(1.1, 0.1)
+    state = {**dp.state_dict(), "m/w": np.arange(3, dtype=np.float32)}
+    p = tmp_path / "c.npz"
+    save_checkpoint(p, Checkpoint(3, "r3", {"w": np.ones(3, np.float32)}, state))
+    got = load_checkpoint(p).strategy_state
+    assert got["ledger"] == dp.state_dict()["ledger"]
+    np.testing.assert_array_equal(got["m/w"], state["m/w"])
+    dp2 = DPFedAvg(clip_norm=1.0, noise_multiplier=1.1, expected_clients=10, sample_rate=0.1)
+    dp2.load_state_dict({"ledger": got["ledger"]})
+    assert dp2.ledger.state() == dp.ledger.state()
+    with pytest.raises(CheckpointError, match="'odd' is neither an array nor JSON"):
+        save_checkpoint(p, Checkpoint(4, "r4", {"w": np.ones(3, np.float32)}, {"odd": {1, 2}}))
+    assert load_checkpoint(p).round == 3  # the refused save left the old checkpoint intact
+
+
+def test_adaptive_norm_bound_history_survives_a_restart(fm, tmp_path: Path) -> None:
+    from edgefed.security.norm_bound import AdaptiveNormBound
+
+    def strategy() -> FedAvg:
+        s = FedAvg()
+        s.norm_bound = AdaptiveNormBound(factor=2.0, min_history=2)
+        return s
+
+    eng, workers = _setup(fm, tmp_path, strategy=strategy())
+    for _ in range(2):
+        for d, t in eng.start_round(sorted(workers)).items():
+            eng.handle_update(d, workers[d].handle_task(t))
+        eng.finish_round()
+    bound = eng.strategy.norm_bound.bound
+    assert bound is not None and bound > 0
+    save_checkpoint(tmp_path / "c.npz", eng.checkpoint())
+    eng2 = RoundEngine(fm, strategy(), RoundConfig(uplink="int8", lr=0.1, seed=1))
+    assert eng2.strategy.norm_bound.bound is None  # a fresh bound would start warm-up again
+    eng2.restore(load_checkpoint(tmp_path / "c.npz"))
+    assert eng2.strategy.norm_bound.bound == pytest.approx(bound)

@@ -34,16 +34,38 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)  # device stats, history, config hash
 
 
+def _split_strategy_state(state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    """Numeric arrays go into the npz; JSON values (a DP ledger, say) into the header.
+
+    An object array would be pickled by np.savez and then refused by the loader
+    (allow_pickle=False): a checkpoint that saves but can never be restored. Refused here.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    plain: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, np.ndarray | np.generic) and v.dtype != object:
+            arrays[f"strategy/{k}"] = np.asarray(v)
+            continue
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"strategy state {k!r} is neither an array nor JSON: {e}") from e
+        plain[k] = v
+    return arrays, plain
+
+
 def save_checkpoint(path: str | Path, ck: Checkpoint) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {f"param/{k}": v for k, v in ck.params.items()}
-    arrays.update({f"strategy/{k}": np.asarray(v) for k, v in ck.strategy_state.items()})
+    strat_arrays, strat_json = _split_strategy_state(ck.strategy_state)
+    arrays.update(strat_arrays)
     header = {
         "format": FORMAT,
         "round": ck.round,
         "model_version": ck.model_version,
         "meta": ck.meta,
+        "strategy_json": strat_json,
     }
     arrays["__meta__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -85,6 +107,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for k, v in params.items():
         if v.dtype != np.float32 or not np.isfinite(v).all():
             raise CheckpointError(f"{path}: parameter {k!r} is not finite float32")
+    extra = header.get("strategy_json", {})
+    if not isinstance(extra, dict) or set(extra) & set(strat):
+        raise CheckpointError(f"{path}: bad strategy_json (not an object, or repeats an array)")
+    strat.update(extra)
     return Checkpoint(
         header["round"], str(header["model_version"]), params, strat, header.get("meta", {})
     )

@@ -392,8 +392,16 @@ class RoundEngine:
                 "cum_bytes_down": self.cum_down,
                 "rng": list(self.rng.getstate()[1]),
                 "seen": [list(k) for k in self.seen.keys()[-10000:]],
+                **self._norm_bound_meta(),
             },
         )
+
+    def _norm_bound_meta(self) -> dict[str, Any]:
+        """The adaptive norm bound's history: without it a restarted coordinator would run
+        its warm-up again, the rounds in which an attacker's scaled update is bounded only
+        by the round's own median."""
+        nb = getattr(self.strategy, "norm_bound", None)
+        return {"norm_bound": nb.state()} if nb is not None else {}
 
     def restore(self, ck: Checkpoint) -> None:
         if set(ck.params) != set(self.params):
@@ -405,6 +413,9 @@ class RoundEngine:
         self.strategy.load_state_dict(ck.strategy_state)
         self.round = ck.round
         meta = ck.meta
+        nb = getattr(self.strategy, "norm_bound", None)
+        if nb is not None and "norm_bound" in meta:
+            nb.load_state(meta["norm_bound"])  # NormBoundError names a malformed history
         self.devices = {k: DeviceStats(**v) for k, v in meta.get("devices", {}).items()}
         for st in self.devices.values():
             st.graphs = []  # a device may have lost its cache; resending a graph is cheap
