@@ -405,6 +405,9 @@ def test_runtime_transport_runs_on_the_generated_accounts(secured_mosquitto: Any
         received = [dev.get(timeout=10) for _ in range(200)]
         assert [m.payload for m in received if m] == [b"task %d" % i for i in range(200)]
         assert coord.get(timeout=0.3) is None
+        assert dev.flush(10)
+        # the ACL's refusal reached the runtime client as a named, logged refusal
+        assert list(dev.refused) == [(TOPICS.update("dev-1"), "Not authorized")]
     finally:
         dev.stop()
         coord.stop()

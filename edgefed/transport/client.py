@@ -82,6 +82,10 @@ class MqttClient:
         )
         self.seen = SeenSet(100_000)
         self.rejected: deque[tuple[str, str]] = deque(maxlen=1000)
+        # (topic, reason) of our own publishes the broker refused (MQTT 5 PUBACK >= 0x80, e.g.
+        # 0x87 not authorized by the ACL); MQTT 3.1.1 brokers drop those silently.
+        self.refused: deque[tuple[str, str]] = deque(maxlen=1000)
+        self._topic_of_mid: dict[int, str] = {}
         self.connected = threading.Event()
         # Set once the broker has acknowledged every subscription of the current connection:
         # start() waits for it, so nothing published right after start() can be missed.
@@ -212,6 +216,12 @@ class MqttClient:
             log.info("%s disconnected: %s", self.client_id, reason_code)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        topic = self._topic_of_mid.pop(mid, "(topic not recorded)")
+        if reason_code.is_failure:
+            log.error(
+                "%s: broker refused our publish on %s: %s", self.client_id, topic, reason_code
+            )
+            self.refused.append((topic, str(reason_code)))
         self.window.release(mid)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
@@ -363,6 +373,9 @@ class MqttClient:
             self.window.cancel()
             raise OSError(f"{self.client_id}: publish failed: {mqtt.error_string(info.rc)}")
         # NO_CONN: paho keeps the QoS 1 message and sends it after the reconnect.
+        if len(self._topic_of_mid) > 10_000:  # acks that came before we recorded the topic
+            self._topic_of_mid.clear()
+        self._topic_of_mid[info.mid] = topic
         self.window.register(info.mid)
         self.bytes_out += len(frame)
 
