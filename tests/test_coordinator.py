@@ -249,3 +249,28 @@ def test_adaptive_norm_bound_history_survives_a_restart(fm, tmp_path: Path) -> N
     assert eng2.strategy.norm_bound.bound is None  # a fresh bound would start warm-up again
     eng2.restore(load_checkpoint(tmp_path / "c.npz"))
     assert eng2.strategy.norm_bound.bound == pytest.approx(bound)
+
+
+def test_tasks_are_joined_when_read_and_counted_when_built(fm, tmp_path: Path) -> None:
+    """The round holds header + shared parts per device, not a joined copy per device."""
+    from edgefed.transport.message import PackedMessage
+
+    eng, workers = _setup(fm, tmp_path, n=5)
+    tasks = eng.start_round(sorted(workers))
+    assert not isinstance(tasks, dict) and sorted(tasks) == sorted(workers)
+    first = {d: tasks[d] for d in tasks}
+    assert all(tasks[d] == first[d] for d in tasks)  # deterministic on every read
+    assert all(tasks[d] is not first[d] for d in tasks)  # built on read, not kept
+    seeds = {unpack(t)[0]["hyper"]["seed"] for t in first.values()}
+    assert len(seeds) == 5  # per-device seeds drawn when the round opened
+    for d, t in first.items():
+        assert eng.handle_update(d, workers[d].handle_task(t))
+    m = eng.finish_round()
+    assert m.bytes_down == sum(len(t) for t in first.values())
+    signed = tasks.map(lambda d, t: d.encode() + t)
+    assert signed["d1"] == b"d1" + first["d1"]
+    msg = PackedMessage({"type": "x"}, {"a": b"12", "b": b"345"})
+    assert len(msg) == len(msg.to_bytes()) and unpack(msg.to_bytes())[1] == {
+        "a": b"12",
+        "b": b"345",
+    }

@@ -35,6 +35,7 @@ from edgefed.codec import (
 from edgefed.coordinator.checkpoint import Checkpoint
 from edgefed.coordinator.metrics import RoundMetrics
 from edgefed.coordinator.model import FederatedModel
+from edgefed.coordinator.tasks import LazyTasks
 from edgefed.strategies import (
     ClientUpdate,
     LinearStrategy,
@@ -44,7 +45,7 @@ from edgefed.strategies import (
     validate_update,
 )
 from edgefed.transport.dedupe import SeenSet
-from edgefed.transport.message import MessageError, pack, require, unpack
+from edgefed.transport.message import MessageError, PackedMessage, require, unpack
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,9 @@ class RoundEngine:
         k = max(self.cfg.min_sampled, math.ceil(self.cfg.fraction * len(online)))
         return sorted(self.rng.sample(sorted(online), min(k, len(online))))
 
-    def start_round(self, online: list[str]) -> dict[str, bytes]:
-        """Open round ``self.round + 1`` for a sample of ``online``; returns device -> task."""
+    def start_round(self, online: list[str]) -> LazyTasks:
+        """Open round ``self.round + 1`` for a sample of ``online``; returns device -> task
+        (a mapping that joins each task's bytes when read; see coordinator/tasks.py)."""
         rnd = self.round + 1
         chosen = self.sample(online)
         self._open = rnd
@@ -169,7 +171,7 @@ class RoundEngine:
             "lr": self.cfg.lr,
             **self.strategy.configure_round(rnd),
         }
-        tasks = {}
+        tasks: dict[str, PackedMessage] = {}
         for d, gid in self._sampled.items():
             g = self.model.graphs[gid]
             st = self.device(d)
@@ -194,9 +196,9 @@ class RoundEngine:
                 parts["manifest"] = json.dumps(g.manifest).encode()
                 parts["inference"] = g.inference_onnx
                 st.graphs = [*st.graphs, g.sha][-16:]
-            tasks[d] = pack(header, parts)
+            tasks[d] = PackedMessage(header, parts)
             self._bytes_down += len(tasks[d])
-        return tasks
+        return LazyTasks({d: m.to_bytes for d, m in tasks.items()})
 
     def _drop(self, device: str, reason: str) -> bool:
         log.warning("round %s: dropped update from %s: %s", self._open, device, reason)

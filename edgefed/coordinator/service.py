@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
@@ -54,7 +55,7 @@ class CoordinatorService:
         if sharding is None:
             subs.append(self.topics.all_updates)
         self.client = MqttClient(transport, client_id, subscriptions=subs)
-        self._tasks: dict[str, bytes] = {}  # device -> signed task of the open round
+        self._tasks: Mapping[str, bytes] = {}  # device -> (signed) task of the open round
         # Every downlink message is signed (topic-bound, round as anti-replay sequence) when a
         # key is configured; without one agents cannot tell our model from a forged one.
         self.signer = signer
@@ -177,10 +178,10 @@ class CoordinatorService:
                 tasks = self.engine.start_round(sorted(self.online))
                 rnd = self.engine.open_round
                 assert rnd is not None
-                if self.signer is not None:
-                    tasks = {
-                        d: self.signer.sign(self.topics.task(d), t, rnd) for d, t in tasks.items()
-                    }
+                if self.signer is not None:  # signed when published (Ed25519 is deterministic)
+                    tasks = tasks.map(
+                        lambda d, t, s=self.signer, r=rnd: s.sign(self.topics.task(d), t, r)
+                    )
                 self._tasks = tasks
                 if self.agg is not None:  # workers must know the round before any update
                     self.agg.open_round(rnd, self.engine.model_version, sorted(tasks))

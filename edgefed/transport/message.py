@@ -21,14 +21,35 @@ class MessageError(ValueError):
         self.reason = reason
 
 
+class PackedMessage:
+    """A message whose bytes are joined only when asked for.
+
+    The coordinator sends the same weights (and graphs) to every sampled device: holding
+    the encoded header plus references to the shared parts, not one joined copy per device,
+    keeps a round's tasks at about one model's size whatever the number of devices.
+    """
+
+    __slots__ = ("_head", "_parts")
+
+    def __init__(self, header: dict[str, Any], parts: dict[str, bytes] | None = None) -> None:
+        parts = parts or {}
+        h = dict(header)
+        h["parts"] = [[name, len(data)] for name, data in parts.items()]
+        hb = json.dumps(h, separators=(",", ":"), allow_nan=False).encode()
+        if len(hb) > MAX_HEADER:
+            raise ValueError("message header too large")
+        self._head = struct.pack("<I", len(hb)) + hb
+        self._parts = list(parts.values())
+
+    def __len__(self) -> int:
+        return len(self._head) + sum(len(p) for p in self._parts)
+
+    def to_bytes(self) -> bytes:
+        return b"".join([self._head, *self._parts])
+
+
 def pack(header: dict[str, Any], parts: dict[str, bytes] | None = None) -> bytes:
-    parts = parts or {}
-    h = dict(header)
-    h["parts"] = [[name, len(data)] for name, data in parts.items()]
-    hb = json.dumps(h, separators=(",", ":"), allow_nan=False).encode()
-    if len(hb) > MAX_HEADER:
-        raise ValueError("message header too large")
-    return b"".join([struct.pack("<I", len(hb)), hb, *parts.values()])
+    return PackedMessage(header, parts).to_bytes()
 
 
 def unpack(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
