@@ -38,10 +38,12 @@ T* out_ptr(py::array& a, const char* name) {
   return static_cast<T*>(a.mutable_data());
 }
 
-template <class T>
-py::array_t<T> vec_to_array(std::vector<T>&& v) {
-  auto* heap = new std::vector<T>(std::move(v));
-  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+template <class V>
+py::array_t<typename V::value_type> vec_to_array(V&& v) {
+  using T = typename V::value_type;
+  using Vec = std::decay_t<V>;
+  auto* heap = new Vec(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<Vec*>(p); });
   return py::array_t<T>({static_cast<py::ssize_t>(heap->size())}, {sizeof(T)}, heap->data(),
                         owner);
 }

@@ -30,7 +30,8 @@ def test_topk_exact_matches_reference(n: int, frac: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", ["ties", "zeros", "sorted", "spike", "tiny", "huge", "negzero", "lognormal"]
+    "kind",
+    ["ties", "zeros", "sorted", "spike", "tiny", "huge", "negzero", "lognormal", "levels"],
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_topk_adversarial_inputs(kind: str, threads: int) -> None:
@@ -45,6 +46,9 @@ def test_topk_adversarial_inputs(kind: str, threads: int) -> None:
         "huge": (rng.standard_normal(n) * 1e37).astype(np.float32),
         "negzero": np.where(np.arange(n) % 2 == 0, -0.0, 0.0).astype(np.float32),
         "lognormal": rng.lognormal(0, 5, n).astype(np.float32),
+        # few distinct magnitudes: many ties at the threshold inside the sampled band,
+        # split across both threads' parts (lowest indices must win)
+        "levels": (np.round(rng.standard_normal(n) * 64) / 64).astype(np.float32),
     }[kind]
     ref = ref_topk(x, k)
     for fn in (
