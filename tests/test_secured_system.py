@@ -12,6 +12,7 @@ import tomllib
 from typing import Any
 
 import numpy as np
+from processes import stop_processes
 
 from device_agent.agent import AgentService, DeviceWorker
 from edgefed.coordinator.config import CoordinatorConfig
@@ -91,11 +92,4 @@ def test_sharded_fleet_runs_on_the_secured_broker(
             a.stop()
         for th in threads:
             th.join(timeout=10)
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs)

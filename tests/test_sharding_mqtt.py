@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import stop_processes
 
 from edgefed.codec import (
     Accumulator,
@@ -131,18 +132,6 @@ def start_workers(url: str, tmp: Path, n: int, heartbeat: float = 0.3) -> list[s
     return procs
 
 
-def stop_workers(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 @pytest.fixture
 def cluster(mosquitto, tmp_path):
     """(driver factory, fleet, worker processes) on one mosquitto; everything stopped after."""
@@ -168,7 +157,7 @@ def cluster(mosquitto, tmp_path):
         for d in made:
             d.stop()
         fleet.stop()
-        stop_workers(procs)
+        stop_processes(procs)
 
 
 def run_round(d: ShardedAggregation, fleet: Fleet, rnd: int, n: int, timeout: float = 30.0):
@@ -359,7 +348,7 @@ def test_forged_partials_rejected_round_still_ends(mosquitto, tmp_path):
         for w in evil:
             w.stop()
         fleet.stop()
-        stop_workers(procs)
+        stop_processes(procs)
 
 
 def test_partial_round_trip_json_meta_is_strict():
