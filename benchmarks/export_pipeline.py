@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from edgefed.bundle import build_bundle, generate_keypair, install_bundle, verify_bytes
-from edgefed.export.data import noisy_digits
 from edgefed.export.distill import train_supervised
 from edgefed.export.measure import latency_ms, session
-from edgefed.export.models import DigitsCNN
 from edgefed.export.pipeline import ExportConfig, manifest_for, pick_stage, run_pipeline
+from edgefed.zoo.data import noisy_digits
+from edgefed.zoo.models import DigitsCNN
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"

@@ -81,8 +81,8 @@ def one_job(job: tuple[str, int, int, int, float, list[str], str]) -> list[dict]
 
     torch.set_num_threads(1)
     from edgefed.coordinator.model import build_federated_model
-    from edgefed.data import digits_federated
     from edgefed.simulation import simulate
+    from edgefed.zoo.data import digits_federated
 
     devs, test = digits_federated(devices, alpha, seed, image=kind == "cnn")
     torch.manual_seed(seed)
@@ -232,7 +232,7 @@ def main() -> int:
     (out / "fl_compression.json").write_text(
         json.dumps({"args": vars(a), "machine": machine, "rows": rows, "runs": results})
     )
-    from edgefed.plot import plot_runs
+    from edgefed.apps.plot import plot_runs
 
     for kind in models:
         runs = {}

@@ -52,7 +52,7 @@ def _rss_mb() -> float:
 def _data(n_dev: int, n: int):
     import numpy as np
 
-    from edgefed.data import load_digits_arrays
+    from edgefed.zoo.data import load_digits_arrays
 
     x, y = load_digits_arrays()
     r = np.random.default_rng(0)
@@ -65,10 +65,10 @@ def role_coordinator(a: argparse.Namespace) -> None:
     from edgefed.coordinator.model import FederatedModel
     from edgefed.coordinator.rounds import RoundConfig, RoundEngine
     from edgefed.coordinator.service import CoordinatorService
-    from edgefed.data import load_digits_arrays, train_test_split
     from edgefed.simulation import make_evaluator
     from edgefed.strategies import FedAvg
     from edgefed.transport import TransportConfig
+    from edgefed.zoo.data import load_digits_arrays, train_test_split
 
     fm = FederatedModel.load(a.model_dir)
     x, y = load_digits_arrays()
@@ -154,7 +154,7 @@ def run_one(hidden: int, a: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from edgefed.coordinator.model import build_federated_model
-    from edgefed.data import load_digits_arrays
+    from edgefed.zoo.data import load_digits_arrays
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(

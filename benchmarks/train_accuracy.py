@@ -18,8 +18,8 @@ from sklearn.datasets import load_digits
 
 from device_agent.dataset import batch_order
 from device_agent.trainer import StepTrainer
-from edgefed.models import digits_cnn, digits_mlp
 from edgefed.train_export import SGD, export_training_step
+from edgefed.zoo.models import digits_cnn, digits_mlp
 
 OUT = Path(__file__).parent / "out"
 EPOCHS, BATCH, LR, SEED = 5, 32, 0.05, 0

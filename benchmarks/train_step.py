@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from device_agent.trainer import StepTrainer
-from edgefed.models import cnn_28, digits_cnn, digits_mlp, mlp_784, param_count
 from edgefed.train_export import SGD, export_training_step
+from edgefed.zoo.models import cnn_28, digits_cnn, digits_mlp, mlp_784, param_count
 
 OUT = Path(__file__).parent / "out"
 BATCH = 32

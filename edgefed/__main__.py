@@ -1,5 +1,5 @@
 import sys
 
-from edgefed.cli import main
+from edgefed.apps.cli import main
 
 sys.exit(main())

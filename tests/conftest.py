@@ -120,8 +120,8 @@ class SecuredMosquitto:
     broker: Mosquitto
     tls_port: int
     plain_port: int
-    written: object  # edgefed.security.broker_config.Written: passwords, CA path, client certs
-    spec: object  # edgefed.security.broker_config.FleetSpec
+    written: object  # edgefed.fleetops.broker_config.Written: passwords, CA path, client certs
+    spec: object  # edgefed.fleetops.broker_config.FleetSpec
 
 
 def start_secured_mosquitto(directory: Path, **spec_changes: object) -> SecuredMosquitto:
@@ -131,7 +131,7 @@ def start_secured_mosquitto(directory: Path, **spec_changes: object) -> SecuredM
     listener (certificate for 127.0.0.1 and localhost) and an authenticated plain listener
     on loopback. As root, mosquitto runs as root (it would drop to user mosquitto otherwise).
     """
-    from edgefed.security.broker_config import Device, FleetSpec, write_broker_config
+    from edgefed.fleetops.broker_config import Device, FleetSpec, write_broker_config
 
     tls_port, plain_port = free_port(), free_port()
     fields: dict[str, object] = {
@@ -295,7 +295,7 @@ class Fleet:
         # SIGUSR1 dumps every thread's stack into the log (see dump()): a hang is diagnosable.
         code = (
             "import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, "
-            "all_threads=True); from edgefed.cli import main; sys.exit(main(sys.argv[1:]))"
+            "all_threads=True); from edgefed.apps.cli import main; sys.exit(main(sys.argv[1:]))"
         )
         args = ["-c", code, "coordinator", "--config", str(self.coord_config)]
         return self._spawn("coordinator", args)

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from device_agent.dataset import batch_order
-from edgefed.models import digits_mlp
 from edgefed.train_export import SGD, export_training_step
+from edgefed.zoo.models import digits_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the trainer imports. --no-deps: onnxruntime's own requirements (sympy, protobuf, ...)

@@ -146,7 +146,7 @@ def test_hostile_messages_duplicates_and_resume(mosquitto, fm, tmp_path: Path) -
 
 
 def test_demo_command_end_to_end(embedded_broker, tmp_path: Path, capsys) -> None:
-    from edgefed import cli_demo
+    from edgefed.apps import demo as cli_demo
 
     args = argparse.Namespace(
         devices=3,

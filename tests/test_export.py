@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from edgefed.bundle import generate_keypair, install_bundle, verify_bytes
-from edgefed.export.data import TaskData, noisy_digits
 from edgefed.export.distill import distill, kd_loss, predict_logits, train_supervised
 from edgefed.export.measure import export_onnx, parity, session
-from edgefed.export.models import DigitsCNN, count_params
 from edgefed.export.pipeline import (
     AccuracyBudgetError,
     ExportConfig,
@@ -26,6 +24,9 @@ from edgefed.export.pipeline import (
 )
 from edgefed.export.prune import prune_structured, width_scaled
 from edgefed.export.quantize_onnx import qdq_op_counts, quantize_static_qdq
+from edgefed.zoo.data import TaskData, noisy_digits
+from edgefed.zoo.models import DigitsCNN
+from edgefed.zoo.models import param_count as count_params
 
 torch.set_num_threads(1)
 

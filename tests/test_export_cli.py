@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from edgefed.bundle import verify_bundle, write_keypair
-from edgefed.export.data import noisy_digits
 from edgefed.export.distill import train_supervised
-from edgefed.export.models import DigitsCNN
+from edgefed.zoo.data import noisy_digits
+from edgefed.zoo.models import DigitsCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 

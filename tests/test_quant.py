@@ -229,7 +229,7 @@ def test_streaming_store_path_with_unaligned_outputs(isa: str) -> None:
 
 
 def test_quantize_bench_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from edgefed.cli import main
+    from edgefed.apps.cli import main
 
     assert main(["quantize-bench", "--size", "100000", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out

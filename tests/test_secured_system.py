@@ -19,7 +19,7 @@ from edgefed.coordinator.config import CoordinatorConfig
 from edgefed.coordinator.model import FederatedModel
 from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.coordinator.service import CoordinatorService
-from edgefed.security.broker_config import Device
+from edgefed.fleetops.broker_config import Device
 from edgefed.strategies import FedAvg
 from edgefed.transport import TransportConfig
 

@@ -22,11 +22,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefed.cli import main as edgefed_main
-from edgefed.security import certs
-from edgefed.security.acl import render_acl
-from edgefed.security.broker_config import FleetConfigError, load_fleet_toml
-from edgefed.security.passwords import hash_password, verify_password
+from edgefed.apps.cli import main as edgefed_main
+from edgefed.fleetops import certs
+from edgefed.fleetops.acl import render_acl
+from edgefed.fleetops.broker_config import FleetConfigError, load_fleet_toml
+from edgefed.fleetops.passwords import hash_password, verify_password
 from edgefed.transport.topics import Topics
 
 TOPICS = Topics("farm")
@@ -484,7 +484,7 @@ def test_rollout_and_sharding_topics_under_the_acl(secured_mosquitto_factory: An
     itself. Sharding: a worker account reads updates via $share and publishes its partial,
     which the coordinator reads; a device cannot publish a partial."""
     from edgefed.bundle.rollout import bundle_topic, status_topic
-    from edgefed.security.broker_config import Device
+    from edgefed.fleetops.broker_config import Device
     from edgefed.sharding.topics import ShardTopics
 
     agg = ShardTopics(TOPICS)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from device_agent.trainer import StepTrainer, TrainerError
-from edgefed.models import digits_cnn, digits_mlp
 from edgefed.train_export import (
     SGD,
     Adam,
@@ -26,6 +25,7 @@ from edgefed.train_export import (
 )
 from edgefed.train_export.export import _assert_distinct
 from edgefed.train_export.verify import verify_step
+from edgefed.zoo.models import digits_cnn, digits_mlp
 
 
 def zoo() -> nn.Module:

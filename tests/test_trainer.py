@@ -10,8 +10,8 @@ import torch
 
 from device_agent.dataset import DatasetError, batch_order, load_npz
 from device_agent.trainer import StepTrainer, TrainerError
-from edgefed.models import digits_mlp
 from edgefed.train_export import SGD, export_training_step
+from edgefed.zoo.models import digits_mlp
 
 
 @pytest.fixture(scope="module")

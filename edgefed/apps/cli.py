@@ -15,15 +15,15 @@ from edgefed import __version__
 
 # name -> (help, module). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("run the federated demo (embedded broker, coordinator, devices)", "edgefed.cli_demo"),
-    "simulate": ("run a federated simulation with options", "edgefed.cli_simulate"),
+    "demo": ("run the federated demo (embedded broker, coordinator, devices)", "edgefed.apps.demo"),
+    "simulate": ("run a federated simulation with options", "edgefed.apps.simulate"),
     "coordinator": ("run the coordinator service", "edgefed.coordinator.cli"),
     "aggregator": ("run a sharded aggregator worker", "edgefed.sharding.cli"),
     "export": ("distill / prune / quantize a model into an ONNX bundle", "edgefed.export.cli"),
     "bundle": ("inspect, verify, sign or publish (roll out) a model bundle", "edgefed.bundle.cli"),
     "keygen": ("create an Ed25519 signing key pair", "edgefed.bundle.keygen_cli"),
-    "broker-config": ("write a secured mosquitto config for a fleet", "edgefed.security.cli"),
-    "quantize-bench": ("quick int8 quantize throughput check", "edgefed.cli_quant"),
+    "broker-config": ("write a secured mosquitto config for a fleet", "edgefed.fleetops.cli"),
+    "quantize-bench": ("quick int8 quantize throughput check", "edgefed.apps.quantize_bench"),
 }
 
 

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgefed.cli_simulate import run_digits
-    from edgefed.plot import plot_runs
+    from edgefed.apps.plot import plot_runs
+    from edgefed.apps.simulate import run_digits
     from edgefed.transport import parse_broker_url
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

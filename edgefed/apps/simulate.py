@@ -50,11 +50,11 @@ def _param(kv: str) -> tuple[str, object]:
 def run_digits(args: argparse.Namespace, specs: list[str], verbose: bool) -> dict[str, list]:
     import torch
 
-    from edgefed import models
     from edgefed.coordinator.model import build_federated_model
-    from edgefed.data import digits_federated
     from edgefed.simulation import simulate
     from edgefed.strategies import make_strategy
+    from edgefed.zoo import models
+    from edgefed.zoo.data import digits_federated
 
     image = args.model == "cnn"
     devs, test = digits_federated(args.devices, args.alpha, args.seed, image=image)
@@ -98,7 +98,7 @@ def run_digits(args: argparse.Namespace, specs: list[str], verbose: bool) -> dic
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgefed.plot import plot_runs
+    from edgefed.apps.plot import plot_runs
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     specs = args.compression or ["int8"]

@@ -19,8 +19,8 @@ def build_engine(cfg: Any) -> Any:
     """Model (exported step graphs), strategy and held-out evaluation from the config."""
     from edgefed.coordinator.model import FederatedModel, build_federated_model
     from edgefed.coordinator.rounds import RoundEngine
-    from edgefed.data import load_digits_arrays, train_test_split
     from edgefed.simulation import make_evaluator
+    from edgefed.zoo.data import load_digits_arrays, train_test_split
 
     strategy = cfg.make_strategy()
     m = cfg.model
@@ -38,7 +38,7 @@ def build_engine(cfg: Any) -> Any:
     else:
         import torch
 
-        from edgefed import models
+        from edgefed.zoo import models
 
         torch.manual_seed(cfg.round.seed)
         net = models.digits_cnn() if image else models.digits_mlp(64)

@@ -44,15 +44,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from edgefed.bundle import BundleError, load_signing_key
-    from edgefed.export.data import TaskData, noisy_digits
     from edgefed.export.distill import train_supervised
-    from edgefed.export.models import DigitsCNN
     from edgefed.export.pipeline import (
         AccuracyBudgetError,
         ExportConfig,
         make_bundle,
         run_pipeline,
     )
+    from edgefed.zoo.data import TaskData, noisy_digits
+    from edgefed.zoo.models import DigitsCNN
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgefed.export.data import TaskData
 from edgefed.export.distill import distill
 from edgefed.export.measure import (
     INPUT_NAME,
@@ -33,9 +32,10 @@ from edgefed.export.measure import (
     parity,
     session,
 )
-from edgefed.export.models import count_params
 from edgefed.export.prune import prune_structured, width_scaled
 from edgefed.export.quantize_onnx import quantize_dynamic_int8, quantize_static_qdq
+from edgefed.zoo.data import TaskData
+from edgefed.zoo.models import param_count as count_params
 
 Objective = Literal["size", "latency", "latency1"]
 Log = Callable[[str], None]

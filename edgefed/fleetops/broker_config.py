@@ -5,7 +5,7 @@ already deployed keep working; the server certificate is re-issued for the curre
 
     mosquitto.conf         broker config (absolute paths to the files below)
     passwd                 mosquitto password file ($7$ PBKDF2-SHA512)          0600
-    acl                    per-account topic rights (edgefed.security.acl)
+    acl                    per-account topic rights (edgefed.fleetops.acl)
     certs/ca.crt, ca.key   fleet CA (move ca.key offline after set-up)           key 0600
     certs/server.crt/.key  broker certificate for ``hosts``                       key 0600
     certs/clients/<id>.*   client certificates (with ``client_certs``)           key 0600
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefed.security import certs
-from edgefed.security.acl import render_acl
-from edgefed.security.passwords import new_password, password_file
+from edgefed.fleetops import certs
+from edgefed.fleetops.acl import render_acl
+from edgefed.fleetops.passwords import new_password, password_file
 from edgefed.transport.topics import Topics, check_name
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from edgefed.security.broker_config import (
+from edgefed.fleetops.broker_config import (
     Device,
     FleetConfigError,
     FleetSpec,

@@ -1,6 +1,6 @@
-"""Fleet security: broker TLS/ACL set-up, signed downlink, update norm bounding.
+"""Runtime security: the signing envelope and the signed downlink (plus the update norm
+bound, an aggregation defence). Torch-free and safe on devices.
 
-Submodules are imported on use: ``certs``/``broker_config``/``cli`` need the coordinator
-extra (``cryptography``); ``envelope``, ``norm_bound``, ``passwords`` and ``acl`` are
-torch-free and safe on devices.
+Broker provisioning (certificates, passwords, ACLs, the mosquitto config) is operator
+tooling and lives in ``edgefed.fleetops``.
 """
