@@ -16,35 +16,12 @@ coordinator drop the copy as a duplicate if the first one arrived.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write-then-rename; ``durable`` adds the fsync that makes it survive power loss
-    (the in-process simulation turns it off: it only needs the rename's atomicity)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if durable:  # the rename itself survives power loss only once the directory is synced
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+from edgefed.atomic import atomic_write
 
 
 class AgentState:
@@ -57,9 +34,9 @@ class AgentState:
         self.last_round = 0
         self.last_update_id: str | None = None
         self.rounds_done = 0
-        # A write killed mid-way leaves its temp file ("<name>.<random>.tmp" here,
-        # ".residual.ef.<random>" from ErrorFeedback.save); repeated power loss would fill
-        # the disk with them. One agent owns the directory, so clear them at start.
+        # A write killed mid-way leaves its temp file (".<name>.<random>.tmp" from
+        # edgefed.atomic; ".residual.ef.<random>" from older releases); repeated power
+        # loss would fill the disk with them. One agent owns the directory, so clear them at start.
         for t in [*self.dir.glob("*.tmp"), *self.dir.glob(".residual.ef.*")]:
             t.unlink(missing_ok=True)
         p = self.dir / "state.json"

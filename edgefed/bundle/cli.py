@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from edgefed.atomic import atomic_write
 from edgefed.bundle.builder import sign_bundle
 from edgefed.bundle.format import DEFAULT_LIMITS, BundleError, Manifest
 from edgefed.bundle.signing import load_signing_key
@@ -75,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
                 read_bundle_file(args.file, DEFAULT_LIMITS), load_signing_key(args.key)
             )
             out = Path(args.output or args.file)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_bytes(signed)
-            os.replace(tmp, out)
+            atomic_write(out, signed, mode=0o644)
             print(f"signed: {out}")
     except BundleError as e:
         print(f"REFUSED: {args.file}: {e.reason}", file=sys.stderr)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefed.atomic import fsync_dir
 from edgefed.bundle.format import (
     DEFAULT_LIMITS,
     MANIFEST_NAME,
@@ -154,14 +155,6 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new(directory: Path, name: str, data: bytes) -> None:
     # O_EXCL | O_NOFOLLOW: never write through a planted symlink or over an existing file.
     fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -248,7 +241,7 @@ def install_bundle(
             if old is not None:
                 _point(root, "previous", old)
             _point(root, "current", rel)
-        _fsync_dir(root)
+        fsync_dir(root)
         _prune(root, keep)
     return InstalledBundle(root / rel, vb.manifest)
 
@@ -262,7 +255,7 @@ def rollback(root_dir: str | os.PathLike[str]) -> InstalledBundle:
             raise BundleError(f"no previous version to roll back to in {root}")
         _point(root, "current", prev)
         _point(root, "previous", cur)
-        _fsync_dir(root)
+        fsync_dir(root)
         return _load_installed(root, prev)
 
 

@@ -9,17 +9,16 @@ or the new state, never a torn file. ``load`` validates everything a wire payloa
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from edgefed._core import sparse as _s
+from edgefed.atomic import atomic_write
 from edgefed.codec.container import read_container, write_container
 from edgefed.codec.errors import CodecError
 from edgefed.codec.schema import ModelSchema
@@ -75,22 +74,7 @@ class ErrorFeedback:
             return {**md, "sha256": _digest(schema_json, body)}
 
         data = write_container(arrays, md, finalize)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], schema: ModelSchema | None = None) -> ErrorFeedback:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from edgefed.atomic import atomic_write
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,9 +114,7 @@ def run(args: argparse.Namespace) -> int:
     print(result.table().replace(f"{result.chosen.name} **(chosen)**", result.chosen.name))
     print(f"shipping: {stage.name}")
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(bundle)
-    os.replace(tmp, out)
+    atomic_write(out, bundle, mode=0o644)
     print(f"wrote {out} ({len(bundle):,} bytes, {'signed' if key else 'UNSIGNED'})")
     if args.json:
         Path(args.json).write_text(json.dumps(result.metrics(), indent=1))
