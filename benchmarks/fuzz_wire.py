@@ -64,7 +64,7 @@ def target_factory():
             return
         payload = resign(data[1:]) if data[0] & 1 else data[1:]
         try:
-            u = decode_update(payload, schema)
+            u = decode_update(payload, schema, accept_v1=True)  # the intake's superset
         except CodecError:
             return
         for name, arr in u.to_dense().items():

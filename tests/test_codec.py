@@ -171,7 +171,7 @@ def test_encoding_is_deterministic_and_standard_safetensors() -> None:
     p2 = encode_update(upd, META, "topk:0.1+int8; small=none", version=1)
     assert p1 == p2
     loaded = stn.load(p1)  # the reference safetensors parser reads our payloads
-    dec = decode_update(p1, SCHEMA)
+    dec = decode_update(p1, SCHEMA, accept_v1=True)
     np.testing.assert_array_equal(loaded["fc1.weight/v"], dec.tensors["fc1.weight"].values)
     np.testing.assert_array_equal(loaded["fc1.bias/v"], upd["fc1.bias"])
     hlen = int.from_bytes(p1[:8], "little")
@@ -360,20 +360,24 @@ def test_accumulator_rejects_and_changes_nothing() -> None:
 @pytest.mark.parametrize("version", [1, 2])
 def test_decode_limits_are_enforced(version: int) -> None:
     payload = encode_update(make_update(), META, "none", version=version)
+    v1 = version == 1  # the retired v1 is read only on request (the coordinator's intake)
     with pytest.raises(CodecError, match="exceeds the limit"):
-        decode_update(payload, SCHEMA, DecodeLimits(max_bytes=1000))
+        decode_update(payload, SCHEMA, DecodeLimits(max_bytes=1000), accept_v1=v1)
     if version == 1:
         with pytest.raises(CodecError, match="header length"):
-            decode_update(payload, SCHEMA, DecodeLimits(max_header_bytes=64))
+            decode_update(payload, SCHEMA, DecodeLimits(max_header_bytes=64), accept_v1=v1)
     else:
         with pytest.raises(CodecError, match="tensor count"):
             decode_update(payload, SCHEMA, DecodeLimits(max_tensors=2))
     with pytest.raises(CodecError, match="not in the model schema"):
-        decode_update(payload, ModelSchema({"fc1.weight": (128, 64), "other": (3,), "x": (1,)}))
+        decode_update(
+            payload, ModelSchema({"fc1.weight": (128, 64), "other": (3,), "x": (1,)}), accept_v1=v1
+        )
     with pytest.raises(CodecError, match="shape"):  # same sizes, transposed: v2's layout hash
         decode_update(
             payload,
             ModelSchema({"fc1.weight": (64, 128), "fc1.bias": (128,), "fc2.weight": (10, 128)}),
+            accept_v1=v1,
         )
 
 

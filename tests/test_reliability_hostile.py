@@ -14,7 +14,8 @@ tensor validation) while the round is open. A raw paho client publishes, during 
   truncated codec payloads, a correctly re-signed codec payload full of NaN;
 - presence: non-JSON, wrong status, another device's id, a bad device id in the topic;
 - tasks to both agents: not multipart, not a task, missing schema, a graph with a broken
-  manifest, a path-traversal graph id, re-signed NaN global weights.
+  manifest, a path-traversal graph id, re-signed NaN global weights (v2), global weights
+  in the retired wire format v1.
 
 Each must be rejected with its reason in a log record; the service then completes both
 rounds with both real devices, nothing crashes, and memory stays bounded (reassembly
@@ -30,6 +31,7 @@ import logging
 import os
 import struct
 import threading
+import zlib
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -80,6 +82,15 @@ def nan_payload(shapes: dict[str, tuple[int, ...]], meta: UpdateMeta) -> bytes:
     body = p[body0:].replace(np.array([0.25], np.float32).tobytes(), nan)
     assert body != p[body0:]
     return resign(p[:body0] + body)
+
+
+def nan_payload_v2(shapes: dict[str, tuple[int, ...]], meta: UpdateMeta) -> bytes:
+    """The same in the compact v2 format (what devices read), with its CRC-32 recomputed."""
+    t = {k: np.full(s, 0.25, np.float32) for k, s in shapes.items()}
+    p = encode_update(t, meta, CompressionSpec.parse("none"))
+    body = p[:-4].replace(np.array([0.25], np.float32).tobytes(), np.float32(np.nan).tobytes())
+    assert body != p[:-4]
+    return body + struct.pack("<I", zlib.crc32(body))
 
 
 def rss_mb() -> float:
@@ -235,7 +246,9 @@ def test_hostile_bytes_on_every_topic_are_rejected_and_service_keeps_going(
                 "without a valid manifest",
             ),
             (frame(pack(dict(th, graph_sha="../../x"), tp)), "bad graph id"),
-            (frame(pack(th, dict(tp, weights=nan_payload(shapes, wmeta)))), "NaN or Inf"),
+            (frame(pack(th, dict(tp, weights=nan_payload_v2(shapes, wmeta)))), "NaN or Inf"),
+            # devices read v2 only: v1 is retired on the device side (codec/wire.py)
+            (frame(pack(th, dict(tp, weights=nan_payload(shapes, wmeta)))), "v1 is retired"),
         ]
         for dev in ("dev-0", "dev-1"):
             expected += [(f"{B}/task/{dev}", f, why) for f, why in tasks]

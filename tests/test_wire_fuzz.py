@@ -1,7 +1,8 @@
 """Wire format v1 (safetensors) under attack: hand-built malicious payloads (one per check)
-and hypothesis properties (round trip, error bounds, mutated / truncated bytes). v1 stays
-decodable, so its checks stay tested; the compact v2 has its own file,
-tests/test_codec_compact.py."""
+and hypothesis properties (round trip, error bounds, mutated / truncated bytes). v1 is
+retired on devices but the coordinator's intake still reads it (a device outbox stored
+before v2 is resent as is), so its checks stay tested through ``accept_v1=True``; the
+compact v2 has its own file, tests/test_codec_compact.py."""
 
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ ATTACKS = [
 def test_malicious_payload_rejected_with_reason(label: str, attack, reason: str) -> None:
     bad = attack(valid())
     with pytest.raises(CodecError, match=reason) as info:
-        decode_update(bad, SCHEMA)
+        decode_update(bad, SCHEMA, accept_v1=True)
     assert info.value.reason
 
 
@@ -172,28 +173,37 @@ def test_bad_meta_in_signed_payload() -> None:
     header, body = split(valid())
     header["__metadata__"]["meta"] = json.dumps({"round": -5})
     with pytest.raises(CodecError, match="meta"):
-        decode_update(resign(header, body), SCHEMA)
+        decode_update(resign(header, body), SCHEMA, accept_v1=True)
 
 
 def test_int8_dense_block_mismatch() -> None:
     p = mutate_tensors(valid("int8:block=64"), lambda d: set_w(d, block=32))
     with pytest.raises(CodecError, match="expected F32"):
-        decode_update(p, SCHEMA)
+        decode_update(p, SCHEMA, accept_v1=True)
     p = mutate_tensors(valid("int8:block=64"), lambda d: set_w(d, block=0))
     with pytest.raises(CodecError, match="block"):
-        decode_update(p, SCHEMA)
+        decode_update(p, SCHEMA, accept_v1=True)
 
 
 def test_every_truncation_is_rejected() -> None:
     p = valid()
     for cut in range(len(p)):
         with pytest.raises(CodecError):
-            decode_update(p[:cut], SCHEMA)
+            decode_update(p[:cut], SCHEMA, accept_v1=True)
+
+
+def test_v1_is_retired_unless_asked_for() -> None:
+    """Devices (and every default caller) read v2 only, with one line saying why; the
+    coordinator's intake opts in for stored pre-v2 outboxes."""
+    p = valid()
+    with pytest.raises(CodecError, match=r"not a v2 update payload: .* v1 is retired"):
+        decode_update(p, SCHEMA)
+    check_decoded(decode_update(p, SCHEMA, accept_v1=True))
 
 
 def test_non_bytes_rejected() -> None:
     with pytest.raises(CodecError, match="bytes"):
-        decode_update("hello", SCHEMA)  # type: ignore[arg-type]
+        decode_update("hello", SCHEMA, accept_v1=True)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ properties
@@ -262,7 +272,7 @@ def test_mutated_bytes_raise_codec_error_or_decode_validly(spec: str, data) -> N
                 body[i] = data.draw(st.integers(0, 255))
         p = bytearray(resign(header, bytes(body)))
     try:
-        u = decode_update(bytes(p), SCHEMA)
+        u = decode_update(bytes(p), SCHEMA, accept_v1=True)
     except CodecError as e:
         assert e.reason
         return

@@ -2,7 +2,14 @@
 
 Two versions, told apart by the first bytes: v2 (default, compact binary, compact.py)
 starts with ``b"EFU\x02"``; v1 is a safetensors file (its first 8 bytes are a header
-length <= 1 MiB, so it can never start with that magic). v1 below:
+length <= 1 MiB, so it can never start with that magic).
+
+v1 is retired: nothing sends it, and ``decode_update`` reads v2 only (a device decodes
+only what the coordinator sends now). The v1 reader stays for the one place a stored v1
+payload can still exist: a device's ``outbox.bin`` (device_agent/state.py) written before
+v2 became the default (2026-11-25) is resent unchanged after an upgrade, so the
+coordinator's intake passes ``accept_v1=True``. The v1 writer stays for inspection with
+standard safetensors tools. v1 below:
 
 A v1 payload is one safetensors file. ``__metadata__`` holds ``format`` =
 ``"edgefed.update"``, ``version`` = ``"1"``, ``meta`` (UpdateMeta JSON), ``tensors`` (a
@@ -359,13 +366,19 @@ def _decode_tensor(
 
 
 def decode_update(
-    payload: bytes, schema: ModelSchema, limits: DecodeLimits | None = None
+    payload: bytes,
+    schema: ModelSchema,
+    limits: DecodeLimits | None = None,
+    *,
+    accept_v1: bool = False,
 ) -> DecodedUpdate:
     """Validate and decode one payload against the expected model.
 
     Raises CodecError (with ``reason``) for anything malformed, truncated, oversized,
     non-finite, corrupted or not matching ``schema``. Tensors not present in the payload
     are simply absent (a partial update); the accumulator gives them no weight.
+    ``accept_v1``: also read the retired v1 format; only the coordinator's intake needs it
+    (a stored device outbox from before v2 can still arrive there; see the module doc).
     """
     lim = limits or DecodeLimits()
     if not isinstance(schema, ModelSchema):
@@ -377,6 +390,12 @@ def decode_update(
     if is_compact(payload):
         meta, tensors = decode_compact(payload, schema, lim)
         return DecodedUpdate(meta, tensors, len(payload))
+    if not accept_v1:
+        found = bytes(payload[:4]).hex(" ")
+        raise CodecError(
+            f"not a v2 update payload: expected magic 45 46 55 02, found {found or 'nothing'}"
+            " (wire format v1 is retired here)"
+        )
     max_entries = min(lim.max_tensors, len(schema)) * 3
     md, entries, body0 = read_container(payload, lim.max_bytes, lim.max_header_bytes, max_entries)
     if md.get("format") != FORMAT or md.get("version") != VERSION:

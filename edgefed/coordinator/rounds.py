@@ -239,7 +239,8 @@ class RoundEngine:
         if "update" not in parts:
             return self._drop(dev, "invalid: no update part")
         try:
-            upd = decode_update(parts["update"], self.schema)
+            # accept_v1: a device outbox stored before v2 (codec/wire.py) is resent as is
+            upd = decode_update(parts["update"], self.schema, accept_v1=True)
             m = upd.meta
             if (m.round, m.device_id, m.num_samples, m.kind) != (rnd, dev, num, "delta"):
                 return self._drop(dev, "invalid: codec metadata disagrees with the header")

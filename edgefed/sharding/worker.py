@@ -240,7 +240,8 @@ class AggregatorWorker:
         if "update" not in parts:
             return self._drop(dev, "invalid: no update part")
         try:
-            upd = decode_update(parts["update"], st.schema)
+            # accept_v1: a device outbox stored before v2 (codec/wire.py) is resent as is
+            upd = decode_update(parts["update"], st.schema, accept_v1=True)
             meta = upd.meta
             if (meta.round, meta.device_id, meta.num_samples, meta.kind) != (
                 rnd,
@@ -335,7 +336,9 @@ class AggregatorWorker:
         acc = self._new_acc(st.schema)
         for dev in st.keys:  # same order as the first time, minus the excluded devices
             if dev not in st.excluded:
-                acc.add(decode_update(st.kept[dev], st.schema), weight=st.weights[dev])
+                acc.add(
+                    decode_update(st.kept[dev], st.schema, accept_v1=True), weight=st.weights[dev]
+                )
         st.acc = acc
         st.amendment += 1
         self._publish_partial()
@@ -356,7 +359,9 @@ class AggregatorWorker:
             for dev, key in st.keys.items():
                 if dev in st.excluded:
                     continue
-                new.acc.add(decode_update(st.kept[dev], st.schema), weight=st.weights[dev])
+                new.acc.add(
+                    decode_update(st.kept[dev], st.schema, accept_v1=True), weight=st.weights[dev]
+                )
                 new.keys[dev], new.weights[dev] = key, st.weights[dev]
                 new.kept[dev] = st.kept[dev]  # type: ignore[index]
                 new.kept_bytes += len(st.kept[dev])
