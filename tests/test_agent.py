@@ -10,6 +10,7 @@ import pytest
 
 from device_agent import cli
 from device_agent.agent import AgentConfig, DeviceWorker, capabilities
+from edgefed.coordinator.model import FederatedModel
 from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.strategies import FedAvg
 from edgefed.transport.message import pack, unpack
@@ -24,15 +25,9 @@ def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fm():
-    import torch
-
-    from edgefed.coordinator.model import build_federated_model
-
-    torch.manual_seed(1)
-    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
-    x, y = _data(8, 0)
-    return build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)))
+def fm(fl_model_dir: Path) -> FederatedModel:
+    """The demo 10-10-2 MLP (exported once per session by the harness)."""
+    return FederatedModel.load(fl_model_dir / "model")
 
 
 def test_task_update_state_and_restart(fm, tmp_path: Path) -> None:

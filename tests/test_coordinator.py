@@ -16,6 +16,7 @@ from edgefed.coordinator.checkpoint import (
     save_checkpoint,
 )
 from edgefed.coordinator.config import CoordinatorConfig
+from edgefed.coordinator.model import FederatedModel
 from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.strategies import FedAvg, FedYogi
 from edgefed.transport.message import pack, unpack
@@ -30,15 +31,9 @@ def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fm():
-    import torch
-
-    from edgefed.coordinator.model import build_federated_model
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
-    x, y = _data(8, 0)
-    return build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)), head="last")
+def fm(fl_model_dir: Path) -> FederatedModel:
+    """The demo 10-10-2 MLP (plus its head-only graph, exported once per session by the harness)."""
+    return FederatedModel.load(fl_model_dir / "model-head")
 
 
 def _setup(fm, tmp_path: Path, n: int = 3, uplink: str = "int8", strategy=None):

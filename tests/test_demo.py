@@ -15,6 +15,7 @@ import pytest
 
 from device_agent.agent import AgentService, DeviceWorker
 from edgefed.coordinator.metrics import MetricsWriter, read_metrics
+from edgefed.coordinator.model import FederatedModel
 from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.coordinator.service import CoordinatorService
 from edgefed.simulation import make_evaluator, simulate
@@ -30,15 +31,9 @@ def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fm():
-    import torch
-
-    from edgefed.coordinator.model import build_federated_model
-
-    torch.manual_seed(2)
-    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
-    x, y = _data(8, 0)
-    return build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)))
+def fm(fl_model_dir: Path) -> FederatedModel:
+    """The demo 10-10-2 MLP (exported once per session by the harness)."""
+    return FederatedModel.load(fl_model_dir / "model")
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", "embedded_broker"])

@@ -12,7 +12,7 @@ import tomllib
 from typing import Any
 
 import numpy as np
-from processes import stop_processes
+from harness.processes import stop_processes
 
 from device_agent.agent import AgentService, DeviceWorker
 from edgefed.coordinator.config import CoordinatorConfig

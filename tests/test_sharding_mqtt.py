@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from processes import stop_processes
+from harness.processes import stop_processes
 
 from edgefed.codec import (
     Accumulator,

@@ -1,0 +1,49 @@
+"""The demo model of the tests and its synthetic data, exported ONCE per session.
+
+Why: exporting a step graph runs the verification gate (torch vs onnxruntime), seconds per
+export; the same 10-10-2 MLP used to be exported again in conftest and in three test
+modules. ``build_model_dir`` writes it once into a session temp dir (FederatedModel.save
+layout) and every user loads it from there, torch-free, in milliseconds. The model is
+defined here, outside the package (house rule: system tests use a user's own model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """10 standard-normal features; label = x0 + x1 > 0 (learnable by the MLP)."""
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, 10)).astype(np.float32)
+    return x, (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+
+
+def build_model_dir(d: Path) -> Path:
+    """Write into ``d``:
+
+    - ``model/``: the 10-10-2 MLP's full step graph (what the fleets and agents train);
+    - ``model-head/``: the same export plus a head-only graph (last layer trainable);
+    - ``eval.npz``: a held-out set; ``data-<i>.npz`` (i < 32): per-device data;
+    - ``data-slow.npz``: 150,000 rows, seconds of local training (a device busy mid-round).
+    """
+    import torch
+
+    from edgefed.coordinator.model import FederatedModel, build_federated_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+    x, y = tiny_data(8, 0)
+    fm = build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)), head="last")
+    FederatedModel(fm.initial, {"full": fm.graphs["full"]}).save(d / "model")
+    fm.save(d / "model-head")
+    x, y = tiny_data(300, 999)
+    np.savez(d / "eval.npz", x=x, y=y)
+    for i in range(32):
+        x, y = tiny_data(40, i)
+        np.savez(d / f"data-{i}.npz", x=x, y=y)
+    x, y = tiny_data(150_000, 77)
+    np.savez(d / "data-slow.npz", x=x, y=y)
+    return d
