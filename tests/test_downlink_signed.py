@@ -10,9 +10,9 @@ and the agent keeps training.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
+from harness.wait import wait_until
 
 from device_agent.agent import AgentService, DeviceWorker
 from edgefed.bundle.signing import generate_keypair
@@ -24,13 +24,6 @@ from edgefed.strategies import FedAvg
 from edgefed.transport import Topics, TransportConfig
 from edgefed.transport.client import MqttClient
 from edgefed.transport.message import pack
-
-
-def _wait(pred, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.05)
 
 
 def test_agent_trains_on_signed_tasks_and_refuses_forged_ones(
@@ -65,11 +58,15 @@ def test_agent_trains_on_signed_tasks_and_refuses_forged_ones(
             DownlinkSigner(sk).sign(topics.task("dev-1"), fake, 1),  # dev-1's task, replayed here
             tampered,
         ]
-        _wait(lambda: all(a.client.connected.is_set() for a in agents.values()), 30)
+        wait_until(
+            lambda: all(a.client.connected.is_set() for a in agents.values()),
+            30,
+            "agents connected",
+        )
         for f in forgeries:
             attacker.publish(task0, f)
         a0 = agents["dev-0"]
-        _wait(lambda: len(a0.refused) >= 4, 20)
+        wait_until(lambda: len(a0.refused) >= 4, 20, "4 refused tasks")
         assert a0.refused == ["bad_magic", "unknown_key", "bad_signature", "bad_signature"], (
             a0.refused
         )
@@ -80,7 +77,7 @@ def test_agent_trains_on_signed_tasks_and_refuses_forged_ones(
         assert a0.worker.state.last_round == 2
         # A correctly signed task of round 1, re-published after round 2: a replay.
         attacker.publish(task0, DownlinkSigner(sk).sign(task0, fake, 1))
-        _wait(lambda: len(a0.refused) >= 5, 20)
+        wait_until(lambda: len(a0.refused) >= 5, 20, "5 refused tasks")
         assert a0.refused[-1] == "replayed"
         assert a0.updates_sent == 2  # nothing forged was ever trained on or answered
         text = caplog.text

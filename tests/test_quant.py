@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness.wait import wait_until
 
 from edgefed import quant
 
@@ -134,7 +135,7 @@ def test_gil_is_released_while_kernels_run() -> None:
 
     t = threading.Thread(target=spin)
     t.start()
-    time.sleep(0.01)
+    wait_until(lambda: ticks > 0, 5, "the spinner thread running")
     before = ticks
     t0 = time.perf_counter()
     quant.quantize(x, np.float32(0.01), isa="generic", threads=1)

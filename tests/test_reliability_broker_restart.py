@@ -9,7 +9,7 @@ drops; that is the designed behaviour and the test allows it for at most that on
 
 from __future__ import annotations
 
-import time
+from harness.wait import wait_until
 
 
 def test_broker_restart_mid_training_every_process_reconnects(
@@ -21,7 +21,13 @@ def test_broker_restart_mid_training_every_process_reconnects(
     fleet.start_coordinator()
     fleet.wait_rounds(1, timeout=120)
     mosquitto.stop()
-    time.sleep(2.0)
+    # restart once every process has noticed the outage (what the test is about)
+    lost = ("connection lost", "disconnected")
+    wait_until(
+        lambda: all(any(w in fleet.log(n) for w in lost) for n in ["coordinator", *fleet.devices]),
+        30,
+        "every process noticing the broker is gone",
+    )
     mosquitto.start()
     out = fleet.wait_rounds(rounds, timeout=60)
     fleet.procs["coordinator"].wait(timeout=30)

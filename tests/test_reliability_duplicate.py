@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from harness.wait import wait_until
 
 from edgefed.codec import decode_update
 from edgefed.transport.chunking import HEADER_SIZE, split_message
@@ -86,9 +86,7 @@ def test_update_delivered_twice_is_aggregated_once(mosquitto, inproc_fleet, capl
         fleet.wait_finished(60)
         assert fleet.service.error is None
         # the agent resent its stored update (same update id) once, and trained once
-        deadline = time.monotonic() + 5
-        while fleet.agents["dev-0"].updates_sent < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: fleet.agents["dev-0"].updates_sent >= 2, 5, "dev-0's resend")
         assert fleet.agents["dev-0"].updates_sent == 2
         assert fleet.agents["dev-0"].worker.state.rounds_done == 1
     finally:

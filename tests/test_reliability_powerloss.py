@@ -99,7 +99,7 @@ def test_sigkill_during_state_writes_leaves_old_or_new_never_torn(tmp_path: Path
             stderr=subprocess.PIPE,
         )
         assert p.stdout is not None and p.stdout.readline() == b"ready\n"
-        time.sleep(rng.uniform(0.05, 0.8))
+        time.sleep(rng.uniform(0.05, 0.8))  # a random instant to cut power: not a wait
         p.send_signal(signal.SIGKILL)
         _, err = p.communicate(timeout=30)
         assert p.returncode == -signal.SIGKILL, err.decode()[-2000:]

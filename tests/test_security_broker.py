@@ -13,7 +13,6 @@ import stat
 import subprocess
 import tempfile
 import threading
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from harness.wait import wait_until
 
 from edgefed.apps.cli import main as edgefed_main
 from edgefed.fleetops import certs
@@ -44,28 +44,26 @@ class Conn:
     subacks: list = field(default_factory=list)
 
     def wait_for(self, topic: str, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(t == topic for t, _ in self.messages):
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"no message on {topic} within {timeout}s; got {self.messages}")
+        """Wait for a message on ``topic``. Used as a barrier after a control message: the
+        test's publishes wait for their PUBACK, and mosquitto routes a PUBLISH to every
+        subscriber before it acknowledges it and delivers to each in order, so once the
+        control (published last) arrived, any message that got through is already here."""
+        wait_until(
+            lambda: any(t == topic for t, _ in self.messages),
+            timeout,
+            f"a message on {topic} (got {self.messages})",
+        )
 
     def subscribe(self, *topics: str) -> None:
         n = len(self.subacks)
         for t in topics:
             self.client.subscribe(t, qos=1)
-        deadline = time.monotonic() + 5
-        while len(self.subacks) < n + len(topics) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(self.subacks) == n + len(topics), "SUBACK missing"
+        wait_until(lambda: len(self.subacks) == n + len(topics), 5, "SUBACK")
 
     def publish(self, topic: str, payload: bytes) -> object:
         info = self.client.publish(topic, payload, qos=1)
         info.wait_for_publish(5)
-        deadline = time.monotonic() + 5
-        while info.mid not in self.pubacks and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: info.mid in self.pubacks, 5, f"PUBACK of {topic}")
         return self.pubacks.get(info.mid)
 
     def close(self) -> None:
@@ -126,8 +124,7 @@ def test_device_cannot_publish_as_another(secured_mosquitto: Any, protocol) -> N
             dev0.publish(TOPICS.task("dev-1"), b"forged task"),
         ]
         control = dev0.publish(TOPICS.update("dev-0"), b"real update")
-        coord.wait_for(TOPICS.update("dev-0"))
-        time.sleep(0.2)
+        coord.wait_for(TOPICS.update("dev-0"))  # the control, published last: a barrier
         assert coord.messages == [(TOPICS.update("dev-0"), b"real update")]
         if protocol == V5:  # MQTT 5 tells the publisher; 3.1.1 drops silently
             assert [rc.value for rc in forged] == [0x87] * 4, forged
@@ -154,8 +151,7 @@ def test_device_cannot_read_other_devices_topics(secured_mosquitto: Any) -> None
         coord.publish(TOPICS.task("dev-1"), b"task for dev-1")  # controls, published last
         coord.publish(TOPICS.round, b"round 1")
         spy.wait_for(TOPICS.task("dev-1"))
-        spy.wait_for(TOPICS.round)
-        time.sleep(0.2)
+        spy.wait_for(TOPICS.round)  # the controls, published last: a barrier
         assert sorted(spy.messages) == [
             (TOPICS.round, b"round 1"),
             (TOPICS.task("dev-1"), b"task for dev-1"),
@@ -175,8 +171,7 @@ def test_observer_reads_metrics_only(secured_mosquitto: Any) -> None:
         assert dash.publish(TOPICS.round, b"x").value == 0x87
         dev0.publish(TOPICS.update("dev-0"), b"secret update")
         coord.publish(TOPICS.metrics, b'{"round": 1}')
-        dash.wait_for(TOPICS.metrics)
-        time.sleep(0.2)
+        dash.wait_for(TOPICS.metrics)  # the control, published last: a barrier
         assert dash.messages == [(TOPICS.metrics, b'{"round": 1}')]
     finally:
         for c in (dash, coord, dev0):
@@ -240,11 +235,13 @@ def test_client_id_of_another_device_cannot_take_over_its_session(
     victim = connect(sm, "dev-0")
     thief = connect(sm, "dev-1", client_id="dev-0")  # broker uses the username as client id
     try:
-        time.sleep(0.5)
+        # a round trip through the victim's connection after the thief's CONNACK: a
+        # takeover would have closed it before (mosquitto handles it inside CONNECT)
+        assert victim.publish(TOPICS.update("dev-0"), b"still here") is not None
         assert victim.disconnects == [] and victim.client.is_connected()
         thief_again = connect(sm, "dev-1", client_id="something-else")
-        time.sleep(0.5)  # control: the same username twice does replace the old session
-        assert thief.disconnects, "second connection of dev-1 should replace the first"
+        # control: the same username twice does replace the old session
+        wait_until(lambda: thief.disconnects, 5, "dev-1's first session replaced")
         thief_again.close()
     finally:
         victim.close()
@@ -265,8 +262,8 @@ def test_will_message_cannot_impersonate(secured_mosquitto: Any) -> None:
             c.loop(1.0)
             c.socket().close()  # drop without DISCONNECT: the broker sends the Will
             c.loop(0.1)
+        # the real Will comes from the later connection: a barrier for the forged one
         coord.wait_for(TOPICS.presence("dev-0"))
-        time.sleep(0.2)
         assert coord.messages == [(TOPICS.presence("dev-0"), b"real offline")]
     finally:
         coord.close()
@@ -421,10 +418,7 @@ def test_oversized_packet_is_refused_by_the_broker(secured_mosquitto_factory: An
     try:
         coord.subscribe(TOPICS.all_updates)
         dev.client.publish(TOPICS.update("dev-0"), os.urandom(100_000), qos=1)
-        deadline = time.monotonic() + 5
-        while not dev.disconnects and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert dev.disconnects, "the broker should drop a client sending an oversized packet"
+        wait_until(lambda: dev.disconnects, 5, "the broker dropping the oversized sender")
         small = connect(sm, "dev-1")
         small.publish(TOPICS.update("dev-1"), b"x" * 60_000)  # control: under the limit
         coord.wait_for(TOPICS.update("dev-1"))
@@ -450,9 +444,7 @@ def test_aggregator_accounts_share_updates_and_still_cannot_forge(
         for i in range(20):
             assert dev.publish(TOPICS.update("dev-0"), b"u%d" % i).value == 0
         assert aggs[0].publish(TOPICS.update("dev-1"), b"forged").value == 0x87
-        deadline = time.monotonic() + 5
-        while sum(len(a.messages) for a in aggs) < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: sum(len(a.messages) for a in aggs) >= 20, 5, "20 shared updates")
         got = sorted(p for a in aggs for _, p in a.messages)
         assert got == sorted(b"u%d" % i for i in range(20))  # each update exactly once
         assert all(a.messages for a in aggs)  # and both workers got a share

@@ -167,7 +167,7 @@ def run_round(d: ShardedAggregation, fleet: Fleet, rnd: int, n: int, timeout: fl
     return devices, msgs
 
 
-def test_three_workers_equal_single_process_and_duplicates_count_once(cluster):
+def test_three_workers_equal_single_process_and_duplicates_count_once(cluster, tmp_path):
     driver, fleet, _ = cluster
     d = driver()
     devices, msgs = run_round(d, fleet, 1, 30)
@@ -181,7 +181,17 @@ def test_three_workers_equal_single_process_and_duplicates_count_once(cluster):
         fleet.client.publish(fleet.topics.update(dev), msgs[dev])
     d.pump(time.monotonic() + 30, d.all_reported)
     assert d.all_reported()
-    time.sleep(1.0)  # let the duplicates reach the workers before the close
+
+    def copies_handled() -> bool:
+        """Each re-sent copy reached a worker: ignored by the one that has it (logged) or
+        counted by a second one (reported to the driver)."""
+        logs = "".join((tmp_path / f"agg-{i}.log").read_text(errors="replace") for i in range(3))
+        same = sum(logs.count(f"duplicate of {dev}'s update ignored") for dev in devices[:9])
+        cross = sum(sum(dev in r for r in d.reported.values()) >= 2 for dev in devices[:9])
+        return same + cross >= 9
+
+    d.pump(time.monotonic() + 30, copies_handled)  # before the close, as the test intends
+    assert copies_handled()
     res = d.close_round()
     assert res.count == 30 and len({k[0] for k in res.keys}) == 30
     assert sorted(k[0] for k in res.keys) == sorted(devices)
@@ -193,7 +203,7 @@ def test_three_workers_equal_single_process_and_duplicates_count_once(cluster):
     assert_equal_aggregate(res, list(msgs.values()))
     # the coordinator busy elsewhere (not pumping) for longer than the heartbeat timeout:
     # its own deafness must not be read as dead workers
-    time.sleep(d.cfg.heartbeat_timeout + 1.0)
+    time.sleep(d.cfg.heartbeat_timeout + 1.0)  # the stimulus is time itself, not a wait
     d.pump(time.monotonic() + 1.0)
     assert len(d.live) == 3, d.dead_instances
     # a second round on the same workers: state is per round

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from harness.wait import wait_until
 
 from edgefed.transport import Topics, TransportConfig, split_message
 from edgefed.transport.client import MqttClient
@@ -112,8 +113,7 @@ def test_reconnects_after_broker_restart(mosquitto) -> None:
     pub = MqttClient(_cfg(mosquitto.url), "dev-5").start()
     try:
         mosquitto.stop()
-        time.sleep(0.3)
-        assert not pub.connected.is_set()
+        wait_until(lambda: not pub.connected.is_set(), 10, "the client noticing the broker left")
         mosquitto.start()
         assert pub.connected.wait(10) and sub.connected.wait(10)
         assert sub.connects >= 2
