@@ -3,6 +3,7 @@ job: brokers, processes, models, waits). Fixture names are stable: see harness.f
 
 from __future__ import annotations
 
+import pytest
 from harness.fixtures import (
     embedded_broker,
     fl_model_dir,
@@ -24,3 +25,30 @@ __all__ = [
     "secured_mosquitto",
     "secured_mosquitto_factory",
 ]
+
+# A test using one of these starts a real broker or real processes: it belongs to the system
+# tier (`pytest -m "not system"` is the fast tier). Collection fails if the marker is missing.
+SYSTEM_FIXTURES = frozenset(
+    {
+        "mosquitto",
+        "embedded_broker",
+        "secured_mosquitto",
+        "secured_mosquitto_factory",
+        "fleet_factory",
+        "inproc_fleet",
+        "mqtt_watch",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("system") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests using a real broker or fleet must be marked @pytest.mark.system: {unmarked}"
+        )

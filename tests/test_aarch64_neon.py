@@ -17,6 +17,8 @@ import pytest
 
 from edgefed import quant
 
+pytestmark = pytest.mark.system  # cross-compiles and runs under qemu
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 VECTORS = CSRC / "tests" / "quant_vectors.txt"

@@ -24,6 +24,8 @@ from device_agent.dataset import batch_order
 from edgefed.train_export import SGD, export_training_step
 from edgefed.zoo.models import digits_mlp
 
+pytestmark = pytest.mark.system  # builds a venv without torch
+
 ROOT = Path(__file__).resolve().parents[1]
 # What the trainer imports. --no-deps: onnxruntime's own requirements (sympy, protobuf, ...)
 # are not needed to run a session, and skipping them keeps this test near a minute.

@@ -13,11 +13,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefed.bundle.builder import build_bundle
 from edgefed.bundle.format import Manifest, TensorSpec
 from edgefed.bundle.signing import load_signing_key, write_keypair
+
+pytestmark = pytest.mark.system  # mosquitto + agent process
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 
 import paho.mqtt.client as mqtt
+import pytest
+
+pytestmark = pytest.mark.system  # a real mosquitto
 
 
 def test_mosquitto_round_trip(mosquitto) -> None:

@@ -29,6 +29,8 @@ from edgefed.transport.client import MqttClient
 from edgefed.transport.config import TransportConfig
 from edgefed.transport.topics import Topics
 
+pytestmark = pytest.mark.system  # a real mosquitto
+
 
 def model(seed: int, op: str = "MatMul") -> bytes:
     w = np.random.default_rng(seed).standard_normal((128, 64)).astype(np.float32)

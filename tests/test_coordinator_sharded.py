@@ -11,8 +11,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 from edgefed.coordinator.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.system  # mosquitto + aggregator worker processes
 
 
 def _run(fleet, name: str, workers: int) -> list[dict[str, object]]:

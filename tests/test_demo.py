@@ -23,6 +23,8 @@ from edgefed.strategies import FedAvg
 from edgefed.transport import Topics, TransportConfig, split_message
 from edgefed.transport.client import MqttClient
 
+pytestmark = pytest.mark.system  # brokers and the demo end to end
+
 
 def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     r = np.random.default_rng(seed)

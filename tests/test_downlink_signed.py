@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 from harness.wait import wait_until
 
 from device_agent.agent import AgentService, DeviceWorker
@@ -24,6 +25,8 @@ from edgefed.strategies import FedAvg
 from edgefed.transport import Topics, TransportConfig
 from edgefed.transport.client import MqttClient
 from edgefed.transport.message import pack
+
+pytestmark = pytest.mark.system  # a real mosquitto
 
 
 def test_agent_trains_on_signed_tasks_and_refuses_forged_ones(

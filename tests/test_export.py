@@ -28,6 +28,8 @@ from edgefed.zoo.data import TaskData, noisy_digits
 from edgefed.zoo.models import DigitsCNN
 from edgefed.zoo.models import param_count as count_params
 
+pytestmark = pytest.mark.system  # distill / prune / quantize pipeline end to end
+
 torch.set_num_threads(1)
 
 

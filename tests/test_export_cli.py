@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from edgefed.bundle import verify_bundle, write_keypair
 from edgefed.export.distill import train_supervised
 from edgefed.zoo.data import noisy_digits
 from edgefed.zoo.models import DigitsCNN
+
+pytestmark = pytest.mark.system  # the export pipeline end to end in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 

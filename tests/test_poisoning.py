@@ -31,6 +31,8 @@ from edgefed.simulation import make_evaluator
 from edgefed.strategies import Strategy, make_strategy
 from edgefed.transport.message import pack, unpack
 
+pytestmark = pytest.mark.system  # federated runs under attack end to end
+
 DEVICES, ATTACKERS, ROUNDS = 10, 2, 20
 ATTACKS = {"scaled": 10.0, "sign-flipped": -4.0}
 

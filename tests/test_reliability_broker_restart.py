@@ -9,7 +9,10 @@ drops; that is the designed behaviour and the test allows it for at most that on
 
 from __future__ import annotations
 
+import pytest
 from harness.wait import wait_until
+
+pytestmark = pytest.mark.system  # a fleet of real processes
 
 
 def test_broker_restart_mid_training_every_process_reconnects(

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgefed.coordinator.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.system  # a fleet of real processes
 
 
 def test_coordinator_sigkill_mid_round_resumes_without_losing_or_repeating_rounds(

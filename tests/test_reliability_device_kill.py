@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
+pytestmark = pytest.mark.system  # a fleet of real processes
+
 
 def _wait_presence(watch, n: int, timeout: float = 60.0) -> None:
     def online(msgs) -> bool:

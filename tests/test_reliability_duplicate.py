@@ -24,11 +24,14 @@ import threading
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 from harness.wait import wait_until
 
 from edgefed.codec import decode_update
 from edgefed.transport.chunking import HEADER_SIZE, split_message
 from edgefed.transport.message import unpack
+
+pytestmark = pytest.mark.system  # a real mosquitto
 
 
 class Capture:

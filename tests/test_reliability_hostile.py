@@ -35,6 +35,7 @@ import zlib
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 
 from edgefed.codec import CompressionSpec, UpdateMeta, encode_update
 from edgefed.codec.wire import _digest
@@ -47,6 +48,8 @@ from edgefed.transport.chunking import (
     split_message,
 )
 from edgefed.transport.message import pack, unpack
+
+pytestmark = pytest.mark.system  # a real mosquitto
 
 B = "edgefed/rel"
 LIMIT, BUDGET = 4 * 1024 * 1024, 8 * 1024 * 1024

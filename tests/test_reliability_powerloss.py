@@ -25,9 +25,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from device_agent.state import AgentState
 from edgefed.codec import CompressionSpec, ErrorFeedback, ModelSchema, UpdateMeta, encode_update
+
+pytestmark = pytest.mark.system  # SIGKILLed writer processes
 
 DEV = "dev-pl"
 SCHEMA = {"w": (1024, 1024), "b": (64,)}

@@ -12,6 +12,7 @@ import tomllib
 from typing import Any
 
 import numpy as np
+import pytest
 from harness.processes import stop_processes
 
 from device_agent.agent import AgentService, DeviceWorker
@@ -22,6 +23,8 @@ from edgefed.coordinator.service import CoordinatorService
 from edgefed.fleetops.broker_config import Device
 from edgefed.strategies import FedAvg
 from edgefed.transport import TransportConfig
+
+pytestmark = pytest.mark.system  # secured mosquitto + worker processes
 
 
 def test_sharded_fleet_runs_on_the_secured_broker(

@@ -110,6 +110,7 @@ def connect(
     return conn
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("protocol", [V311, V5], ids=["mqtt311", "mqtt5"])
 def test_device_cannot_publish_as_another(secured_mosquitto: Any, protocol) -> None:
     sm = secured_mosquitto
@@ -134,6 +135,7 @@ def test_device_cannot_publish_as_another(secured_mosquitto: Any, protocol) -> N
         coord.close()
 
 
+@pytest.mark.system
 def test_device_cannot_read_other_devices_topics(secured_mosquitto: Any) -> None:
     sm = secured_mosquitto
     spy = connect(sm, "dev-1")
@@ -161,6 +163,7 @@ def test_device_cannot_read_other_devices_topics(secured_mosquitto: Any) -> None
             c.close()
 
 
+@pytest.mark.system
 def test_observer_reads_metrics_only(secured_mosquitto: Any) -> None:
     sm = secured_mosquitto
     dash = connect(sm, "dash", protocol=V5)
@@ -178,6 +181,7 @@ def test_observer_reads_metrics_only(secured_mosquitto: Any) -> None:
             c.close()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain-loopback"])
 def test_unauthenticated_and_wrong_password_rejected(secured_mosquitto: Any, tls: bool) -> None:
     sm = secured_mosquitto
@@ -198,6 +202,7 @@ def test_unauthenticated_and_wrong_password_rejected(secured_mosquitto: Any, tls
     ok.close()
 
 
+@pytest.mark.system
 def test_client_without_the_fleet_ca_fails_tls(secured_mosquitto: Any, tmp_path) -> None:
     sm = secured_mosquitto
     other = certs.make_ca("some other CA")
@@ -214,6 +219,7 @@ def test_client_without_the_fleet_ca_fails_tls(secured_mosquitto: Any, tmp_path)
             c.connect("127.0.0.1", sm.tls_port)
 
 
+@pytest.mark.system
 def test_server_certificate_is_checked_against_the_host_dialled(secured_mosquitto_factory) -> None:
     sm = secured_mosquitto_factory("localhost-only", hosts=("localhost",))
     for host, ok in (("localhost", True), ("127.0.0.1", False)):
@@ -228,6 +234,7 @@ def test_server_certificate_is_checked_against_the_host_dialled(secured_mosquitt
                 c.connect(host, sm.tls_port)
 
 
+@pytest.mark.system
 def test_client_id_of_another_device_cannot_take_over_its_session(
     secured_mosquitto: Any,
 ) -> None:
@@ -248,6 +255,7 @@ def test_client_id_of_another_device_cannot_take_over_its_session(
         thief.close()
 
 
+@pytest.mark.system
 def test_will_message_cannot_impersonate(secured_mosquitto: Any) -> None:
     sm = secured_mosquitto
     coord = connect(sm, "coordinator")
@@ -269,6 +277,7 @@ def test_will_message_cannot_impersonate(secured_mosquitto: Any) -> None:
         coord.close()
 
 
+@pytest.mark.system
 def test_mutual_tls_requires_a_client_certificate(secured_mosquitto_factory) -> None:
     sm = secured_mosquitto_factory("mtls", client_certs=True, require_client_cert=True)
     cert = sm.written.client_certs["dev-0"]
@@ -370,6 +379,7 @@ def test_acl_topics_come_from_the_transport_layout() -> None:
     assert ["topic", "write", f"{topics.base}/task/+"] in lines
 
 
+@pytest.mark.system
 def test_runtime_transport_runs_on_the_generated_accounts(secured_mosquitto: Any) -> None:
     """The account files written by broker-config are valid [transport] tables for the runtime's
     client: TLS, passwords, protocol probe (anonymous is refused), chunked updates all work."""
@@ -410,6 +420,7 @@ def test_runtime_transport_runs_on_the_generated_accounts(secured_mosquitto: Any
         coord.stop()
 
 
+@pytest.mark.system
 def test_oversized_packet_is_refused_by_the_broker(secured_mosquitto_factory: Any) -> None:
     sm = secured_mosquitto_factory("small-packets", max_packet_size=64 * 1024)
     assert "max_packet_size 65536" in sm.written.config.read_text()
@@ -429,6 +440,7 @@ def test_oversized_packet_is_refused_by_the_broker(secured_mosquitto_factory: An
         coord.close()
 
 
+@pytest.mark.system
 def test_aggregator_accounts_share_updates_and_still_cannot_forge(
     secured_mosquitto_factory: Any,
 ) -> None:
@@ -453,6 +465,7 @@ def test_aggregator_accounts_share_updates_and_still_cannot_forge(
             c.close()
 
 
+@pytest.mark.system
 def test_production_defaults_start_with_privilege_drop(secured_mosquitto_factory: Any) -> None:
     """As root, the default config drops to user mosquitto: the files it reads or writes
     afterwards (password file, server key, log, persistence) must belong to that user."""
@@ -471,6 +484,7 @@ def test_production_defaults_start_with_privilege_drop(secured_mosquitto_factory
         assert any((sm.written.directory / "data").iterdir())  # and its persistence file
 
 
+@pytest.mark.system
 def test_rollout_and_sharding_topics_under_the_acl(secured_mosquitto_factory: Any) -> None:
     """Roll-out: a device gets its group's bundle (not another group's) and reports only as
     itself. Sharding: a worker account reads updates via $share and publishes its partial,

@@ -37,6 +37,8 @@ from edgefed.transport import Topics, TransportConfig
 from edgefed.transport.client import MqttClient
 from edgefed.transport.message import pack
 
+pytestmark = pytest.mark.system  # mosquitto + aggregator worker processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ModelSchema({"fc1.weight": (256, 512), "fc1.bias": (256,), "fc2.weight": (10, 256)})
 SPEC = CompressionSpec.parse("topk:0.01+int8")

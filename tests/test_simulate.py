@@ -10,6 +10,8 @@ import torch
 import edgefed
 from edgefed.strategies import FedAdam
 
+pytestmark = pytest.mark.system  # federated simulations end to end
+
 
 def test_readme_example_five_devices_small_mlp() -> None:
     rng = np.random.default_rng(0)

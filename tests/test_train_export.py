@@ -27,6 +27,8 @@ from edgefed.train_export.export import _assert_distinct
 from edgefed.train_export.verify import verify_step
 from edgefed.zoo.models import digits_cnn, digits_mlp
 
+pytestmark = pytest.mark.system  # exports and verifies the zoo models end to end
+
 
 def zoo() -> nn.Module:
     """Conv (groups 1 and depthwise), BN train, pools, activations, dropout, linear."""

@@ -14,6 +14,8 @@ from torch import nn
 from device_agent.trainer import StepTrainer
 from edgefed.train_export import SGD, export_training_step
 
+pytestmark = pytest.mark.system  # exports and trains against torch end to end
+
 
 def _model() -> nn.Module:
     torch.manual_seed(3)

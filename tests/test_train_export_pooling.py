@@ -14,6 +14,8 @@ from torch import nn
 from device_agent.trainer import StepTrainer
 from edgefed.train_export import SGD, export_training_step
 
+pytestmark = pytest.mark.system  # exports and verifies a model per pooling case
+
 
 class PositionalPool(nn.Module):
     """maxpool(x + p) with a per-pixel parameter p: dL/dp shows WHICH input got the gradient."""

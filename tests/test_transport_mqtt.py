@@ -11,6 +11,8 @@ from harness.wait import wait_until
 from edgefed.transport import Topics, TransportConfig, split_message
 from edgefed.transport.client import MqttClient
 
+pytestmark = pytest.mark.system  # real brokers
+
 BROKERS = ["mosquitto", "embedded_broker"]
 
 
