@@ -3,8 +3,9 @@ tests on other branches use them). The machinery lives in the other harness modu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,6 +20,8 @@ from harness.models import build_model_dir
 from harness.net import free_port
 from harness.processes import Fleet
 from harness.watch import Watcher
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -56,22 +59,32 @@ def secured_mosquitto(tmp_path: Path) -> Iterator[SecuredMosquitto]:
         sm.broker.stop()
 
 
+class Made(list):
+    """What a factory fixture made, each stopped at teardown by ``stop`` (even if the test
+    failed half-way)."""
+
+    def __init__(self, stop: Callable[[Any], object]) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def add(self, thing: T) -> T:
+        self.append(thing)
+        return thing
+
+    def stop_all(self) -> None:
+        for thing in self:
+            self.stop(thing)
+
+
 @pytest.fixture
 def secured_mosquitto_factory(tmp_path: Path) -> Iterator[object]:
     """Start more secured brokers with other settings: ``factory(name, **spec_changes)``
     (``name``: a directory under tmp_path, or an absolute path)."""
-    started: list[SecuredMosquitto] = []
-
-    def factory(name: str, **spec_changes: object) -> SecuredMosquitto:
-        sm = start_secured_mosquitto(tmp_path / name, **spec_changes)
-        started.append(sm)
-        return sm
-
+    made = Made(lambda sm: sm.broker.stop())
     try:
-        yield factory
+        yield lambda name, **changes: made.add(start_secured_mosquitto(tmp_path / name, **changes))
     finally:
-        for sm in started:
-            sm.broker.stop()
+        made.stop_all()
 
 
 @pytest.fixture(scope="session")
@@ -88,50 +101,38 @@ def fl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fleet_factory(tmp_path: Path, fl_model_dir: Path) -> Iterator[object]:
     """``fleet_factory(url, n, **coordinator_keys)`` -> :class:`Fleet`; all processes are
     SIGKILLed at teardown."""
-    made: list[Fleet] = []
+    made = Made(Fleet.stop_all)
 
     def factory(url: str, n: int, **coord: object) -> Fleet:
-        f = Fleet(tmp_path / f"fleet{len(made)}", fl_model_dir, url, n, **coord)
-        made.append(f)
-        return f
+        return made.add(Fleet(tmp_path / f"fleet{len(made)}", fl_model_dir, url, n, **coord))
 
     try:
         yield factory
     finally:
-        for f in made:
-            f.stop_all()
+        made.stop_all()
 
 
 @pytest.fixture
 def mqtt_watch() -> Iterator[object]:
     """``mqtt_watch(url, [topic filters])`` -> :class:`Watcher`, closed at teardown."""
-    made: list[Watcher] = []
-
-    def factory(url: str, topics: list[str]) -> Watcher:
-        w = Watcher(url, topics)
-        made.append(w)
-        return w
-
+    made = Made(Watcher.close)
     try:
-        yield factory
+        yield lambda url, topics: made.add(Watcher(url, topics))
     finally:
-        for w in made:
-            w.close()
+        made.stop_all()
 
 
 @pytest.fixture
 def inproc_fleet(tmp_path: Path, fl_model_dir: Path) -> Iterator[object]:
     """``inproc_fleet(url, ["dev-0", ...], rounds=2, **RoundConfig keys)`` -> InProcFleet;
     all threads stopped at teardown."""
-    made: list[InProcFleet] = []
+    made = Made(InProcFleet.stop)
 
     def factory(url: str, devices: list[str], **cfg: object) -> InProcFleet:
-        f = InProcFleet(tmp_path / f"inproc{len(made)}", fl_model_dir, url, devices, **cfg)
-        made.append(f)
-        return f
+        root = tmp_path / f"inproc{len(made)}"
+        return made.add(InProcFleet(root, fl_model_dir, url, devices, **cfg))
 
     try:
         yield factory
     finally:
-        for f in made:
-            f.stop()
+        made.stop_all()
