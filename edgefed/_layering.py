@@ -42,6 +42,8 @@ COORDINATOR_SIDE: tuple[str, ...] = (
     "edgefed.privacy",  # dp_accounting
     "edgefed.fleetops",  # cryptography: fleet CA and broker certificates
     "edgefed.transport.broker",  # amqtt: the embedded broker of demos and tests
+    "edgefed.usermodel",  # loads a user's torch model factory (export14's branch)
+    "edgefed.config.docs",  # documents every role's keys, coordinator's included (config12's)
     "edgefed.__main__",  # runs the edgefed command on import
 )
 
@@ -49,7 +51,14 @@ COORDINATOR_SIDE: tuple[str, ...] = (
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "core",
-        ("edgefed._core", "edgefed.sparse", "edgefed.quant", "edgefed.atomic", "edgefed._layering"),
+        (
+            "edgefed._core",
+            "edgefed.sparse",
+            "edgefed.quant",
+            "edgefed.atomic",
+            "edgefed._layering",
+            "edgefed.config",  # the one config reader of every role (config12's branch)
+        ),
     ),
     ("codec", ("edgefed.codec",)),
     ("protocol/transport", ("edgefed.protocol", "edgefed.transport", "edgefed.security")),
