@@ -202,9 +202,19 @@ def test_streaming_fedavg_equals_aggregate_over_kept_updates(fm, tmp_path: Path)
     ref = FedAvg(max_update_norm=0.05).aggregate(1, before, ups)
     for k in ref:
         np.testing.assert_allclose(eng.params[k], ref[k], rtol=1e-5, atol=1e-7)
-    assert not eng._sums  # nothing held between rounds
+    assert eng.aggregator is None  # nothing held between rounds
+    from edgefed.coordinator.aggregation import (
+        BufferedAggregator,
+        FixedNormBound,
+        StreamingAggregator,
+    )
+
     med = RoundEngine(fm, Median(), RoundConfig())
-    assert not med._streaming  # robust strategies keep every update until the round ends
+    med.start_round(sorted(workers))
+    assert isinstance(med.aggregator, BufferedAggregator)  # robust: every update kept
+    eng.start_round(sorted(workers))  # linear: summed on arrival from the compressed form
+    assert isinstance(eng.aggregator, FixedNormBound)
+    assert isinstance(eng.aggregator.inner, StreamingAggregator)
 
 
 def test_checkpoint_keeps_json_strategy_state_and_refuses_objects(tmp_path: Path) -> None:

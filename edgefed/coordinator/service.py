@@ -175,7 +175,7 @@ class CoordinatorService:
                         f"only {len(self.online)} of {need} devices online after "
                         f"{self.wait_timeout:.0f}s"
                     )
-                tasks = self.engine.start_round(sorted(self.online))
+                tasks = self.engine.start_round(sorted(self.online), sharded=self.agg is not None)
                 rnd = self.engine.open_round
                 assert rnd is not None
                 if self.signer is not None:  # signed when published (Ed25519 is deterministic)
@@ -184,14 +184,8 @@ class CoordinatorService:
                     )
                 self._tasks = tasks
                 if self.agg is not None:  # workers must know the round before any update
-                    self.agg.open_round(rnd, self.engine.model_version, sorted(tasks))
-                announce = json.dumps(
-                    {
-                        "round": rnd,
-                        "model_version": self.engine.model_version,
-                        "sampled": sorted(tasks),
-                    }
-                ).encode()
+                    self.agg.announce(self.engine.announcement(for_workers=True))
+                announce = self.engine.announcement().to_json()
                 if self.signer is not None:
                     announce = self.signer.sign(self.topics.round, announce, rnd)
                 self.client.publish(self.topics.round, announce, retain=True)
@@ -207,7 +201,7 @@ class CoordinatorService:
                 if self.agg is None:
                     m = self.engine.finish_round()
                 else:
-                    m = self.engine.finish_round_from_sums(self.agg.close_round())
+                    m = self.engine.finish_round(self.agg.close_round())
                 if self.checkpoint:
                     save_checkpoint(self.checkpoint, self.engine.checkpoint())
                 self.metrics.write(m, self.rounds)
