@@ -110,6 +110,19 @@ class Accumulator:
             out += self._coord_w[name]
         return out
 
+    def take(self, name: str) -> tuple[np.ndarray, float | np.ndarray]:
+        """The sum of one tensor (the accumulator's own array, shaped: divide it in place
+        for the mean without a second model-sized buffer) and its weight: a scalar unless
+        some update was partial at the coordinate level, then a per-coordinate array."""
+        self._flush(name)
+        shape = self.schema[name]
+        s = self._sums.get(name)
+        if s is None:
+            s = self._sums[name] = np.zeros(self.schema.size(name), np.float32)
+        if name in self._coord_w:
+            return s.reshape(shape), self._weights(name).reshape(shape)
+        return s.reshape(shape), self._dense_w.get(name, 0.0)
+
     def result(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(sums, weight_sums), shaped like the schema; untouched tensors are zeros."""
         self._flush()

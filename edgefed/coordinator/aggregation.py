@@ -7,11 +7,13 @@ it drives (Flower's model: the strategy does the math, wrappers add clipping).
   :class:`~edgefed.codec.Accumulator` (one float32 sum per tensor, weights as scalars
   unless an update is partial per coordinate), so memory stays at about one model
   whatever the number of devices and no update is ever expanded to dense float32.
-- :class:`BufferedAggregator` (robust strategies, median / trimmed mean, and DP-FedAvg):
+- :class:`BufferedAggregator` (robust strategies, median / trimmed mean):
   they need every update at once, so it keeps them (dense: robust statistics sort per
   coordinate) until ``close``.
 - :class:`ShardedAggregator`: the sums come from the aggregator workers' merged partials
   (``edgefed.sharding``); ``add_sums`` instead of ``add``.
+- :class:`DPAggregator`: DP-FedAvg (``edgefed.privacy``) as a wrapper over the same
+  accumulator: every update clipped to ``clip_norm`` while added, noise once at ``close``.
 - :class:`FixedNormBound` / :class:`AdaptiveNormBoundAggregator`: wrappers that bound every
   update's L2 norm (fixed ``max_update_norm``, or the adaptive bound of
   ``edgefed.security.norm_bound``, which needs all of a round's norms first, so it holds
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +42,7 @@ __all__ = [
     "AdaptiveNormBoundAggregator",
     "Aggregator",
     "BufferedAggregator",
+    "DPAggregator",
     "FixedNormBound",
     "ShardedAggregator",
     "StreamingAggregator",
@@ -74,11 +78,26 @@ class StreamingAggregator(Aggregator):
         self.count += 1
 
     def close(self, rnd: int, params: Params) -> Params:
-        sums, wsum = self.acc.result() if self.count else ({}, {})
-        keep = sorted(self.touched)  # tensors nobody sent keep value and optimizer state
-        return self.strategy.apply_sums(
-            rnd, params, {k: sums[k] for k in keep}, {k: wsum[k] for k in keep}
-        )
+        """Mean = sums / weights, divided in place in the accumulator's float32 sums (no
+        second model-sized buffer; the accumulator is spent), then the strategy's step.
+        Tensors nobody sent are left out: they keep their value and optimizer state."""
+        mean: Params = {}
+        covered: Params = {}
+        for name in sorted(self.touched):
+            s, w = self.acc.take(name)
+            if np.ndim(w) == 0:
+                if w > 0:
+                    np.divide(s, np.float32(w), out=s)
+                else:
+                    s.fill(0.0)
+                covered[name] = np.broadcast_to(np.bool_(w > 0), s.shape)  # no n-byte mask
+            else:
+                c = np.asarray(w) > 0
+                np.divide(s, w, out=s, where=c)
+                s[~c] = 0.0
+                covered[name] = c
+            mean[name] = s
+        return self.strategy.apply_mean(rnd, params, mean, covered)
 
 
 class BufferedAggregator(Aggregator):
@@ -164,6 +183,33 @@ class AdaptiveNormBoundAggregator(Aggregator):
         return out
 
 
+class DPAggregator(Aggregator):
+    """DP-FedAvg (``edgefed.privacy``) from the compressed form: each update is clipped to
+    ``clip_norm`` as it is added (its ``scale``), unweighted (sample counts would break the
+    sensitivity bound), into a float32 sum; ``close`` has the strategy add the noise once,
+    divide by the fixed denominator and step (and record the round in its ledger)."""
+
+    def __init__(self, strategy: Any, schema: ModelSchema, threads: int = 0) -> None:
+        self.strategy = strategy
+        self.clip_norm = float(strategy.config.clip_norm)
+        self.acc = Accumulator(schema, threads=threads)
+        self.count = 0
+        self.clipped = 0
+
+    def add(self, u: AcceptedUpdate, weight: float | None = None) -> None:
+        norm = u.scale * compressed_norm(u.update)
+        f = self.clip_norm / norm if norm > self.clip_norm else 1.0
+        self.acc.add(u.update, 1.0, u.scale * f)
+        self.count += 1
+        self.clipped += int(norm > self.clip_norm)
+
+    def close(self, rnd: int, params: Params) -> Params:
+        if not self.count:  # no participant, no release (and nothing spent)
+            return {k: v.copy() for k, v in params.items()}
+        sums = {name: self.acc.take(name)[0] for name in self.acc.schema}
+        return self.strategy.release(rnd, params, sums)
+
+
 def _bounded(u: AcceptedUpdate, max_norm: float, norm: float | None = None) -> AcceptedUpdate:
     n = u.scale * compressed_norm(u.update) if norm is None else norm
     if n <= max_norm or not math.isfinite(n):
@@ -207,6 +253,10 @@ def make_aggregator(
         if not isinstance(strategy, LinearStrategy):
             raise RuntimeError("sharded aggregation needs a linear strategy")
         return ShardedAggregator(strategy)
+    from edgefed.privacy.strategy import DPFedAvg
+
+    if isinstance(strategy, DPFedAvg):  # clipping and noise are the mechanism itself
+        return DPAggregator(strategy, schema, threads)
     if isinstance(strategy, LinearStrategy):
         inner = StreamingAggregator(strategy, schema, threads)
     else:
