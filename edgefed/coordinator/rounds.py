@@ -16,7 +16,6 @@ are validated one at a time on arrival, so a malformed one never reaches aggrega
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -27,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from edgefed.codec import CompressionSpec, ModelSchema, UpdateMeta, encode_update
+from edgefed.codec import CompressionSpec, ModelSchema
 from edgefed.coordinator.aggregation import Aggregator, make_aggregator
 from edgefed.coordinator.checkpoint import Checkpoint
 from edgefed.coordinator.intake import AcceptedUpdate, RoundContext, accept
 from edgefed.coordinator.metrics import RoundMetrics
 from edgefed.coordinator.model import FederatedModel
-from edgefed.coordinator.tasks import LazyTasks
-from edgefed.protocol import Drop, DropReason, PackedMessage, RoundAnnouncement, TaskHeader
+from edgefed.coordinator.tasks import LazyTasks, build_tasks
+from edgefed.protocol import Drop, DropReason, RoundAnnouncement
 from edgefed.strategies import Strategy
 from edgefed.transport.dedupe import SeenSet
 
@@ -162,40 +161,21 @@ class RoundEngine:
         self._payload_up = 0
         self._bytes_down = 0
         self._started = time.monotonic()
-        meta = UpdateMeta(rnd, "coordinator", 0, self.model_version, kind="weights")
-        weights = encode_update(self.params, meta, CompressionSpec.parse(self.cfg.downlink))
-        hyper = {
-            "epochs": self.cfg.local_epochs,
-            "batch_size": self.cfg.batch_size,
-            "lr": self.cfg.lr,
-            **self.strategy.configure_round(rnd),
-        }
-        schema = {k: list(v) for k, v in self.model.shapes.items()}
-        tasks: dict[str, PackedMessage] = {}
-        for d, gid in self._sampled.items():
-            g = self.model.graphs[gid]
-            st = self.device(d)
-            st.sampled += 1
-            header = TaskHeader(
-                rnd,
-                self.model_version,
-                gid,
-                g.sha,
-                {**hyper, "seed": self.rng.randrange(2**31)},
-                self.cfg.uplink,
-                schema,
-                self.cfg.error_feedback,
-                self.cfg.round_timeout,
-            )
-            parts = {"weights": weights}
-            if g.sha not in st.graphs:  # the step graph only when the device lacks it
-                parts["graph"] = g.onnx
-                parts["manifest"] = json.dumps(g.manifest).encode()
-                parts["inference"] = g.inference_onnx
-                st.graphs = [*st.graphs, g.sha][-16:]
-            tasks[d] = PackedMessage(header.to_dict(), parts)
-            self._bytes_down += len(tasks[d])
-        return LazyTasks({d: m.to_bytes for d, m in tasks.items()})
+        for d in self._sampled:
+            self.device(d).sampled += 1
+        tasks = build_tasks(
+            rnd,
+            self.model_version,
+            self.model,
+            self.params,
+            self.cfg,
+            self.strategy.configure_round(rnd),
+            self._sampled,
+            {d: self.device(d) for d in self._sampled},
+            lambda: self.rng.randrange(2**31),
+        )
+        self._bytes_down = tasks.bytes
+        return tasks
 
     def announcement(self, for_workers: bool = False) -> RoundAnnouncement:
         """The open round as announced: to devices (round, version, sampled) or, with
@@ -350,7 +330,7 @@ class RoundEngine:
         """The adaptive norm bound's history: without it a restarted coordinator would run
         its warm-up again, the rounds in which an attacker's scaled update is bounded only
         by the round's own median."""
-        nb = getattr(self.strategy, "norm_bound", None)
+        nb = self.strategy.norm_bound
         return {"norm_bound": nb.state()} if nb is not None else {}
 
     def restore(self, ck: Checkpoint) -> None:
@@ -363,7 +343,7 @@ class RoundEngine:
         self.strategy.load_state_dict(ck.strategy_state)
         self.round = ck.round
         meta = ck.meta
-        nb = getattr(self.strategy, "norm_bound", None)
+        nb = self.strategy.norm_bound
         if nb is not None and "norm_bound" in meta:
             nb.load_state(meta["norm_bound"])  # NormBoundError names a malformed history
         self.devices = {k: DeviceStats(**v) for k, v in meta.get("devices", {}).items()}
