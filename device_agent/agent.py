@@ -32,8 +32,8 @@ from edgefed.codec import (
     decode_update,
     encode_update,
 )
+from edgefed.protocol import MessageError, TaskHeader, UpdateHeader, pack, unpack
 from edgefed.transport import Topics, TransportConfig
-from edgefed.transport.message import MessageError, pack, require, unpack
 
 log = logging.getLogger(__name__)
 
@@ -109,28 +109,16 @@ class DeviceWorker:
         return self._trainers[sha]
 
     def _error(self, rnd: int, msg: str) -> bytes:
-        header = {
-            "round": rnd,
-            "device_id": self.device_id,
-            "update_id": secrets.token_hex(8),
-            "error": msg,
-        }
-        return pack(header)
+        return pack(UpdateHeader(rnd, self.device_id, secrets.token_hex(8), error=msg).to_dict())
 
     def handle_task(self, data: bytes) -> bytes | None:
         """Train on one task; returns the update message (None if the task is unusable)."""
         try:
             header, parts = unpack(data)
-            if header.get("type") != "task":
-                raise MessageError("not a task")
-            rnd = require(header, "round", int)
-            version = require(header, "model_version", str)
-            sha = require(header, "graph_sha", str)
-            if not sha.isalnum():  # it names a directory: no "../"
-                raise MessageError(f"bad graph id {sha[:80]!r}")
-            hyper = require(header, "hyper", dict)
-            uplink = require(header, "uplink", str)
-            schema = ModelSchema(require(header, "schema", dict))
+            task = TaskHeader.parse(header)
+            rnd, version, sha = task.round, task.model_version, task.graph_sha
+            hyper, uplink = task.hyper, task.uplink
+            schema = ModelSchema(task.schema)
         except (MessageError, CodecError) as e:
             log.warning("%s: rejected task: %s", self.device_id, getattr(e, "reason", e))
             return None
@@ -184,7 +172,7 @@ class DeviceWorker:
         delta = {k: (np.asarray(new[k], np.float32) - weights[k]) for k in updated}
         loss = _loss_of(stats)
         meta = UpdateMeta(rnd, self.device_id, self.num_samples, version, kind="delta")
-        ef = self._feedback(schema) if header.get("error_feedback", True) else None
+        ef = self._feedback(schema) if task.error_feedback else None
         payload = encode_update(delta, meta, spec, feedback=ef)
         update_id = secrets.token_hex(8)
         self.train_seconds = train_s
@@ -192,16 +180,8 @@ class DeviceWorker:
         # The header repeats round/device/num_samples from the codec metadata so the
         # coordinator can drop late or duplicate updates before decoding; kept short
         # because at top-1% every byte counts.
-        out = pack(
-            {
-                "round": rnd,
-                "device_id": self.device_id,
-                "update_id": update_id,
-                "num_samples": self.num_samples,
-                "loss": None if loss is None else round(loss, 5),
-            },
-            {"update": payload},
-        )
+        head = UpdateHeader(rnd, self.device_id, update_id, self.num_samples, loss)
+        out = pack(head.to_dict(), {"update": payload})
         # Persist before sending: outbox and residual first, state.json (the commit) last.
         st.save_outbox(out)
         if ef is not None and st.durable:  # (simulations keep the residual in memory)

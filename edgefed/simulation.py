@@ -24,6 +24,7 @@ Example (five devices, an MLP with 10 inputs, 10 hidden units, 2 classes)::
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics, format_progress
+from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.strategies import Strategy, make_strategy
 
@@ -185,6 +186,7 @@ def _run_inprocess(
     verbose: bool,
 ) -> History:
     from device_agent.agent import DeviceWorker
+    from edgefed.coordinator.loop import InProcessCollector, run_rounds
 
     workers = {
         d: DeviceWorker(d, x, y, work / d, persist_model=False, durable=False)
@@ -192,19 +194,10 @@ def _run_inprocess(
     }
     for i, d in enumerate(ids):
         engine.register(d, {"profile": "weak"} if i in weak else {}, [])
-    hist = History()
-    for _ in range(rounds):
-        tasks = engine.start_round(ids)
-        for d, task in tasks.items():
-            out = workers[d].handle_task(task)
-            if out is not None:
-                engine.handle_update(d, out)
-        m = engine.finish_round()
-        writer.write(m)
-        if verbose:
-            print(format_progress(m, rounds), flush=True)
-        hist.append(m.to_dict())
-    return hist
+    if verbose:
+        writer.progress = sys.stdout
+    out = run_rounds(engine, InProcessCollector(engine, workers), rounds, metrics=writer)
+    return History(m.to_dict() for m in out)
 
 
 def _run_mqtt(
@@ -236,7 +229,7 @@ def _run_mqtt(
         )
         for i, (d, (x, y)) in enumerate(zip(ids, datasets, strict=True))
     ]
-    writer.progress = __import__("sys").stdout if verbose else None
+    writer.progress = sys.stdout if verbose else None
     svc = CoordinatorService(
         engine,
         tc,

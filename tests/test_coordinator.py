@@ -197,9 +197,19 @@ def test_streaming_fedavg_equals_aggregate_over_kept_updates(fm, tmp_path: Path)
     ref = FedAvg(max_update_norm=0.05).aggregate(1, before, ups)
     for k in ref:
         np.testing.assert_allclose(eng.params[k], ref[k], rtol=1e-5, atol=1e-7)
-    assert not eng._sums  # nothing held between rounds
+    assert eng.aggregator is None  # nothing held between rounds
+    from edgefed.coordinator.aggregation import (
+        BufferedAggregator,
+        FixedNormBound,
+        StreamingAggregator,
+    )
+
     med = RoundEngine(fm, Median(), RoundConfig())
-    assert not med._streaming  # robust strategies keep every update until the round ends
+    med.start_round(sorted(workers))
+    assert isinstance(med.aggregator, BufferedAggregator)  # robust: every update kept
+    eng.start_round(sorted(workers))  # linear: summed on arrival from the compressed form
+    assert isinstance(eng.aggregator, FixedNormBound)
+    assert isinstance(eng.aggregator.inner, StreamingAggregator)
 
 
 def test_checkpoint_keeps_json_strategy_state_and_refuses_objects(tmp_path: Path) -> None:
@@ -269,3 +279,36 @@ def test_tasks_are_joined_when_read_and_counted_when_built(fm, tmp_path: Path) -
         "a": b"12",
         "b": b"345",
     }
+
+
+def test_dp_fedavg_from_the_compressed_form_equals_the_dense_mechanism(fm, tmp_path: Path) -> None:
+    """The coordinator's DP wrapper (clip while adding, unweighted, noise once at close) gives
+    the same model as DP-FedAvg over the dense decoded updates, same seed, same noise."""
+    from edgefed.codec import decode_update
+    from edgefed.coordinator.aggregation import DPAggregator
+    from edgefed.privacy.strategy import DPFedAvg
+    from edgefed.strategies import ClientUpdate
+
+    def dp() -> DPFedAvg:
+        return DPFedAvg(clip_norm=0.05, noise_multiplier=1.0, expected_clients=3,
+                        sample_rate=1.0, seed=5)  # fmt: skip
+
+    eng, workers = _setup(fm, tmp_path, strategy=dp())
+    before = {k: v.copy() for k, v in eng.params.items()}
+    ups = []
+    for d, t in eng.start_round(sorted(workers)).items():
+        out = workers[d].handle_task(t)
+        assert eng.handle_update(d, out)
+        h, parts = unpack(out)
+        dense = decode_update(parts["update"], eng.schema).to_dense()
+        ups.append(ClientUpdate(d, dense, h["num_samples"]))
+    agg = eng.aggregator
+    assert isinstance(agg, DPAggregator) and agg.count == 3
+    assert agg.clipped == 3  # every update is larger than the tiny clip norm
+    eng.finish_round()
+    ref_strategy = dp()
+    ref = ref_strategy.aggregate(1, before, ups)
+    for k in ref:
+        assert not np.allclose(ref[k], before[k])  # the noise moved it
+        np.testing.assert_allclose(eng.params[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert eng.strategy.ledger.rounds == ref_strategy.ledger.rounds == {(1.0, 1.0): 1}

@@ -51,15 +51,15 @@ ALL = "all"
 
 
 def bundle_topic(topics: Topics, group: str = ALL) -> str:
-    return f"{topics.base}/bundle/{check_name('device group', group)}"
+    return topics.bundle(group)  # every topic is built in edgefed.protocol.topics
 
 
 def status_topic(topics: Topics, device: str) -> str:
-    return f"{topics.base}/bundle-status/{check_name('device id', device)}"
+    return topics.bundle_status(device)
 
 
 def all_status_topic(topics: Topics) -> str:
-    return f"{topics.base}/bundle-status/+"
+    return topics.all_bundle_status
 
 
 @dataclass

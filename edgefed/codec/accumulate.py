@@ -45,11 +45,16 @@ class Accumulator:
         self._dense_w: dict[str, float] = {}
         self._coord_w: dict[str, np.ndarray] = {}
 
-    def add(self, update: DecodedUpdate, weight: float) -> None:
-        """Add ``weight * update``; validated first, so a rejected update changes nothing."""
+    def add(self, update: DecodedUpdate, weight: float, scale: float = 1.0) -> None:
+        """Add ``weight * scale * update`` with weight ``weight`` (``scale`` < 1: a norm-bounded
+        update counts with its full weight but shrunk values); validated first, so a
+        rejected update changes nothing."""
         w = float(weight)
         if not math.isfinite(w) or w < 0:
             raise CodecError(f"weight must be finite and >= 0, got {weight!r}")
+        c = float(scale)
+        if not (math.isfinite(c) and c >= 0):
+            raise CodecError(f"scale must be finite and >= 0, got {scale!r}")
         if self.kind is not None and update.meta.kind != self.kind:
             raise CodecError(f"cannot mix {update.meta.kind!r} updates into {self.kind!r} sums")
         for name, t in update.tensors.items():
@@ -79,12 +84,15 @@ class Accumulator:
                 self._dense_w[name] = self._dense_w.get(name, 0.0) + w
             if isinstance(t, SparseTensor):
                 scale = t.scale if t.values.dtype == np.int8 else 1.0
+                absent = t.fill == "absent"
                 q = self._pending.setdefault(name, [])
-                q.append((t.indices, t.values, scale, w, t.fill == "absent"))
+                q.append((t.indices, t.values, scale, w * c, absent))
+                if absent and c != 1.0:  # the kernel added w * c to these weights
+                    self._coord_w[name][t.indices] += np.float32(w - w * c)
                 if len(q) >= self.batch:
                     self._flush(name)
             else:
-                t.accumulate(sums, None, w, self.threads)
+                t.accumulate(sums, None, w * c, self.threads)
         self.count += 1
 
     def _flush(self, name: str | None = None) -> None:
@@ -101,6 +109,19 @@ class Accumulator:
         if name in self._coord_w:
             out += self._coord_w[name]
         return out
+
+    def take(self, name: str) -> tuple[np.ndarray, float | np.ndarray]:
+        """The sum of one tensor (the accumulator's own array, shaped: divide it in place
+        for the mean without a second model-sized buffer) and its weight: a scalar unless
+        some update was partial at the coordinate level, then a per-coordinate array."""
+        self._flush(name)
+        shape = self.schema[name]
+        s = self._sums.get(name)
+        if s is None:
+            s = self._sums[name] = np.zeros(self.schema.size(name), np.float32)
+        if name in self._coord_w:
+            return s.reshape(shape), self._weights(name).reshape(shape)
+        return s.reshape(shape), self._dense_w.get(name, 0.0)
 
     def result(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(sums, weight_sums), shaped like the schema; untouched tensors are zeros."""

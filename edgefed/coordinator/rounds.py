@@ -1,10 +1,12 @@
-"""The round logic of the coordinator, independent of the transport.
+"""The round logic of the coordinator, independent of the transport: a thin conductor over
+the fleet (:class:`DeviceStats`), the tasks, the intake (:mod:`.intake`) and aggregation
+(:mod:`.aggregation`).
 
-The MQTT service (:mod:`.service`) and the in-process simulation fast path
-(:mod:`edgefed.simulation`) drive the SAME object: :meth:`RoundEngine.start_round` returns
-the task bytes for each sampled device, :meth:`RoundEngine.handle_update` takes an update's
-bytes and accepts it or records why it was dropped, :meth:`RoundEngine.finish_round`
-aggregates, evaluates, advances the model and returns the round's metrics.
+The one round loop (:mod:`.loop`, used by the MQTT service, the simulation and sharded
+runs) drives it: :meth:`RoundEngine.start_round` returns the task bytes for each sampled
+device, :meth:`RoundEngine.handle_update` takes an update's bytes and accepts it or records
+why it was dropped, :meth:`RoundEngine.finish_round` aggregates (or takes the aggregator
+workers' merged sums), evaluates, advances the model and returns the round's metrics.
 
 Idempotence: an update is identified by (device, round, update id). A redelivered copy,
 a second update from the same device in a round, an update for another round (late) or
@@ -24,28 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from edgefed.codec import (
-    CodecError,
-    CompressionSpec,
-    ModelSchema,
-    UpdateMeta,
-    decode_update,
-    encode_update,
-)
+from edgefed.codec import CompressionSpec, ModelSchema
+from edgefed.coordinator.aggregation import Aggregator, make_aggregator
 from edgefed.coordinator.checkpoint import Checkpoint
+from edgefed.coordinator.intake import AcceptedUpdate, RoundContext, accept
 from edgefed.coordinator.metrics import RoundMetrics
 from edgefed.coordinator.model import FederatedModel
-from edgefed.coordinator.tasks import LazyTasks
-from edgefed.strategies import (
-    ClientUpdate,
-    LinearStrategy,
-    Strategy,
-    UpdateRejected,
-    clip_update,
-    validate_update,
-)
+from edgefed.coordinator.tasks import LazyTasks, build_tasks
+from edgefed.protocol import Drop, DropReason, RoundAnnouncement
+from edgefed.strategies import Strategy
 from edgefed.transport.dedupe import SeenSet
-from edgefed.transport.message import MessageError, PackedMessage, require, unpack
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +74,13 @@ class RoundEngine:
         strategy: Strategy,
         config: RoundConfig,
         evaluate: Any = None,  # callable(params) -> (accuracy, loss) or None
+        threads: int = 0,  # aggregation threads (0: the accumulator decides)
     ) -> None:
         self.model = model
         self.strategy = strategy
         self.cfg = config
         self.evaluate = evaluate
+        self.threads = threads
         self.params = {k: v.copy() for k, v in model.initial.items()}
         self.schema = ModelSchema(model.shapes)
         self.round = 0  # finished rounds
@@ -100,13 +92,11 @@ class RoundEngine:
         self.seen = SeenSet(1_000_000)
         self._open: int | None = None
         self._sampled: dict[str, str] = {}  # device -> graph id
-        self._accepted: dict[str, ClientUpdate] = {}
-        # Linear strategies aggregate on arrival (bounded memory); others at the round's end.
-        # Decided again when each round opens (see _streaming_allowed).
-        self._streaming = self._streaming_allowed()
-        self._sums: dict[str, np.ndarray] = {}
-        self._wsum: dict[str, np.ndarray] = {}
-        self._drops: list[dict[str, str]] = []
+        self._ctx: RoundContext | None = None
+        self._answered: dict[str, tuple[str, int, str]] = {}  # device -> counted key
+        self._records: dict[str, tuple[int, float | None]] = {}  # device -> (samples, loss)
+        self.aggregator: Aggregator | None = None  # the open round's
+        self._drops: list[Drop] = []
         self._bytes_up = 0
         self._payload_up = 0
         self._bytes_down = 0
@@ -149,210 +139,129 @@ class RoundEngine:
         k = max(self.cfg.min_sampled, math.ceil(self.cfg.fraction * len(online)))
         return sorted(self.rng.sample(sorted(online), min(k, len(online))))
 
-    def start_round(self, online: list[str]) -> LazyTasks:
+    def start_round(self, online: list[str], sharded: bool = False) -> LazyTasks:
         """Open round ``self.round + 1`` for a sample of ``online``; returns device -> task
-        (a mapping that joins each task's bytes when read; see coordinator/tasks.py)."""
+        (a mapping that joins each task's bytes when read; see coordinator/tasks.py).
+        ``sharded``: aggregator workers sum the updates; the round closes from their sums."""
         rnd = self.round + 1
         chosen = self.sample(online)
         self._open = rnd
-        self._streaming = self._streaming_allowed()
         self._sampled = {d: self.graph_for(d) for d in chosen}
-        self._accepted = {}
-        self._sums, self._wsum = {}, {}
+        self._answered, self._records = {}, {}
+        self.aggregator = make_aggregator(self.strategy, self.schema, self.threads, sharded)
+        self._ctx = RoundContext(
+            rnd,
+            self.model_version,
+            self.schema,
+            {d: frozenset(self.model.graphs[g].updated) for d, g in self._sampled.items()},
+            self._answered,
+            self.seen,
+        )
         self._bytes_up = 0
         self._payload_up = 0
         self._bytes_down = 0
         self._started = time.monotonic()
-        meta = UpdateMeta(rnd, "coordinator", 0, self.model_version, kind="weights")
-        weights = encode_update(self.params, meta, CompressionSpec.parse(self.cfg.downlink))
-        hyper = {
-            "epochs": self.cfg.local_epochs,
-            "batch_size": self.cfg.batch_size,
-            "lr": self.cfg.lr,
-            **self.strategy.configure_round(rnd),
-        }
-        tasks: dict[str, PackedMessage] = {}
-        for d, gid in self._sampled.items():
-            g = self.model.graphs[gid]
-            st = self.device(d)
-            st.sampled += 1
-            header = {
-                "type": "task",
-                "round": rnd,
-                "model_version": self.model_version,
-                "graph_id": gid,
-                "graph_sha": g.sha,
-                "hyper": {**hyper, "seed": self.rng.randrange(2**31)},
-                "uplink": self.cfg.uplink,
-                "error_feedback": self.cfg.error_feedback,
-                "schema": {k: list(v) for k, v in self.model.shapes.items()},
-                "deadline_s": self.cfg.round_timeout,
-            }
-            parts = {"weights": weights}
-            if g.sha not in st.graphs:  # the step graph only when the device lacks it
-                import json
+        for d in self._sampled:
+            self.device(d).sampled += 1
+        tasks = build_tasks(
+            rnd,
+            self.model_version,
+            self.model,
+            self.params,
+            self.cfg,
+            self.strategy.configure_round(rnd),
+            self._sampled,
+            {d: self.device(d) for d in self._sampled},
+            lambda: self.rng.randrange(2**31),
+        )
+        self._bytes_down = tasks.bytes
+        return tasks
 
-                parts["graph"] = g.onnx
-                parts["manifest"] = json.dumps(g.manifest).encode()
-                parts["inference"] = g.inference_onnx
-                st.graphs = [*st.graphs, g.sha][-16:]
-            tasks[d] = PackedMessage(header, parts)
-            self._bytes_down += len(tasks[d])
-        return LazyTasks({d: m.to_bytes for d, m in tasks.items()})
+    def announcement(self, for_workers: bool = False) -> RoundAnnouncement:
+        """The open round as announced: to devices (round, version, sampled) or, with
+        ``for_workers``, to aggregator workers (plus schema and each device's tensors)."""
+        if self._open is None or self._ctx is None:
+            raise RuntimeError("no open round")
+        sampled = sorted(self._sampled)
+        if not for_workers:
+            return RoundAnnouncement(self._open, self.model_version, sampled)
+        return RoundAnnouncement(
+            self._open,
+            self.model_version,
+            sampled,
+            {k: list(v) for k, v in self.schema.items()},
+            {d: sorted(t) for d, t in self._ctx.allowed.items()},
+        )
 
-    def _drop(self, device: str, reason: str) -> bool:
-        log.warning("round %s: dropped update from %s: %s", self._open, device, reason)
-        self._drops.append({"device": device, "reason": reason})
-        if device in self.devices:
-            self.devices[device].dropped += 1
+    def _drop(self, drop: Drop) -> bool:
+        log.warning("round %s: dropped update from %s: %s", self._open, drop.device, drop.text)
+        self._drops.append(drop)
+        if drop.device in self.devices:
+            self.devices[drop.device].dropped += 1
         return False
 
-    def handle_update(self, topic_device: str, data: bytes) -> bool:
-        """Validate and accept one update message; False (reason logged) if dropped."""
-        self._bytes_up += len(data)
-        try:
-            header, parts = unpack(data)
-            rnd = require(header, "round", int)
-            dev = require(header, "device_id", str)
-            update_id = require(header, "update_id", str)
-            if "error" in header:
-                if topic_device in self._sampled and rnd == self._open:
-                    self.device(topic_device).graphs = []  # resend the graph next time
-                return self._drop(topic_device, f"device error: {str(header['error'])[:200]}")
-            num = require(header, "num_samples", int)
-        except MessageError as e:
-            return self._drop(topic_device, f"invalid: {e.reason}")
-        if dev != topic_device:
-            return self._drop(topic_device, f"invalid: header device {dev!r} != topic device")
-        if self._open is None or rnd < self._open:
-            return self._drop(dev, f"late: update for round {rnd}")
-        if rnd > self._open:
-            return self._drop(dev, f"invalid: update for future round {rnd}")
-        if dev not in self._sampled:
-            return self._drop(dev, "not sampled this round")
-        key = (dev, rnd, update_id)
-        if key in self.seen:  # remembered only once accepted: a corrupt copy with the
-            return self._drop(dev, "duplicate: update already counted")  # same id can't block
+    def _context(self) -> RoundContext:
+        if self._ctx is None or self._open is None:  # between rounds: everything is late
+            return RoundContext(None, self.model_version, self.schema, {}, {}, self.seen)
+        return self._ctx
 
-        if dev in self._accepted:
-            return self._drop(dev, "duplicate: device already answered this round")
-        if "update" not in parts:
-            return self._drop(dev, "invalid: no update part")
-        try:
-            # accept_v1: a device outbox stored before v2 (codec/wire.py) is resent as is
-            upd = decode_update(parts["update"], self.schema, accept_v1=True)
-            m = upd.meta
-            if (m.round, m.device_id, m.num_samples, m.kind) != (rnd, dev, num, "delta"):
-                return self._drop(dev, "invalid: codec metadata disagrees with the header")
-            dense = upd.to_dense()
-        except CodecError as e:
-            return self._drop(dev, f"invalid: {e.reason}")
-        allowed = set(self.model.graphs[self._sampled[dev]].updated)
-        extra = set(dense) - allowed
-        if extra:
-            return self._drop(dev, f"invalid: tensors outside its graph: {sorted(extra)[:3]}")
-        loss = header.get("loss")
-        cu = ClientUpdate(
-            dev,
-            {k: np.asarray(v, np.float32) for k, v in dense.items()},
-            num,
-            None,
-            float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None,
-        )
-        try:
-            validate_update(self.params, cu)
-        except UpdateRejected as e:
-            return self._drop(dev, f"invalid: {e.reason}")
-        self.seen.check_and_add(key)
-        if self._streaming:
-            self._accumulate(cu)
-            cu = ClientUpdate(dev, {}, cu.num_samples, None, cu.loss)  # keep only the record
-        self._accepted[dev] = cu
-        self._payload_up += len(parts["update"])
-        st = self.device(dev)
-        st.accepted += 1
-        st.bytes_up += len(data)
+    def handle_update(self, topic_device: str, data: bytes) -> bool:
+        """Check one update message with the intake and add it to the round's aggregation;
+        False (reason logged and counted) if dropped."""
+        self._bytes_up += len(data)
+        res = accept(topic_device, data, self._context())
+        if isinstance(res, Drop):
+            if res.reason is DropReason.DEVICE_ERROR and topic_device in self._sampled:
+                self.device(topic_device).graphs = []  # resend the graph next time
+            return self._drop(res)
+        self.add_accepted(res)
         return True
 
-    def _streaming_allowed(self) -> bool:
-        """Aggregate on arrival only for linear strategies without an adaptive norm bound:
-        the adaptive bound needs every norm of the round before it clips any update."""
-        return (
-            isinstance(self.strategy, LinearStrategy)
-            and getattr(self.strategy, "norm_bound", None) is None
-        )
-
-    def _accumulate(self, cu: ClientUpdate) -> None:
-        """Fold one validated update into the running per-coordinate sums, so memory stays
-        at two model-sized buffers however many devices answer (linear strategies only;
-        robust ones need every update and keep them)."""
-        delta = cu.delta
-        if self.strategy.max_update_norm is not None:
-            delta = clip_update(delta, self.strategy.max_update_norm)[0]
-        w = float(cu.num_samples)
-        for name, d in delta.items():
-            if name not in self._sums:
-                self._sums[name] = np.zeros(d.shape, np.float64)
-                self._wsum[name] = np.zeros(d.shape, np.float64)
-            self._sums[name] += w * d
-            self._wsum[name] += w
+    def add_accepted(self, u: AcceptedUpdate) -> None:
+        """Count an update the intake accepted (also the entry for an async buffer)."""
+        assert self.aggregator is not None
+        self.seen.check_and_add(u.key)
+        self.aggregator.add(u)
+        self._answered[u.device] = u.key
+        self._records[u.device] = (u.num_samples, u.header.loss)
+        self._payload_up += u.payload_bytes
+        st = self.device(u.device)
+        st.accepted += 1
+        st.bytes_up += u.message_bytes
 
     def all_answered(self) -> bool:
-        return bool(self._sampled) and set(self._accepted) == set(self._sampled)
+        return bool(self._sampled) and set(self._answered) == set(self._sampled)
 
     def pending(self) -> list[str]:
-        return sorted(set(self._sampled) - set(self._accepted))
+        return sorted(set(self._sampled) - set(self._answered))
 
-    def finish_round(self) -> RoundMetrics:
+    def finish_round(self, merged: Any = None) -> RoundMetrics:
         """Close the open round: missing devices are dropped as "deadline", the accepted
-        updates are aggregated, the model is evaluated and the round counter advances."""
-        if self._open is None:
-            raise RuntimeError("no open round")
-        for d in self.pending():
-            self._drop(d, "deadline: no update before the round closed")
-        return self._close(self._sums, self._wsum)
+        updates are aggregated, the model is evaluated and the round counter advances.
 
-    def finish_round_from_sums(self, res: Any) -> RoundMetrics:
-        """Close the open round from the aggregator workers' merged partials (an
-        :class:`edgefed.sharding.merge.MergeResult`) instead of updates this process collected:
-        the strategy's (sum, weight) path, as with streaming. Per-device bytes and train loss
-        stay with the workers, so they are reported as 0 / None here."""
-        if self._open is None:
+        ``merged`` (sharded rounds): the aggregator workers' merged partials, an
+        :class:`edgefed.sharding.merge.MergeResult`; per-device bytes and train loss stay
+        with the workers, so they are reported as 0 / None here."""
+        if self._open is None or self.aggregator is None:
             raise RuntimeError("no open round")
-        if not isinstance(self.strategy, LinearStrategy):
-            raise RuntimeError("sharded aggregation needs a linear strategy")
-        for dev, rnd, uid in res.keys:
-            if dev in self._sampled and rnd == self._open:
-                self.seen.check_and_add((dev, rnd, uid))
-                self._accepted[dev] = ClientUpdate(dev, {}, 0, None, None)
-                self.device(dev).accepted += 1
-        for dev, reason in sorted(res.dropped.items()):
-            self._drop(dev, reason)
-        for _ in range(res.worker_rejected_updates):
-            self._drop("(worker)", "invalid: rejected by an aggregator worker")
+        reported = set()
+        if merged is not None:
+            self._take_merged(merged)
+            reported = set(merged.dropped)
         for d in self.pending():
-            if d not in res.dropped:
-                self._drop(d, "deadline: no update before the round closed")
-        return self._close(dict(res.sums), dict(res.weights), streaming=True)
-
-    def _close(
-        self, sums: dict[str, np.ndarray], wsum: dict[str, np.ndarray], streaming: bool = False
-    ) -> RoundMetrics:
-        assert self._open is not None
+            if d not in reported:
+                self._drop(Drop(d, DropReason.DEADLINE, "no update before the round closed"))
         t0 = time.monotonic()
-        ups = list(self._accepted.values())
-        if self._streaming or streaming:
-            assert isinstance(self.strategy, LinearStrategy)
-            self.params = self.strategy.apply_sums(self._open, self.params, sums, wsum)
-            self._sums, self._wsum = {}, {}
-        else:
-            self.params = self.strategy.aggregate(self._open, self.params, ups)
+        self.params = self.aggregator.close(self._open, self.params)
         agg_s = time.monotonic() - t0
+        self.aggregator = None
+        self._ctx = None
         self.round = self._open
         self._open = None
         self.cum_up += self._bytes_up
         self.cum_down += self._bytes_down
-        losses = [(u.loss, u.num_samples) for u in ups if u.loss is not None]
+        recs = list(self._records.values())
+        losses = [(loss, n) for n, loss in recs if loss is not None]
         tl = sum(a * n for a, n in losses) / sum(n for _, n in losses) if losses else None
         acc = eloss = None
         if self.evaluate is not None:
@@ -361,9 +270,9 @@ class RoundEngine:
             round=self.round,
             model_version=self.model_version,
             sampled=len(self._sampled),
-            participants=len(ups),
-            dropped=dict(Counter(d["reason"].split(":")[0] for d in self._drops)),
-            drop_log=list(self._drops),
+            participants=len(recs),
+            dropped=dict(Counter(d.reason.value for d in self._drops)),
+            drop_log=[d.to_dict() for d in self._drops],
             bytes_up=self._bytes_up,
             payload_up=self._payload_up,
             bytes_down=self._bytes_down,
@@ -378,6 +287,24 @@ class RoundEngine:
         self.history.append(m.to_dict())
         self._drops = []  # drops between rounds (late copies) land in the next round's metrics
         return m
+
+    def _take_merged(self, res: Any) -> None:
+        agg = self.aggregator
+        if not hasattr(agg, "add_sums"):
+            raise RuntimeError("round was not opened as sharded")
+        for dev, rnd, uid in res.keys:
+            if dev in self._sampled and rnd == self._open:
+                self.seen.check_and_add((dev, rnd, uid))
+                self._answered[dev] = (dev, rnd, uid)
+                self._records[dev] = (0, None)
+                self.device(dev).accepted += 1
+        agg.add_sums(res.sums, res.weights, len(res.keys))  # type: ignore[union-attr]
+        for drop in res.worker_drops:
+            self._drop(drop)
+        for _ in range(max(0, res.worker_rejected_updates - len(res.worker_drops))):
+            self._drop(Drop("(worker)", DropReason.INVALID, "rejected by an aggregator worker"))
+        for _, drop in sorted(res.dropped.items()):
+            self._drop(drop)
 
     # ---- checkpoints -----------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
@@ -403,7 +330,7 @@ class RoundEngine:
         """The adaptive norm bound's history: without it a restarted coordinator would run
         its warm-up again, the rounds in which an attacker's scaled update is bounded only
         by the round's own median."""
-        nb = getattr(self.strategy, "norm_bound", None)
+        nb = self.strategy.norm_bound
         return {"norm_bound": nb.state()} if nb is not None else {}
 
     def restore(self, ck: Checkpoint) -> None:
@@ -416,7 +343,7 @@ class RoundEngine:
         self.strategy.load_state_dict(ck.strategy_state)
         self.round = ck.round
         meta = ck.meta
-        nb = getattr(self.strategy, "norm_bound", None)
+        nb = self.strategy.norm_bound
         if nb is not None and "norm_bound" in meta:
             nb.load_state(meta["norm_bound"])  # NormBoundError names a malformed history
         self.devices = {k: DeviceStats(**v) for k, v in meta.get("devices", {}).items()}

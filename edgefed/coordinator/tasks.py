@@ -1,4 +1,5 @@
-"""A round's tasks as a read-only mapping whose messages are built when read.
+"""A round's tasks: :func:`build_tasks` decides them, :class:`LazyTasks` holds them as a
+read-only mapping whose messages are built when read.
 
 ``start_round`` decides everything eagerly (sample, seeds, which devices get the graph, byte
 counts) so the round is deterministic and accounted for; only joining (and signing) each
@@ -8,12 +9,18 @@ time instead of one per sampled device (1 byte per parameter each with int8 weig
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from edgefed.codec import CompressionSpec, UpdateMeta, encode_update
+from edgefed.protocol import PackedMessage, TaskHeader
 
 
 class LazyTasks(Mapping[str, bytes]):
-    def __init__(self, builders: Mapping[str, Callable[[], bytes]]) -> None:
+    def __init__(self, builders: Mapping[str, Callable[[], bytes]], nbytes: int = 0) -> None:
         self._builders = dict(builders)
+        self.bytes = nbytes  # the tasks' total size (known before they are joined)
 
     def __getitem__(self, device: str) -> bytes:
         return self._builders[device]()
@@ -26,7 +33,43 @@ class LazyTasks(Mapping[str, bytes]):
 
     def map(self, fn: Callable[[str, bytes], bytes]) -> LazyTasks:
         """Tasks transformed per device on read (e.g. signed for their topic)."""
-        return LazyTasks({d: (lambda d=d: fn(d, self[d])) for d in self._builders})
+        return LazyTasks({d: (lambda d=d: fn(d, self[d])) for d in self._builders}, self.bytes)
 
 
-__all__ = ["LazyTasks"]
+def build_tasks(
+    rnd: int,
+    model_version: str,
+    model: Any,  # coordinator.model.FederatedModel
+    params: Mapping[str, Any],
+    cfg: Any,  # coordinator.rounds.RoundConfig
+    strategy_hyper: Mapping[str, Any],
+    assignment: Mapping[str, str],  # device -> graph id
+    devices: Mapping[str, Any],  # device -> DeviceStats (its ``graphs`` are updated)
+    seed: Callable[[], int],
+) -> LazyTasks:
+    """Every sampled device's task: the global weights (encoded once, shared), its graph's
+    header and, only when the device does not hold that graph yet, the graph itself."""
+    meta = UpdateMeta(rnd, "coordinator", 0, model_version, kind="weights")
+    weights = encode_update(dict(params), meta, CompressionSpec.parse(cfg.downlink))
+    hyper = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    hyper.update(strategy_hyper)
+    schema = {k: list(v) for k, v in model.shapes.items()}
+    tasks: dict[str, PackedMessage] = {}
+    for d, gid in assignment.items():
+        g = model.graphs[gid]
+        st = devices[d]
+        header = TaskHeader(
+            rnd, model_version, gid, g.sha, {**hyper, "seed": seed()}, cfg.uplink, schema,
+            cfg.error_feedback, cfg.round_timeout,
+        )  # fmt: skip
+        parts = {"weights": weights}
+        if g.sha not in st.graphs:  # the step graph only when the device lacks it
+            parts["graph"] = g.onnx
+            parts["manifest"] = json.dumps(g.manifest).encode()
+            parts["inference"] = g.inference_onnx
+            st.graphs = [*st.graphs, g.sha][-16:]
+        tasks[d] = PackedMessage(header.to_dict(), parts)
+    return LazyTasks({d: m.to_bytes for d, m in tasks.items()}, sum(map(len, tasks.values())))
+
+
+__all__ = ["LazyTasks", "build_tasks"]

@@ -66,9 +66,7 @@ class DPFedAvgAggregator:
         self.config = config
         self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         self._sum = {k: np.zeros(s, dtype=np.float64) for k, s in self.shapes.items()}
-        self._rng = np.random.Generator(
-            np.random.PCG64(secrets.randbits(128) if seed is None else seed)
-        )
+        self._rng = make_rng(seed)
         self.count = 0
         self.clipped = 0
         self._done = False
@@ -108,9 +106,22 @@ class DPFedAvgAggregator:
         if self._done:
             raise DPError("this round's result was already released")
         self._done = True
-        sigma = self.config.noise_multiplier * self.config.clip_norm
-        out = {}
-        for name, s in self._sum.items():
-            noised = s + self._rng.normal(0.0, sigma, size=s.shape) if sigma > 0 else s
-            out[name] = (noised / self.config.expected_clients).astype(np.float32)
-        return out
+        return noised_average(self._sum, self.config, self._rng)
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """PCG64 seeded by the OS unless a seed is given (tests only)."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128) if seed is None else seed))
+
+
+def noised_average(
+    sums: Mapping[str, np.ndarray], config: DPConfig, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """The mechanism's release: ``(sum of clipped updates + N(0, (z*C)^2)) / m`` per
+    coordinate, float32. Call once per round: a second draw would leak."""
+    sigma = config.noise_multiplier * config.clip_norm
+    out = {}
+    for name, s in sums.items():
+        noised = s + rng.normal(0.0, sigma, size=s.shape) if sigma > 0 else s
+        out[name] = (noised / config.expected_clients).astype(np.float32)
+    return out

@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 
 from edgefed.privacy.accountant import PrivacyLedger
-from edgefed.privacy.dp_fedavg import DPConfig, DPError, DPFedAvgAggregator
+from edgefed.privacy.dp_fedavg import (
+    DPConfig,
+    DPError,
+    DPFedAvgAggregator,
+    make_rng,
+    noised_average,
+)
 from edgefed.strategies.base import ClientUpdate, Params, Strategy
 
 
@@ -42,13 +48,26 @@ class DPFedAvg(Strategy):
         self.ledger = PrivacyLedger(delta)
         self._seed = seed
 
+    def _seed_for(self, rnd: int) -> int | None:
+        return None if self._seed is None else self._seed + rnd
+
     def _aggregate(self, rnd: int, global_params: Params, updates: list[ClientUpdate]) -> Params:
         shapes = {k: v.shape for k, v in global_params.items()}
-        seed = None if self._seed is None else self._seed + rnd
-        agg = DPFedAvgAggregator(shapes, self.config, seed=seed)
+        agg = DPFedAvgAggregator(shapes, self.config, seed=self._seed_for(rnd))
         for u in updates:
             agg.add(u.delta)
-        noised = agg.result()
+        return self._step(global_params, agg.result())
+
+    def release(self, rnd: int, global_params: Params, clipped_sums: Params) -> Params:
+        """The round's new model from the sum of its updates, each already clipped to
+        ``clip_norm`` and added unweighted (the coordinator's DP aggregation wrapper does
+        that from the compressed form): noise once, divide by ``expected_clients``, step."""
+        sums = {k: clipped_sums.get(k, np.zeros(g.shape)) for k, g in global_params.items()}
+        return self._step(
+            global_params, noised_average(sums, self.config, make_rng(self._seed_for(rnd)))
+        )
+
+    def _step(self, global_params: Params, noised: Params) -> Params:
         self.ledger.record(self.config.noise_multiplier, self.sample_rate)
         return {
             k: (g + np.float32(self.server_lr) * noised[k]).astype(np.float32)

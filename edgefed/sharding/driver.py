@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable
 
 from edgefed.codec import ModelSchema
+from edgefed.protocol import Drop, DropReason, RoundAnnouncement, ShardTopics, Topics
 from edgefed.sharding.config import ShardingConfig
 from edgefed.sharding.merge import MergeResult, PartialMerger
 from edgefed.sharding.partial import Key
-from edgefed.sharding.topics import ShardTopics
-from edgefed.transport import Topics, TransportConfig
+from edgefed.transport import TransportConfig
 from edgefed.transport.client import Incoming, MqttClient
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class ShardedAggregation:
         self.sampled: frozenset[str] = frozenset()
         self.merger: PartialMerger | None = None
         self.lost: dict[str, str] = {}  # device -> reason (this round)
+        self.worker_drops: list[Drop] = []  # updates the workers refused (this round)
         self.resent: dict[str, int] = {}  # device -> re-send requests this round
         self._last_resend = 0.0
         self._last_pump = 0.0
@@ -173,6 +174,7 @@ class ShardedAggregation:
         keys = msg.get("new_keys")
         if msg.get("round") != self.round or not isinstance(keys, list):
             return
+        self._take_drops(msg.get("drops"))
         rep = self.reported.setdefault(worker, {})
         for k in keys:
             if (
@@ -183,6 +185,17 @@ class ShardedAggregation:
                 and isinstance(k[2], str)
             ):
                 rep[k[0]] = (k[0], k[1], k[2])
+
+    def _take_drops(self, drops: object) -> None:
+        """The updates a worker refused, with their reasons, for the round's metrics."""
+        if not isinstance(drops, list):
+            return
+        for d in drops:
+            try:
+                dev, cat, detail = d
+                self.worker_drops.append(Drop(str(dev)[:64], DropReason(cat), str(detail)[:300]))
+            except (TypeError, ValueError):
+                self.rejected_messages += 1
 
     def _on_partial(self, worker: str, payload: bytes) -> None:
         if self.merger is None:
@@ -261,22 +274,37 @@ class ShardedAggregation:
         """Every sampled device's update has been reported by a live worker."""
         return bool(self.sampled) and self.sampled <= self.reported_devices()
 
-    def open_round(self, rnd: int, model_version: str, sampled: list[str]) -> None:
-        """Announce the round to the workers (retained: a worker joining later gets it)."""
+    def open_round(
+        self,
+        rnd: int,
+        model_version: str,
+        sampled: list[str],
+        allowed: dict[str, list[str]] | None = None,
+    ) -> None:
+        """Announce the round to the workers (retained: a worker joining later gets it).
+        ``allowed``: device -> the tensors its graph updates (default: every tensor)."""
+        self.announce(
+            RoundAnnouncement(
+                rnd,
+                model_version,
+                sorted(sampled),
+                {k: list(v) for k, v in self.schema.items()},
+                dict(allowed or {}),
+            )
+        )
+
+    def announce(self, ann: RoundAnnouncement) -> None:
+        """Announce a round built by the coordinator's engine (schema and allowed tensors)."""
+        rnd, sampled = ann.round, ann.sampled
         self.round = rnd
         self.sampled = frozenset(sampled)
         self.reported = {}
         self.lost = {}
         self.resent = {}
         self.merger = None
+        self.worker_drops = []
         self._closing = False
-        msg = {
-            "round": rnd,
-            "model_version": model_version,
-            "schema": {k: list(v) for k, v in self.schema.items()},
-            "sampled": sorted(sampled),
-        }
-        self.client.publish(self.topics.round, json.dumps(msg).encode(), retain=True)
+        self.client.publish(self.topics.round, ann.to_json(), retain=True)
 
     def close_round(self, timeout: float | None = None) -> MergeResult:
         """Close the open round: collect a partial from every live worker, resolve devices
@@ -319,11 +347,14 @@ class ShardedAggregation:
                     self._lost(w, "conflicting partial not re-issued in time")
             merger.reject_conflicting()
         for dev, reason in self.lost.items():
-            merger.dropped.setdefault(dev, reason)
+            merger.dropped.setdefault(dev, Drop(dev, DropReason.WORKER_LOST, reason))
         res = merger.merge()
         res.conflicts = conflicts
+        res.worker_drops = list(self.worker_drops)
         for dev in self.sampled - {k[0] for k in res.keys}:
-            res.dropped.setdefault(dev, "deadline: no update counted before the round closed")
+            res.dropped.setdefault(
+                dev, Drop(dev, DropReason.DEADLINE, "no update counted before the round closed")
+            )
         self.round = None
         self.merger = None
         self._closing = False

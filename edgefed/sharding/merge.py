@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgefed.codec import CodecError, ModelSchema
+from edgefed.protocol import Drop, DropReason
 from edgefed.sharding.partial import Key, Partial, decode_partial
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ class MergeResult:
     keys: list[Key]  # every counted update, exactly once
     per_worker: dict[str, int]  # worker -> updates counted from it
     rejected_partials: list[tuple[str, str]] = field(default_factory=list)  # (worker, reason)
-    dropped: dict[str, str] = field(default_factory=dict)  # device -> reason
+    dropped: dict[str, Drop] = field(default_factory=dict)  # device -> why it is not counted
     worker_rejected_updates: int = 0  # updates the workers dropped as invalid
+    worker_drops: list[Drop] = field(default_factory=list)  # those the workers reported
     conflicts: dict[str, list[str]] = field(default_factory=dict)  # worker -> devices amended
     merge_seconds: float = 0.0
 
@@ -67,7 +69,7 @@ class PartialMerger:
         self.dead: set[tuple[str, str]] = set()  # (worker, instance) written off
         self.partials: dict[str, Partial] = {}
         self.rejected: list[tuple[str, str]] = []
-        self.dropped: dict[str, str] = {}
+        self.dropped: dict[str, Drop] = {}
 
     def set_live(self, worker: str, instance: str) -> None:
         self.instances[worker] = instance
@@ -127,7 +129,8 @@ class PartialMerger:
         for w in self.conflicts():
             keys = self.declare_dead(w, "partial still overlaps another after amendment")
             for dev, _, _ in keys:
-                self.dropped.setdefault(dev, f"worker {w}: conflicting partial rejected")
+                reason = f"worker {w}: conflicting partial rejected"
+                self.dropped.setdefault(dev, Drop(dev, DropReason.WORKER_LOST, reason))
 
     def merge(self) -> MergeResult:
         """Sum the accepted, non-overlapping partials (float64, sorted by worker id)."""

@@ -1,12 +1,14 @@
 """The aggregator worker: a stateless process that sums its share of a round's updates.
 
 Workers of one group share the update stream through an MQTT 5 shared subscription, so
-the broker hands each update to one of them. A worker validates every update exactly as
-the coordinator would (header, open round, sampled device, one update per device, codec
-decode against the model schema, codec metadata agreeing with the header) and adds it to
-a codec :class:`~edgefed.codec.Accumulator` straight from its compressed form (weight =
-the device's sample count: FedAvg weighting). An invalid update is dropped with its reason
-logged. When the coordinator closes the round, the worker publishes its partial
+the broker hands each update to one of them. A worker checks every update with the
+coordinator's own intake (:func:`edgefed.coordinator.intake.accept`: the round announcement
+carries each sampled device's allowed tensors, so a head-only device's full-model update is
+refused here too) and adds it to a codec :class:`~edgefed.codec.Accumulator` straight from
+its compressed form (weight = the device's sample count: FedAvg weighting). An invalid
+update is dropped with its reason logged and reported to the coordinator in the next
+status message, which counts it in the round's metrics. When the coordinator closes the
+round, the worker publishes its partial
 (:mod:`.partial`); if the coordinator finds a device counted by two workers (a device
 re-sent its update and the copies reached different workers) it asks all but one to
 re-issue the partial without it, which the worker does by re-adding its retained
@@ -24,23 +26,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 
 from edgefed.codec import Accumulator, CodecError, ModelSchema, decode_update
+from edgefed.coordinator.intake import RoundContext, accept
+from edgefed.protocol import Drop, DropReason, MessageError, RoundAnnouncement, ShardTopics, Topics
 from edgefed.sharding.config import WorkerConfig
 from edgefed.sharding.partial import Key, Partial, encode_partial
-from edgefed.sharding.topics import ShardTopics
-from edgefed.transport import Topics
 from edgefed.transport.client import Incoming, MqttClient
-from edgefed.transport.message import MessageError, require, unpack
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NO_SCHEMA = ModelSchema({})
+MAX_REPORTED_DROPS = 200  # per status message: the rest are only counted
 
 
 @dataclass
@@ -50,6 +51,7 @@ class _Round:
     schema: ModelSchema
     sampled: frozenset[str]
     acc: Accumulator
+    allowed: dict[str, frozenset[str]] = field(default_factory=dict)  # device -> tensors
     keys: dict[str, Key] = field(default_factory=dict)  # device -> key, in arrival order
     weights: dict[str, float] = field(default_factory=dict)
     kept: dict[str, bytes] | None = field(default_factory=dict)  # device -> update bytes
@@ -86,6 +88,7 @@ class AggregatorWorker:
         self.accepted_total = 0
         self.rejected_total = 0
         self.drops: list[tuple[str, str]] = []  # (device, reason), recent, for tests/logs
+        self.new_drops: list[Drop] = []  # this round's, not yet reported in a status
         self._stop = threading.Event()
         self._last_status = 0.0
 
@@ -157,35 +160,30 @@ class AggregatorWorker:
             return None
 
     def _on_round(self, payload: bytes) -> None:
-        msg = self._control(payload, "round")
-        if msg is None:
-            return
-        rnd = msg["round"]
         try:
-            version = msg["model_version"]
-            sampled = msg["sampled"]
-            if not isinstance(version, str) or not isinstance(sampled, list):
-                raise ValueError("model_version must be a string, sampled a list")
-            if not all(isinstance(d, str) and _ID.match(d) for d in sampled):
-                raise ValueError("sampled must list device ids")
+            ann = RoundAnnouncement.parse(payload)
+            if ann.schema is None:
+                raise MessageError("round announcement lacks the schema")
             old = self.state.schema if self.state else None
-            schema = ModelSchema(msg["schema"])
+            schema = ModelSchema(ann.schema)
             if old is not None and old.to_json() == schema.to_json():
                 schema = old
-        except (KeyError, ValueError, TypeError) as e:  # CodecError is a ValueError
+        except (MessageError, CodecError, ValueError, TypeError) as e:
             log.warning("%s: invalid round announcement: %s", self.cfg.worker_id, e)
             return
+        rnd, version, sampled = ann.round, ann.model_version, frozenset(ann.sampled)
         st = self.state
-        if st is not None and (rnd, version, frozenset(sampled)) == (
-            st.round, st.model_version, st.sampled,
-        ):  # fmt: skip
+        if st is not None and (rnd, version, sampled) == (st.round, st.model_version, st.sampled):
             return  # the retained copy of the round we already have
         if st is not None and rnd <= st.round:
             # The coordinator is authoritative: it restarted without its checkpoint, or a
             # new coordinator took over. Follow it rather than calling its updates late.
             log.warning("%s: round %d announced after round %d", self.cfg.worker_id, rnd, st.round)
-        self.state = _Round(rnd, version, schema, frozenset(sampled), self._new_acc(schema))
+        every = frozenset(schema)  # an announcement without "allowed": any model tensor
+        allowed = {d: frozenset(ann.allowed.get(d, every)) for d in sampled}
+        self.state = _Round(rnd, version, schema, sampled, self._new_acc(schema), allowed)
         self.new_keys = []
+        self.new_drops = []
         log.info("%s: round %d open (%d devices)", self.cfg.worker_id, rnd, len(sampled))
         held, self.pending = self.pending, []
         for m in held:
@@ -195,76 +193,53 @@ class AggregatorWorker:
         return Accumulator(schema, threads=self.cfg.threads)
 
     # ---- updates ---------------------------------------------------------------------
-    def _drop(self, device: str, reason: str) -> bool:
-        log.warning("%s: dropped update from %s: %s", self.cfg.worker_id, device, reason)
-        self.drops.append((device, reason))
+    def _drop(self, drop: Drop) -> bool:
+        log.warning("%s: dropped update from %s: %s", self.cfg.worker_id, drop.device, drop.text)
+        self.drops.append((drop.device, drop.text))
         del self.drops[:-1000]
         self.rejected_total += 1
         if self.state is not None:
             self.state.rejected += 1
+            self.new_drops.append(drop)
         return False
 
-    def handle_update(self, topic_device: str, m: Incoming) -> bool:
-        """Validate one update and add it to the open round's sums; False if dropped."""
-        try:
-            header, parts = unpack(m.payload)
-            rnd = require(header, "round", int)
-            dev = require(header, "device_id", str)
-            uid = require(header, "update_id", str)
-            if "error" in header:
-                return self._drop(topic_device, f"device error: {str(header['error'])[:200]}")
-            num = require(header, "num_samples", int)
-        except MessageError as e:
-            return self._drop(topic_device, f"invalid: {e.reason}")
-        if dev != topic_device:
-            return self._drop(topic_device, f"invalid: header device {dev!r} != topic device")
-        if not _ID.match(uid):
-            return self._drop(dev, "invalid: update_id must be 1-64 chars of [A-Za-z0-9_.-]")
+    def _context(self) -> RoundContext:
         st = self.state
-        if st is None or rnd > st.round:
-            if len(self.pending) < self.cfg.max_pending:
-                self.pending.append(m)  # announced soon: the round message may be behind
+        if st is None:
+            return RoundContext(None, "", _NO_SCHEMA, {})
+        return RoundContext(
+            st.round, st.model_version, st.schema, st.allowed, st.keys, closed=st.closed
+        )
+
+    def handle_update(self, topic_device: str, m: Incoming) -> bool:
+        """Check one update with the coordinator's intake and add it to the open round's
+        sums; False if dropped (or held until its round is announced)."""
+        res = accept(topic_device, m.payload, self._context())
+        if isinstance(res, Drop):
+            if res.retry:
+                if len(self.pending) < self.cfg.max_pending:
+                    self.pending.append(m)  # announced soon: the round message may be behind
+                    return False
+                return self._drop(Drop(res.device, DropReason.INVALID, "update for unknown round"))
+            if res.redelivery:
+                log.info("%s: duplicate of %s's update ignored", self.cfg.worker_id, res.device)
                 return False
-            return self._drop(dev, f"invalid: update for unknown round {rnd}")
-        if rnd < st.round or st.closed:
-            return self._drop(dev, f"late: update for round {rnd} after it closed")
-        if dev not in st.sampled:
-            return self._drop(dev, "not sampled this round")
-        if dev in st.keys:
-            if st.keys[dev][2] == uid:
-                log.info("%s: duplicate of %s's update ignored", self.cfg.worker_id, dev)
-                return False
-            return self._drop(dev, "duplicate: device already answered this round")
-        if num <= 0:
-            return self._drop(dev, f"invalid: num_samples must be > 0, got {num}")
-        if "update" not in parts:
-            return self._drop(dev, "invalid: no update part")
+            return self._drop(res)
+        st = self.state
+        assert st is not None
+        dev, num = res.device, float(res.num_samples)
         try:
-            # accept_v1: a device outbox stored before v2 (codec/wire.py) is resent as is
-            upd = decode_update(parts["update"], st.schema, accept_v1=True)
-            meta = upd.meta
-            if (meta.round, meta.device_id, meta.num_samples, meta.kind) != (
-                rnd,
-                dev,
-                num,
-                "delta",
-            ):
-                return self._drop(dev, "invalid: codec metadata disagrees with the header")
-            if meta.model_version != st.model_version:
-                return self._drop(dev, f"invalid: model version {meta.model_version!r}")
-            if not upd.tensors:
-                return self._drop(dev, "invalid: update carries no tensors")
-            st.acc.add(upd, weight=float(num))
+            st.acc.add(res.update, weight=num)
         except CodecError as e:
-            return self._drop(dev, f"invalid: {e.reason}")
-        key: Key = (dev, rnd, uid)
+            return self._drop(Drop(dev, DropReason.INVALID, e.reason))
+        key: Key = res.key
         st.keys[dev] = key
-        st.weights[dev] = float(num)
-        st.weight_total += float(num)
+        st.weights[dev] = num
+        st.weight_total += num
         if st.kept is not None:
-            st.kept_bytes += len(parts["update"])
+            st.kept_bytes += res.payload_bytes
             if st.kept_bytes <= self.cfg.retain_bytes:
-                st.kept[dev] = parts["update"]
+                st.kept[dev] = res.payload
             else:  # past the memory budget: a conflicting partial can no longer be re-issued
                 log.warning("%s: retain_bytes exceeded; partial not amendable", self.cfg.worker_id)
                 st.kept = None
@@ -336,9 +311,7 @@ class AggregatorWorker:
         acc = self._new_acc(st.schema)
         for dev in st.keys:  # same order as the first time, minus the excluded devices
             if dev not in st.excluded:
-                acc.add(
-                    decode_update(st.kept[dev], st.schema, accept_v1=True), weight=st.weights[dev]
-                )
+                acc.add(decode_update(st.kept[dev], st.schema, accept_v1=True), weight=st.weights[dev])
         st.acc = acc
         st.amendment += 1
         self._publish_partial()
@@ -351,7 +324,9 @@ class AggregatorWorker:
         worker that comes back loses nothing."""
         log.error("%s: fenced by the coordinator; rejoining as a new instance", self.cfg.worker_id)
         self.instance = secrets.token_hex(8)
-        new = _Round(st.round, st.model_version, st.schema, st.sampled, self._new_acc(st.schema))
+        new = _Round(
+            st.round, st.model_version, st.schema, st.sampled, self._new_acc(st.schema), st.allowed
+        )
         new.closed = st.closed
         new.rejected = st.rejected
         self.new_keys = []
@@ -359,9 +334,7 @@ class AggregatorWorker:
             for dev, key in st.keys.items():
                 if dev in st.excluded:
                     continue
-                new.acc.add(
-                    decode_update(st.kept[dev], st.schema, accept_v1=True), weight=st.weights[dev]
-                )
+                new.acc.add(decode_update(st.kept[dev], st.schema, accept_v1=True), weight=st.weights[dev])
                 new.keys[dev], new.weights[dev] = key, st.weights[dev]
                 new.kept[dev] = st.kept[dev]  # type: ignore[index]
                 new.kept_bytes += len(st.kept[dev])
@@ -384,8 +357,12 @@ class AggregatorWorker:
             "accepted": len(st.keys) if st else 0,
             "rejected": st.rejected if st else 0,
             "new_keys": [list(k) for k in self.new_keys],
+            "drops": [
+                [d.device, d.reason.value, d.detail] for d in self.new_drops[:MAX_REPORTED_DROPS]
+            ],
         }
         self.new_keys = []
+        self.new_drops = []
         try:
             self.client.publish(
                 self.topics.status(self.cfg.worker_id), json.dumps(msg).encode(), timeout=5.0

@@ -237,6 +237,13 @@ class Strategy(ABC):
             self.norm_bound.end_round()
         return new
 
+    def combine(self, rnd: int, global_params: Params, updates: list[ClientUpdate]) -> Params:
+        """New global parameters from updates already validated and norm-bounded (the
+        coordinator's intake and aggregation wrappers did both): the math alone."""
+        if not updates:
+            return {k: v.copy() for k, v in global_params.items()}
+        return self._aggregate(rnd, global_params, updates)
+
     @abstractmethod
     def _aggregate(self, rnd: int, global_params: Params, updates: list[ClientUpdate]) -> Params:
         """New global parameters from validated updates (never called with an empty list)."""

@@ -22,5 +22,8 @@ class FedAvg(LinearStrategy):
     ) -> Params:
         out = {k: v.copy() for k, v in global_params.items()}
         for name, d in mean_delta.items():
-            out[name] += np.float32(self.server_lr) * d
+            if self.server_lr == 1.0:  # plain FedAvg: no model-sized temporary
+                out[name] += d
+            else:
+                out[name] += np.float32(self.server_lr) * d
         return out

@@ -1,0 +1,56 @@
+"""The round loop's collector for a sharded coordinator: aggregator workers read the
+updates (shared subscription) and check them with the coordinator's own intake; this
+process reads presence, announces each round to the workers BEFORE the tasks go out, and
+closes the round from their merged partial sums (:mod:`.driver`, :mod:`.merge`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from edgefed.coordinator.rounds import RoundEngine
+from edgefed.coordinator.service import MqttCollector
+from edgefed.security.downlink import DownlinkSigner
+from edgefed.sharding.config import ShardingConfig
+from edgefed.sharding.driver import ShardedAggregation
+from edgefed.sharding.merge import MergeResult
+from edgefed.transport import TransportConfig
+
+__all__ = ["ShardedCollector"]
+
+
+class ShardedCollector(MqttCollector):
+    sharded = True
+
+    def __init__(
+        self,
+        engine: RoundEngine,
+        transport: TransportConfig,
+        sharding: ShardingConfig,
+        client_id: str = "edgefed-coordinator",
+        signer: DownlinkSigner | None = None,
+        wait_timeout: float = 300.0,
+        sharding_transport: TransportConfig | None = None,
+    ) -> None:
+        super().__init__(engine, transport, client_id, signer, wait_timeout, read_updates=False)
+        self.agg = ShardedAggregation(
+            sharding_transport or transport, engine.schema, sharding, resend=self.resend,
+            client_id=f"{client_id}-agg",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        super().start()
+        self.agg.start(timeout=None)
+        self.agg.wait_for_workers()
+
+    def close(self) -> None:
+        super().close()
+        self.agg.stop()
+
+    def send(self, tasks: Mapping[str, bytes]) -> None:
+        self.agg.announce(self.engine.announcement(for_workers=True))  # before any update
+        super().send(tasks)
+
+    def collect(self, deadline: float) -> MergeResult:
+        # device presence waits in the collector's own inbox meanwhile
+        self.agg.pump(deadline, lambda: self.stopped or self.agg.all_reported())
+        return self.agg.close_round()
