@@ -68,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        cfg = CoordinatorConfig.load(args.config)
+        cfg = CoordinatorConfig.load(args.config)  # ConfigError: one line naming file and key
     except (OSError, ValueError) as e:
-        print(f"edgefed coordinator: bad config: {e}", file=sys.stderr)
+        print(f"edgefed coordinator: {e}", file=sys.stderr)
         return 2
     signer = None
     if cfg.signing_key:
@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             signer = DownlinkSigner(load_signing_key(cfg.signing_key))
         except (ValueError, BundleError) as e:
-            print(f"edgefed coordinator: [security] signing_key: {e}", file=sys.stderr)
+            print(
+                f"edgefed coordinator: {args.config}: [security] signing_key: {e}", file=sys.stderr
+            )
             return 2
     engine = build_engine(cfg)
     svc = CoordinatorService(
