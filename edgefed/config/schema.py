@@ -386,10 +386,10 @@ class ConfigFile:
             raise self.error(
                 section, key.name, f"expected {describe_type(key.type)}, found {found}"
             )
-        v = _convert(key.type, v)
-        msg = check_rule(key.name, key.type, key.rule, v)
+        msg = check_rule(key.name, key.type, key.rule, v)  # on the value as written
         if msg:
             raise self.error(section, key.name, msg)
+        v = _convert(key.type, v)
         if key.rule.path and isinstance(v, str):
             v = self.resolve(section, key.name, v, key.rule.path)
         return v

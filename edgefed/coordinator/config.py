@@ -254,7 +254,11 @@ def _model(src: ConfigFile) -> ModelConfig:
     v = src.read(sec)
     given = [k for k in ("builtin", "dir", "factory") if k in v]
     if len(given) > 1:
-        raise src.error("model", given[1], f"expected one of builtin, dir, factory, found {given}")
+        raise src.error(
+            "model",
+            given[1],
+            f"expected only one of builtin, dir, factory, found {' and '.join(given)}",
+        )
     if "factory" in v:
         v["factory"] = _resolve_factory(src, v["factory"])
         if "input_shape" not in v:
@@ -296,8 +300,53 @@ def _evaluation(src: ConfigFile) -> EvaluationConfig:
     sec = next(s for s in COORDINATOR_FILE if s.name == "evaluation")
     v = src.read(sec)
     if v.get("dataset", "digits") != "digits":
-        v["dataset"] = src.resolve("evaluation", "dataset", v["dataset"], "file")
+        path = v["dataset"] = src.resolve("evaluation", "dataset", v["dataset"], "file")
+        if src.base is not None:  # a file on disk: the arrays must be there (names only read)
+            import numpy as np
+
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    found = sorted(getattr(z, "files", ["(a .npy array)"]))
+            except (OSError, ValueError) as e:
+                raise src.error("evaluation", "dataset", f"expected an .npz, {e}") from None
+            if not {"x", "y"} <= set(found):
+                raise src.error(
+                    "evaluation", "dataset",
+                    f"expected an .npz with arrays x and y, found arrays {found} in {path}",
+                )  # fmt: skip
     return src.build(sec, v)
+
+
+# What the strategies' and the adaptive bound's parameters mean (their signatures hold the
+# types and defaults; this only documents them in docs/configuration.md).
+_DOCS = {
+    k: Rule(doc)
+    for k, doc in {
+        "server_lr": "server learning rate applied to the aggregated delta",
+        "max_update_norm": "fixed L2 norm bound: larger updates are scaled down to it",
+        "mu": "FedProx proximal term weight",
+        "beta1": "first-moment decay",
+        "beta2": "second-moment decay",
+        "tau": "adaptivity (epsilon) of the server optimizer",
+        "beta": "fraction trimmed at each end, per coordinate",
+        "clip_norm": "per-device L2 clipping norm (the DP sensitivity)",
+        "noise_multiplier": "Gaussian noise std / clip_norm",
+        "expected_clients": "expected devices per round (the average's denominator)",
+        "sample_rate": "per-device sampling probability for the accountant; "
+        "default and minimum: [coordinator] fraction",
+        "delta": "DP delta at which epsilon is reported",
+        "seed": "noise seed (unset: from the OS)",
+        "factor": "bound = factor x median norm of recent updates",
+        "window": "recent update norms kept",
+        "min_history": "norms needed before the history decides",
+        "initial": "bound while warming up (unset: factor x this round's median)",
+    }.items()
+}
+
+
+def strategy_section(name: str) -> Section:
+    """``[strategy]`` for strategy ``name``: keys are its constructor's parameters."""
+    return Section("strategy", strategy_class(name), rules=_DOCS)
 
 
 def _strategy(src: ConfigFile, rc: RoundConfig) -> StrategyConfig:
@@ -311,13 +360,13 @@ def _strategy(src: ConfigFile, rc: RoundConfig) -> StrategyConfig:
     if name == "dp-fedavg":
         # The accountant's sampling probability is the coordinator's: [coordinator] fraction.
         t.setdefault("sample_rate", rc.fraction)
-    params = src.read(Section("strategy", strategy_class(name)), t, skip=("name", "norm_bound"))
+    params = src.read(strategy_section(name), t, skip=("name", "norm_bound"))
     bound = None
     if nb is not None:
         from edgefed.security.norm_bound import AdaptiveNormBound
 
         nbt = src.table("strategy.norm_bound", src.data["strategy"])
-        bound = src.read(Section("strategy.norm_bound", AdaptiveNormBound), nbt)
+        bound = src.read(Section("strategy.norm_bound", AdaptiveNormBound, rules=_DOCS), nbt)
     cfg = StrategyConfig(name, params, bound)
     try:
         cfg.build()  # the constructors' own range checks, named with the file
