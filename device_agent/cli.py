@@ -18,10 +18,12 @@ def _run(args: argparse.Namespace) -> int:
     from device_agent.trainer import TrainerError
 
     try:
-        cfg = AgentConfig.load(args.config)  # ConfigError: one line naming file and key
-        x, y = load_arrays(cfg.data, ("x", "y"), f"{args.config}: [agent] data")
+        cfg = AgentConfig.load(args.config)
+        check_npz(cfg.data, ("x", "y"), f"{args.config}: [agent] data")
+        with np.load(cfg.data, allow_pickle=False) as z:
+            x, y = z["x"], z["y"]
         worker = DeviceWorker(cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads)
-    except (OSError, ValueError, TrainerError) as e:
+    except (OSError, ValueError, KeyError, TrainerError) as e:
         print(f"edgefed-agent: {e}", file=sys.stderr)
         return 2
     verifier = None
@@ -33,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             verifier = DownlinkVerifier(load_verify_key(cfg.coordinator_key))
         except (ValueError, BundleError) as e:
-            print(f"edgefed-agent: {args.config}: [agent] coordinator_key: {e}", file=sys.stderr)
+            print(f"edgefed-agent: [agent] coordinator_key: {e}", file=sys.stderr)
             return 2
     svc = AgentService(
         worker, cfg.transport, profile=cfg.profile, verifier=verifier,
@@ -47,8 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_arrays(path: str, names: tuple[str, ...], what: str) -> tuple[np.ndarray, ...]:
-    """The named arrays of an .npz; ValueError names ``what``, the file and the arrays found."""
+def check_npz(path: str, names: tuple[str, ...], what: str) -> None:
+    """ValueError (naming ``what``, the file and the arrays found) unless ``path`` is an .npz
+    holding ``names``; only the archive's index is read."""
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -56,13 +59,11 @@ def load_arrays(path: str, names: tuple[str, ...], what: str) -> tuple[np.ndarra
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise ValueError(f"{what}: expected an .npz with arrays {', '.join(names)}, found a .npy")
     with z:
-        missing = [n for n in names if n not in z.files]
-        if missing:
+        if not set(names) <= set(z.files):
             raise ValueError(
                 f"{what}: expected an .npz with arrays {', '.join(names)}, found arrays "
                 f"{sorted(z.files)} in {path}"
             )
-        return tuple(z[n] for n in names)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -81,7 +82,9 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             device = AgentConfig.load(args.config).device_id
         if args.input.endswith(".npz"):
-            (x,) = load_arrays(args.input, ("x",), "--input")
+            check_npz(args.input, ("x",), "--input")
+            with np.load(args.input, allow_pickle=False) as z:
+                x = z["x"]
         else:
             x = np.load(args.input, allow_pickle=False)
         # A rolled-out bundle (verified at install) is the deployed model; the model of the

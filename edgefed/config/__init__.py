@@ -1,23 +1,2 @@
-"""The configuration schema every edgefed role reads its TOML through (see ``schema``)."""
-
-from edgefed.config.schema import (
-    ConfigError,
-    ConfigFile,
-    FieldError,
-    Key,
-    Rule,
-    Section,
-    check_fields,
-    option,
-)
-
-__all__ = [
-    "ConfigError",
-    "ConfigFile",
-    "FieldError",
-    "Key",
-    "Rule",
-    "Section",
-    "check_fields",
-    "option",
-]
+"""The configuration schema every edgefed role reads its TOML through: ``edgefed.config.schema``
+(the reader and its typed helpers) and ``edgefed.config.docs`` (docs/configuration.md)."""

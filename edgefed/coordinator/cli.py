@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        cfg = CoordinatorConfig.load(args.config)  # ConfigError: one line naming file and key
-    except (OSError, ValueError) as e:
+        cfg = CoordinatorConfig.load(args.config)
+    except (OSError, ValueError) as e:  # ConfigError: one line naming file and key
         print(f"edgefed coordinator: {e}", file=sys.stderr)
         return 2
     signer = None
@@ -81,9 +81,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             signer = DownlinkSigner(load_signing_key(cfg.signing_key))
         except (ValueError, BundleError) as e:
-            print(
-                f"edgefed coordinator: {args.config}: [security] signing_key: {e}", file=sys.stderr
-            )
+            print(f"edgefed coordinator: [security] signing_key: {e}", file=sys.stderr)
             return 2
     engine = build_engine(cfg)
     svc = CoordinatorService(
