@@ -15,13 +15,12 @@ import platform
 import secrets
 import threading
 import time
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from device_agent.config import AgentConfig  # noqa: F401  (re-exported: its old home)
 from device_agent.state import AgentState
 from edgefed.codec import (
     CodecError,
@@ -204,50 +203,6 @@ def _loss_of(stats: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if f is not None and np.isfinite(f) else None
-
-
-@dataclass
-class AgentConfig:
-    device_id: str
-    data: str  # .npz with arrays x and y
-    state_dir: str = "/var/lib/edgefed-agent"
-    threads: int = 1
-    profile: str | None = None  # "weak" forces the head-only graph
-    # Public key (hex .pub, `edgefed keygen`) of the coordinator's downlink signing key: when
-    # set, every task must carry its valid signature for this topic and a current round.
-    coordinator_key: str | None = None
-    bundle_key: str | None = None  # public key that model bundles must be signed with
-    group: str | None = None  # roll-out group (besides "all"), e.g. "canary"
-    transport: TransportConfig = field(default_factory=TransportConfig)
-
-    @classmethod
-    def load(cls, path: str | Path) -> AgentConfig:
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-        return cls.from_dict(d)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AgentConfig:
-        agent = dict(d.get("agent", {}))
-        unknown = set(d) - {"agent", "transport"}
-        if unknown:
-            raise ValueError(f"unknown sections in agent config: {sorted(unknown)}")
-        allowed = {
-            "device_id", "data", "state_dir", "threads", "profile", "coordinator_key", "bundle_key",
-            "group",
-        }  # fmt: skip
-        bad = set(agent) - allowed
-        if bad:
-            raise ValueError(f"unknown [agent] keys: {sorted(bad)}")
-        for k in ("device_id", "data"):
-            if not isinstance(agent.get(k), str):
-                raise ValueError(f"[agent] {k} is required (a string)")
-        from edgefed.transport.topics import check_name
-
-        check_name("device id", agent["device_id"])
-        if not (isinstance(agent.get("threads", 1), int) and 1 <= agent.get("threads", 1) <= 64):
-            raise ValueError("[agent] threads must be an int in 1..64")
-        return cls(**agent, transport=TransportConfig.from_dict(d.get("transport", {})))
 
 
 def _activate_bundle(installed: Any) -> None:

@@ -19,6 +19,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         cfg = AgentConfig.load(args.config)
+        check_npz(cfg.data, ("x", "y"), f"{args.config}: [agent] data")
         with np.load(cfg.data, allow_pickle=False) as z:
             x, y = z["x"], z["y"]
         worker = DeviceWorker(cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads)
@@ -48,6 +49,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_npz(path: str, names: tuple[str, ...], what: str) -> None:
+    """ValueError (naming ``what``, the file and the arrays found) unless ``path`` is an .npz
+    holding ``names``; only the archive's index is read."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what}: expected an .npz file, cannot read {path}: {e}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{what}: expected an .npz with arrays {', '.join(names)}, found a .npy")
+    with z:
+        if not set(names) <= set(z.files):
+            raise ValueError(
+                f"{what}: expected an .npz with arrays {', '.join(names)}, found arrays "
+                f"{sorted(z.files)} in {path}"
+            )
+
+
 def _predict(args: argparse.Namespace) -> int:
     from device_agent.agent import AgentConfig
     from device_agent.inference import InferenceModel
@@ -64,6 +82,7 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             device = AgentConfig.load(args.config).device_id
         if args.input.endswith(".npz"):
+            check_npz(args.input, ("x",), "--input")
             with np.load(args.input, allow_pickle=False) as z:
                 x = z["x"]
         else:

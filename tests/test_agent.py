@@ -3,6 +3,7 @@ tasks, hostile tasks, config, capabilities and `edgefed-agent predict`."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +82,14 @@ def test_hostile_tasks_are_rejected_and_worker_keeps_going(fm, tmp_path: Path) -
 
 
 def test_agent_config_and_capabilities(tmp_path: Path) -> None:
-    cfg = AgentConfig.load(ROOT / "examples" / "agent.toml")
+    # The example's paths are a Pi's (/var/lib, /etc): read its tables without checking them.
+    cfg = AgentConfig.from_dict(tomllib.loads((ROOT / "examples" / "agent.toml").read_text()))
     assert cfg.device_id == "pi-kitchen-01" and cfg.transport.use_tls
     assert cfg.transport.session_expiry == 86400
     for d, msg in [
-        ({"agent": {"data": "x.npz"}}, "device_id is required"),
+        ({"agent": {"data": "x.npz"}}, "device_id: expected a string, found nothing"),
         ({"agent": {"device_id": "a/b", "data": "x"}}, "invalid device id"),
-        ({"agent": {"device_id": "a", "data": "x", "colour": 1}}, "unknown \\[agent\\] keys"),
+        ({"agent": {"device_id": "a", "data": "x", "colour": 1}}, "\\[agent\\] colour: unknown"),
         ({"agent": {"device_id": "a", "data": "x", "threads": 0}}, "threads"),
         ({"agent": {"device_id": "a", "data": "x"}, "transport": {"url": "ftp://x"}}, "scheme"),
     ]:

@@ -102,6 +102,8 @@ def test_signing_key_config_paths(tmp_path) -> None:
 
     p = tmp_path / "c.toml"
     p.write_text('[security]\nsigning_key = "keys/coord.key"\n')
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys/coord.key").write_text("00" * 32)  # load checks that the key file exists
     assert CoordinatorConfig.load(p).signing_key == str(tmp_path / "keys/coord.key")
     assert CoordinatorConfig.from_dict({}).signing_key is None
     a = AgentConfig.from_dict(

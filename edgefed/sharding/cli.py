@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 
 
@@ -31,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
             cfg = cfg.with_id(args.worker_id)
         if args.broker:
             cfg = replace(cfg, transport=replace(cfg.transport, url=args.broker))
-    except (OSError, ValueError) as e:
-        print(f"edgefed aggregator: {e}")
+    except (OSError, ValueError) as e:  # ConfigError: one line naming file and key
+        print(f"edgefed aggregator: {e}", file=sys.stderr)
         return 2
     worker = AggregatorWorker(cfg)
     stop = threading.Event()
@@ -43,7 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker.start(timeout=60)
+    try:
+        worker.start(timeout=60)
+    except (TimeoutError, OSError) as e:
+        print(f"edgefed aggregator: broker {cfg.transport.url}: {e}", file=sys.stderr)
+        worker.stop()
+        return 1
     print(f"aggregator {cfg.worker_id} ready (instance {worker.instance})", flush=True)
     try:
         worker.run()

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from edgefed.config.schema import ConfigFile, FieldError, Section, check_fields, option
+
 DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 
 
@@ -43,56 +45,76 @@ def parse_broker_url(url: str) -> BrokerURL:
 
 @dataclass(frozen=True)
 class TransportConfig:
-    """Everything a client needs to reach the broker and behave well on it.
+    """Everything a client needs to reach the broker and behave well on it (``[transport]``).
 
     Defaults follow the shared measurements: a window of 100 unacknowledged QoS 1 publishes
     stays far below mosquitto's default queue of 1000 (which silently drops beyond it), and
-    256 KiB chunks keep single messages small for amqtt and constrained brokers.
+    256 KiB chunks keep single messages small for amqtt and constrained brokers. The fields
+    are the keys; ranges sit with them (``edgefed.config.schema``), checked for objects built
+    in Python as for ones read from a file.
     """
 
-    url: str = "mqtt://127.0.0.1:1883"
-    fleet: str = "default"
-    topic_prefix: str = "edgefed"
-    protocol: str = "auto"  # "auto" (try MQTT 5, fall back to 3.1.1), "5" or "3.1.1"
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    tls_insecure: bool = False  # skip hostname check (test CAs only)
-    keepalive: int = 30
-    session_expiry: int = 3600  # seconds the broker keeps a disconnected device's session
-    chunk_size: int = 256 * 1024
-    max_message_bytes: int = 256 * 1024 * 1024
-    reassembly_memory: int = 512 * 1024 * 1024
-    reassembly_timeout: float = 120.0
-    inflight_window: int = 100
-    backoff_min: float = 0.5
-    backoff_max: float = 30.0
+    url: str = option("mqtt://127.0.0.1:1883", doc="broker, mqtt://host[:port] or mqtts://")
+    fleet: str = option("default", doc="fleet name: a topic level; several fleets share a broker")
+    topic_prefix: str = option("edgefed", doc="first topic level")
+    protocol: str = option(
+        "auto", choices=("auto", "5", "3.1.1"), doc="MQTT version; auto tries 5, then 3.1.1"
+    )
+    username: str | None = option(None, doc="broker account")
+    password: str | None = option(None, doc="broker password")
+    tls: bool = option(False, doc="TLS even with an mqtt:// URL (mqtts:// implies it)")
+    ca_file: str | None = option(None, path="file", doc="CA certificate (PEM) of the broker")
+    cert_file: str | None = option(None, path="file", doc="client certificate (with key_file)")
+    key_file: str | None = option(None, path="file", doc="client key (with cert_file)")
+    tls_insecure: bool = option(False, doc="skip the hostname check (test CAs only)")
+    keepalive: int = option(30, min=5, max=3600, doc="seconds between MQTT pings")
+    session_expiry: int = option(
+        3600, min=0, max=2**32 - 1, doc="seconds the broker keeps a disconnected session"
+    )
+    chunk_size: int = option(256 * 1024, min=1024, max=64 * 1024 * 1024, doc="bytes per chunk")
+    max_message_bytes: int = option(
+        256 * 1024 * 1024, max=2**34, doc="largest reassembled message (>= chunk_size)"
+    )
+    reassembly_memory: int = option(
+        512 * 1024 * 1024, doc="bytes of partly received messages kept (>= chunk_size)"
+    )
+    reassembly_timeout: float = option(120.0, above=0, doc="seconds a partial message is kept")
+    inflight_window: int = option(
+        100, min=1, max=65535, doc="unacknowledged QoS 1 publishes in flight"
+    )
+    backoff_min: float = option(0.5, above=0, doc="first reconnect delay, seconds")
+    backoff_max: float = option(30.0, max=3600, doc="longest reconnect delay, seconds")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        b = parse_broker_url(self.url)
-        if self.protocol not in ("auto", "5", "3.1.1"):
-            raise ValueError(f"transport.protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
-        checks = [
-            ("keepalive", 5 <= self.keepalive <= 3600),
-            ("session_expiry", 0 <= self.session_expiry <= 2**32 - 1),
-            ("chunk_size", 1024 <= self.chunk_size <= 64 * 1024 * 1024),
-            ("max_message_bytes", self.chunk_size <= self.max_message_bytes <= 2**34),
-            ("reassembly_memory", self.reassembly_memory >= self.chunk_size),
-            ("reassembly_timeout", self.reassembly_timeout > 0),
-            ("inflight_window", 1 <= self.inflight_window <= 65535),
-            ("backoff_min", 0 < self.backoff_min <= self.backoff_max),
-            ("backoff_max", self.backoff_max <= 3600),
+        try:
+            parse_broker_url(self.url)
+        except ValueError as e:
+            raise FieldError("transport", "url", str(e)) from None
+        check_fields(self, "transport")
+        checks = [  # (key, ok, bound, the key it is bounded by)
+            (
+                "max_message_bytes",
+                self.max_message_bytes >= self.chunk_size,
+                "at least",
+                "chunk_size",
+            ),
+            (
+                "reassembly_memory",
+                self.reassembly_memory >= self.chunk_size,
+                "at least",
+                "chunk_size",
+            ),
+            ("backoff_min", self.backoff_min <= self.backoff_max, "at most", "backoff_max"),
         ]
-        for name, ok in checks:
+        for name, ok, bound, other in checks:
             if not ok:
-                raise ValueError(f"transport.{name} out of range: {getattr(self, name)!r}")
+                found, limit = getattr(self, name), getattr(self, other)
+                raise FieldError(
+                    "transport", name, f"expected {bound} {other} ({limit}), found {found}"
+                )
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("transport.cert_file and transport.key_file go together")
-        del b
+            raise FieldError("transport", "cert_file", "goes together with key_file (set both)")
 
     @property
     def broker(self) -> BrokerURL:
@@ -103,10 +125,26 @@ class TransportConfig:
         return self.tls or self.broker.tls
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TransportConfig:
-        """Build from a TOML table, rejecting unknown keys (a typo must not pass silently)."""
-        known = set(cls.__dataclass_fields__) - {"extra"}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown [transport] keys: {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], source: ConfigFile | None = None) -> TransportConfig:
+        """Build from a ``[transport]`` table, rejecting unknown keys (a typo must not pass
+        silently). ``source``: the file it came from (errors name it, paths resolve)."""
+        return (source or ConfigFile({})).section(TRANSPORT, d)
+
+
+def topic_level(section: str, key: str, kind: str, value: str) -> None:
+    """A name used as a topic level (device id, fleet, worker group): FieldError naming key."""
+    from edgefed.transport.topics import check_name
+
+    try:
+        check_name(kind, value)
+    except ValueError as e:
+        raise FieldError(section, key, str(e)) from None
+
+
+# The [transport] table every role reads (keys: the fields above, minus ``extra``).
+TRANSPORT = Section(
+    "transport",
+    TransportConfig,
+    tuple(f for f in TransportConfig.__dataclass_fields__ if f != "extra"),
+    doc="how to reach the broker (every role)",
+)
