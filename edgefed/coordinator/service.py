@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+from edgefed.coordinator.artifact import artifact_dir_for, write_engine_artifact
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
@@ -210,6 +211,7 @@ class CoordinatorService:
                     m = self.engine.finish_round_from_sums(self.agg.close_round())
                 if self.checkpoint:
                     save_checkpoint(self.checkpoint, self.engine.checkpoint())
+                    write_engine_artifact(artifact_dir_for(self.checkpoint), self.engine)
                 self.metrics.write(m, self.rounds)
                 self.client.publish(self.topics.metrics, json.dumps(m.to_dict()).encode())
                 out.append(m)
