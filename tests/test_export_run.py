@@ -205,3 +205,47 @@ def test_run_pipeline_accepts_any_module_and_argument_name(kind: str) -> None:
     out = sess.run(None, {"x": x_te[:3]})[0]
     assert out.shape == (3, 10)
     assert res.stages[0].accuracy > 0.9
+
+
+def test_coordinator_cli_writes_the_artefact_and_export_reads_its_config(
+    embedded_broker, fleet_factory, tmp_path: Path
+) -> None:
+    """`edgefed coordinator` (built-in model) + 2 `edgefed-agent` processes: the artefact is
+    written beside the checkpoint, its path printed; `export --run <config>` finds it."""
+    import re
+
+    from edgefed.bundle import inspect_bundle
+
+    fleet = fleet_factory(embedded_broker.url, 2, rounds=2)
+    x, y = load_digits_arrays()
+    x_tr, y_tr, x_te, y_te = train_test_split(x, y, seed=1)
+    for i, dev in enumerate(fleet.devices):
+        np.savez(tmp_path / f"d{i}.npz", x=x_tr[i::2], y=y_tr[i::2])
+        fleet.data[dev] = tmp_path / f"d{i}.npz"
+    np.savez(tmp_path / "eval.npz", x=x_te, y=y_te)
+    text = fleet.coord_config.read_text()
+    text = re.sub(r'(?m)^dir = ".*"$', 'builtin = "digits_mlp"', text)
+    text = re.sub(r'(?m)^dataset = ".*"$', f'dataset = "{tmp_path / "eval.npz"}"', text)
+    fleet.coord_config.write_text(text)
+    coord = fleet.start_coordinator()
+    fleet.start_agents()
+    assert coord.wait(timeout=400) == 0, fleet.log("coordinator")[-3000:]
+    where = fleet.root / "federated-model"
+    assert f"federated model (round 2): {where}" in fleet.log("coordinator")
+    art = read_artifact(where)
+    assert art.source["builtin"] == "digits_mlp" and art.manifest["round"] == 2
+    net = load_module(art)
+    with torch.no_grad():
+        got = net(torch.from_numpy(x_te)).numpy()
+    ref = InferenceModel((where / "inference.onnx").read_bytes(), art.manifest).predict(
+        x_te, art.params
+    )
+    assert np.abs(got - ref).max() < 1e-5
+    r = _cli(
+        "export", "--run", str(fleet.coord_config), "-o", "m.efb", "--prune", "0",
+        "--quantize", "none", "--threads", "1", "--budget", "100", "--distill-epochs", "2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = inspect_bundle(tmp_path / "m.efb")
+    assert m.model_version == "r2" and m.inputs[0].shape == ["batch", 64]
