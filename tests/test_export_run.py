@@ -5,15 +5,13 @@ whose forward argument is not named ``x``."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from test_export_cli import _cli
 from torch import nn
 
 import edgefed
@@ -50,18 +48,6 @@ def make_net():
 def not_a_module():
     return "a string"
 '''
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "edgefed", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_factory_errors_name_the_spec(tmp_path: Path) -> None:
