@@ -166,7 +166,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--json", default="benchmarks/results/export_run.json")
+    ap.add_argument("--json", default="benchmarks/out/export_run.json")
     args = ap.parse_args()
     from edgefed.bundle import write_keypair
     from edgefed.export.data import noisy_digits
