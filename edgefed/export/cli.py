@@ -55,7 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--teacher-width", type=float, default=1.0, help="built-in teacher width")
     p.add_argument("--teacher-epochs", type=int, default=3, help="when no --teacher-state")
-    p.add_argument("--objective", choices=["size", "latency", "latency1"], default="size")
+    p.add_argument(
+        "--objective",
+        choices=["size", "latency", "latency1"],
+        default="size",
+        help="ship the in-budget candidate with the fewest bytes (size), the lowest batch-64 "
+        "latency (latency) or batch-1 latency (latency1)",
+    )
     p.add_argument("--budget", type=float, default=1.0, help="max accuracy drop, pp")
     p.add_argument("--width", type=float, default=0.5, help="student width vs teacher")
     p.add_argument("--prune", type=float, default=0.5, help="pruning ratio, 0 = off")
@@ -65,7 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--distill-epochs", type=int, help="default 3; with --run: >= 3, ~3000 samples seen"
     )
     p.add_argument("--finetune-epochs", type=int, help="KD epochs after pruning (as above)")
-    p.add_argument("--quantize", choices=["static", "dynamic", "both", "none"], default="static")
+    p.add_argument(
+        "--quantize",
+        choices=["static", "dynamic", "both", "none"],
+        default="static",
+        help="int8 candidates: onnxruntime static QDQ (calibrated), dynamic, both or none",
+    )
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads for latency")
     p.add_argument("--stage", help="ship this stage instead of the objective's pick")
     p.add_argument("--train-step", action="store_true", help="add the on-device training step")
