@@ -140,10 +140,15 @@ def write_engine_artifact(directory: str | Path, engine: Any) -> Path:
     d = Path(directory)
     fm = engine.model
     full = fm.graphs.get("full")
+    source = dict(fm.source)
+    if "input_shape" not in source and full is not None:  # a saved dir without source.json
+        x = next((e for e in full.manifest.get("inputs", []) if e.get("role") == "x"), None)
+        if x is not None:
+            source["input_shape"], source["input_dtype"] = list(x["shape"][1:]), x["dtype"]
     return write_artifact(
         d,
         engine.params,
-        fm.source,
+        source,
         run_id=_run_id(engine, d),
         round=engine.round,
         model_version=engine.model_version,
