@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
 
-def build_engine(cfg: Any) -> Any:
-    """Model (exported step graphs), strategy and held-out evaluation from the config."""
-    from edgefed.coordinator.model import FederatedModel, build_federated_model
+def build_engine(cfg: Any, base_dir: str | Path | None = None) -> Any:
+    """Model (exported step graphs), strategy and held-out evaluation from the config.
+    ``base_dir``: the config's directory (a ``[model] factory`` file is relative to it)."""
+    from edgefed.coordinator.model import federated_model_from_config
     from edgefed.coordinator.rounds import RoundEngine
     from edgefed.simulation import make_evaluator
     from edgefed.zoo.data import load_digits_arrays, train_test_split
@@ -33,26 +35,12 @@ def build_engine(cfg: Any) -> Any:
     elif ev.get("dataset"):
         with np.load(ev["dataset"], allow_pickle=False) as z:
             x_test, y_test = z["x"], z["y"]
-    if "dir" in m:
-        fm = FederatedModel.load(m["dir"])
-    else:
-        import torch
-
-        from edgefed.zoo import models
-
-        torch.manual_seed(cfg.round.seed)
-        net = models.digits_cnn() if image else models.digits_mlp(64)
-        x, y = load_digits_arrays(image)
-        ex = (torch.from_numpy(x[:8].copy()), torch.from_numpy(y[:8].copy()))
-        fm = build_federated_model(
-            net,
-            ex,
-            momentum=float(m.get("momentum", 0.0)),
-            head=m.get("head"),
-            fedprox=strategy.name == "fedprox",
-        )
+    fm = federated_model_from_config(
+        m, base_dir, seed=cfg.round.seed, fedprox=strategy.name == "fedprox"
+    )
     evaluate = None
     if x_test is not None:
+        fm.evaluation = (x_test, y_test)
         g = fm.graphs["full"]
         evaluate = make_evaluator(g.inference_onnx, g.manifest, x_test, y_test)
     return RoundEngine(fm, strategy, cfg.round, evaluate)
@@ -69,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         cfg = CoordinatorConfig.load(args.config)
-    except (OSError, ValueError) as e:  # ConfigError: one line naming file and key
-        print(f"edgefed coordinator: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"edgefed coordinator: bad config: {e}", file=sys.stderr)
         return 2
     signer = None
     if cfg.signing_key:
@@ -83,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, BundleError) as e:
             print(f"edgefed coordinator: [security] signing_key: {e}", file=sys.stderr)
             return 2
-    engine = build_engine(cfg)
+    try:
+        engine = build_engine(cfg, Path(args.config).resolve().parent)
+    except ValueError as e:  # UserModelError / ModelConfigError: one line naming the key
+        print(f"edgefed coordinator: {args.config}: {e}", file=sys.stderr)
+        return 2
     svc = CoordinatorService(
         engine,
         cfg.transport,
@@ -102,4 +94,13 @@ def run(args: argparse.Namespace) -> int:
     except TimeoutError as e:
         print(f"edgefed coordinator: {e}", file=sys.stderr)
         return 1
+    from edgefed.coordinator.artifact import DIRNAME, artifact_dir_for, write_engine_artifact
+
+    where = write_engine_artifact(
+        artifact_dir_for(cfg.checkpoint)
+        if cfg.checkpoint
+        else Path(args.config).resolve().parent / DIRNAME,
+        engine,
+    )
+    print(f"federated model (round {engine.round}): {where.parent}")
     return 0

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from edgefed.coordinator.artifact import artifact_dir_for, write_engine_artifact
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
@@ -95,6 +96,7 @@ def run_rounds(
             m = engine.finish_round(merged)
             if ck is not None:
                 save_checkpoint(ck, engine.checkpoint())
+                write_engine_artifact(artifact_dir_for(ck), engine)
             if metrics is not None:
                 metrics.write(m, rounds)
             collector.published(m)

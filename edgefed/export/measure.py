@@ -64,7 +64,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> 
             (example,),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1 << 20)}},
+            # positional (a tuple, not a dict keyed by the forward's argument name): any
+            # module works, nn.Sequential's ``input`` and a user's ``forward(self, x)`` alike
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 20)},),
             opset_version=opset,
             dynamo=True,
             external_data=False,

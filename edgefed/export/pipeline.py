@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -212,6 +213,26 @@ class _Runner:
         return stage
 
 
+class Progress:
+    """Plain progress lines on the log (stderr in the CLI): ``[export 2/5 0:12] what``.
+    No dependency and no terminal tricks, so it reads the same in a CI log."""
+
+    def __init__(self, total: int, log: Log) -> None:
+        self.total, self.log, self.i, self.t0 = total, log, 0, time.monotonic()
+
+    def _stamp(self) -> str:
+        s = int(time.monotonic() - self.t0)
+        return f"{s // 60}:{s % 60:02d}"
+
+    def step(self, what: str) -> None:
+        self.i += 1
+        bar = "#" * self.i + "." * max(0, self.total - self.i)
+        self.log(f"[export {bar} {self.i}/{self.total} {self._stamp()}] {what}")
+
+    def done(self) -> None:
+        self.log(f"[export {'#' * self.total} done {self._stamp()}]")
+
+
 def pick_stage(stages: list[Stage], objective: Objective) -> Stage:
     key: dict[str, Callable[[Stage], tuple[float, float]]] = {
         "size": lambda s: (s.bytes, s.ms_b64),
@@ -237,8 +258,11 @@ def run_pipeline(
     cfg = cfg or ExportConfig()
     torch.manual_seed(cfg.seed)
     teacher = teacher.eval()
+    steps = 3 + 2 * (cfg.prune_ratio > 0)
+    progress = Progress(steps, log)
     run = _Runner(data, cfg, log)
     models: dict[str, nn.Module] = {"teacher": teacher}
+    progress.step("measuring the teacher (fp32 ONNX + int8)")
     run.float_and_int8("teacher", teacher)
 
     kd = dict(
@@ -255,19 +279,24 @@ def run_pipeline(
     else:
         student = copy.deepcopy(student)
         s_name = "distilled student"
+    progress.step(f"distilling into {s_name} ({cfg.distill_epochs} epochs)")
     distill(student, teacher, data.x_train, data.y_train, epochs=cfg.distill_epochs, **kd)
     models[s_name] = student
+    progress.step(f"measuring {s_name}")
     s_stage = run.float_and_int8(s_name, student)
 
     if cfg.prune_ratio > 0:
+        progress.step(f"pruning {cfg.prune_ratio:g} of {s_name}'s channels + KD fine-tune")
         if s_stage.ok:
             pruned = prune_structured(student, run.example, cfg.prune_ratio)
             distill(pruned, teacher, data.x_train, data.y_train, epochs=cfg.finetune_epochs, **kd)
             p_name = f"{s_name} pruned {cfg.prune_ratio:g}"
             models[p_name] = pruned
+            progress.step(f"measuring {p_name}")
             run.float_and_int8(p_name, pruned)
         else:
             log(f"not pruning {s_name!r}: it is already outside the accuracy budget")
+    progress.done()
     chosen = pick_stage(run.stages, cfg.objective)
     log(f"chosen for objective {cfg.objective!r}: {chosen.name}")
     return PipelineResult(run.stages, chosen, cfg, models)

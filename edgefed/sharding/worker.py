@@ -311,7 +311,10 @@ class AggregatorWorker:
         acc = self._new_acc(st.schema)
         for dev in st.keys:  # same order as the first time, minus the excluded devices
             if dev not in st.excluded:
-                acc.add(decode_update(st.kept[dev], st.schema, accept_v1=True), weight=st.weights[dev])
+                acc.add(
+                    decode_update(st.kept[dev], st.schema, accept_v1=True),
+                    weight=st.weights[dev],
+                )
         st.acc = acc
         st.amendment += 1
         self._publish_partial()
@@ -334,7 +337,10 @@ class AggregatorWorker:
             for dev, key in st.keys.items():
                 if dev in st.excluded:
                     continue
-                new.acc.add(decode_update(st.kept[dev], st.schema, accept_v1=True), weight=st.weights[dev])
+                new.acc.add(
+                    decode_update(st.kept[dev], st.schema, accept_v1=True),
+                    weight=st.weights[dev],
+                )
                 new.keys[dev], new.weights[dev] = key, st.weights[dev]
                 new.kept[dev] = st.kept[dev]  # type: ignore[index]
                 new.kept_bytes += len(st.kept[dev])
