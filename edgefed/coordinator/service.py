@@ -38,7 +38,7 @@ class CoordinatorService:
         checkpoint: str | Path | None = None,
         metrics: MetricsWriter | None = None,
         wait_timeout: float = 300.0,
-        client_id: str = "edgefed-coordinator",
+        client_id: str | None = None,  # default edgefed-coordinator-<fleet>
         sharding: ShardingConfig | None = None,
         signer: DownlinkSigner | None = None,
         sharding_transport: TransportConfig | None = None,  # default: ``transport``
@@ -49,6 +49,7 @@ class CoordinatorService:
         self.metrics = metrics or MetricsWriter(None, None)
         self.wait_timeout = wait_timeout
         self.topics = Topics(transport.fleet, transport.topic_prefix)
+        client_id = client_id or f"edgefed-coordinator-{transport.fleet}"
         # Sharded: the aggregator workers read the updates ($share/...), this process only
         # presence; it merges the workers' partial sums (docs/scale-out.md).
         subs = [self.topics.all_presence]
@@ -121,6 +122,8 @@ class CoordinatorService:
         if device not in self.online:
             log.info("device %s online (%s)", device, caps.get("arch", "?"))
         self.online.add(device)
+        if self.engine.open_round is not None and device in self.engine.pending():
+            self._resend([device])  # (re)connected mid-round: it may have lost its task
 
     def _pump(self, until: float, done=lambda: False) -> None:
         while not self._stop.is_set() and not done() and time.monotonic() < until:
@@ -213,6 +216,8 @@ class CoordinatorService:
                 self.metrics.write(m, self.rounds)
                 self.client.publish(self.topics.metrics, json.dumps(m.to_dict()).encode())
                 out.append(m)
+            if not self._stop.is_set() and out:
+                self._deliver_final_model()
         except BaseException as e:
             self.error = e
             raise
@@ -222,6 +227,19 @@ class CoordinatorService:
                 self.agg.stop()
             self.finished.set()
         return out
+
+    def _deliver_final_model(self) -> None:
+        """Devices hold the weights of the last task they trained on; send every known
+        device the model the run ended with (queued by the broker for offline ones)."""
+        from edgefed.coordinator.final_model import final_model_message
+
+        for d in sorted(self.engine.devices):
+            msg = final_model_message(self.engine, d)
+            if self.signer is not None:
+                msg = self.signer.sign(self.topics.task(d), msg, self.engine.round)
+            self.client.publish(self.topics.task(d), msg)
+        log.info("final model %s sent to %d devices", self.engine.model_version,
+                 len(self.engine.devices))  # fmt: skip
 
     def stop(self) -> None:
         self._stop.set()
