@@ -432,7 +432,7 @@ class AgentService:
                     rep = self.rollout.handle(m.payload)  # reports its status itself
                     log.info("%s: roll-out %s: %s %s", self.worker.device_id, rep.offered_version,
                              rep.status, rep.reason)  # fmt: skip
-                    if rep.status == "installed":
+                    if rep.status in ("installed", "rolled_back"):
                         self.announce()  # presence carries the bundle version now
                     continue
                 payload = m.payload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -219,7 +220,9 @@ def _publish_checked(args: argparse.Namespace) -> int:
         verify_bundle(args.file, args.key)
     if args.promote and (args.group == ALL or not args.wait):
         raise PublishError("--promote needs a canary --group (not 'all') and its devices in --wait")
-    t = _transport(args)
+    # A roll-out is one-shot: no broker session kept for it (MQTT 5; 3.1.1 keeps one, whose
+    # queued reports collect_reports filters out by version and mode).
+    t = dataclasses.replace(_transport(args), session_expiry=0)
     topics = Topics(t.fleet, t.topic_prefix)
     client_id = f"edgefed-publisher-{t.fleet}-{os.getpid()}"
     client = _connect(t, client_id, [all_status_topic(topics)], args.connect_timeout)
@@ -229,7 +232,7 @@ def _publish_checked(args: argparse.Namespace) -> int:
         mode = "canary" if args.promote else "install"
         publish_bundle(client, topics, data, args.group, mode=mode)
         print(f"published {args.file} ({version}) to group {args.group!r} of fleet {t.fleet!r}")
-        reps = collect_reports(client, topics, wait, args.timeout) if wait else {}
+        reps = collect_reports(client, topics, wait, args.timeout, version, mode) if wait else {}
         _print_reports(args.wait, reps)
         if not args.promote:
             return 0 if all(reps.get(d) and reps[d].status == "installed" for d in wait) else 1
@@ -240,7 +243,8 @@ def _publish_checked(args: argparse.Namespace) -> int:
             return 0
         publish_rollback(client, topics, version, args.group)
         print(f"ROLLED BACK {version} on group {args.group!r}: {d.reason}")
-        back = collect_reports(client, topics, {r for r in wait if r in reps}, args.timeout)
+        back_from = {r for r in wait if r in reps}
+        back = collect_reports(client, topics, back_from, args.timeout, version, "rollback")
         _print_reports(sorted(back), back)
         return 1
     finally:

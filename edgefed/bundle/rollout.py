@@ -206,10 +206,17 @@ def decide(
 
 
 def collect_reports(
-    client: Any, topics: Topics, devices: set[str], timeout: float = 60.0
+    client: Any,
+    topics: Topics,
+    devices: set[str],
+    timeout: float = 60.0,
+    version: str | None = None,
+    mode: str | None = None,
 ) -> dict[str, RolloutReport]:
     """Wait for one report from each of ``devices`` (the client subscribes to
-    :func:`all_status_topic`); malformed reports are logged and skipped."""
+    :func:`all_status_topic`); malformed reports are logged and skipped, and so are reports
+    of other devices, or (when given) about another offered ``version`` or ``mode`` - e.g.
+    the fleet's answers to an earlier roll-out still queued for this account."""
     got: dict[str, RolloutReport] = {}
     deadline = time.monotonic() + timeout
     prefix = f"{topics.base}/bundle-status/"
@@ -223,6 +230,12 @@ def collect_reports(
                 raise MessageError(f"report for {rep.device!r} on {msg.topic}")
         except MessageError as e:
             log.warning("rejected roll-out report on %s: %s", msg.topic, e.reason)
+            continue
+        if rep.device not in devices or rep.device in got:
+            continue
+        if (version is not None and rep.offered_version != version) or (
+            mode is not None and rep.mode != mode
+        ):
             continue
         got[rep.device] = rep
     return got
