@@ -202,6 +202,9 @@ def _publish(args: argparse.Namespace) -> int:
     except PublishError as e:
         print(f"edgefed bundle publish: {e}", file=sys.stderr)
         return 2
+    except (OSError, TimeoutError) as e:  # the connection broke while publishing
+        print(f"edgefed bundle publish: {args.file}: roll-out interrupted: {e}", file=sys.stderr)
+        return 2
 
 
 def _publish_checked(args: argparse.Namespace) -> int:
