@@ -410,6 +410,8 @@ class AgentService:
             "num_samples": self.worker.num_samples,
             "graphs": self.worker.state.graphs(),
             "model_version": self.worker.state.model_version,
+            "run_id": self.worker.state.run_id,  # the run (and round) it last worked on
+            "last_round": self.worker.state.last_round,
         }
         if self.rollout is not None:
             msg["bundle_version"] = self.rollout._version()
