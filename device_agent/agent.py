@@ -8,6 +8,7 @@ with capabilities and a Last Will, a persistent session on its task topic, and r
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from edgefed.codec import (
     decode_update,
     encode_update,
 )
-from edgefed.protocol import MessageError, TaskHeader, UpdateHeader, pack, unpack
+from edgefed.protocol import MessageError, TaskHeader, UpdateHeader, pack, require, unpack
 from edgefed.transport import Topics, TransportConfig
 
 log = logging.getLogger(__name__)
@@ -107,29 +108,71 @@ class DeviceWorker:
             self._trainers[sha] = (StepTrainer(step, manifest, threads=self.threads), manifest)
         return self._trainers[sha]
 
-    def _error(self, rnd: int, msg: str) -> bytes:
-        return pack(UpdateHeader(rnd, self.device_id, secrets.token_hex(8), error=msg).to_dict())
+    def federated_predictor(self) -> tuple[str, Any] | None:
+        """(version, predict) of the last federated model received (what the device runs
+        without a bundle), or None before the first one."""
+        from device_agent.inference import InferenceModel
+
+        try:
+            params, sha, version = self.state.load_model()
+            _, manifest, inference = self.state.load_graph(sha)
+        except (OSError, KeyError, ValueError):
+            return None
+        model = InferenceModel(inference, manifest)
+        return version, lambda x: model.predict(x, params)
+
+    def _error(self, rnd: int, msg: str, refused: bool = False) -> bytes:
+        """An answer without an update: the coordinator counts it as a drop with ``msg``
+        (``refused``: the device declined the task, as opposed to failing on it)."""
+        header = {
+            "round": rnd,
+            "device_id": self.device_id,
+            "update_id": secrets.token_hex(8),
+            "error": msg,
+        }
+        if refused:
+            header["refused"] = True
+        return pack(header)
+
+    def _refuse(self, rnd: int, msg: str) -> bytes:
+        log.warning("%s: refused task of round %d: %s", self.device_id, rnd, msg)
+        return self._error(rnd, msg, refused=True)
 
     def handle_task(self, data: bytes) -> bytes | None:
-        """Train on one task; returns the update message (None if the task is unusable)."""
+        """Train on one task; returns the update message, or a refusal/error message the
+        coordinator counts with its reason (None if the bytes are not a usable task)."""
         try:
             header, parts = unpack(data)
+            if header.get("type") == "model":
+                self._receive_model(header, parts)
+                return None
             task = TaskHeader.parse(header)
             rnd, version, sha = task.round, task.model_version, task.graph_sha
             hyper, uplink = task.hyper, task.uplink
             schema = ModelSchema(task.schema)
+            run = task.run_id  # absent from coordinators older than issue 14
+            if run is not None and not 0 < len(run) <= 64:
+                raise MessageError("run_id must be a short string")
         except (MessageError, CodecError) as e:
             log.warning("%s: rejected task: %s", self.device_id, getattr(e, "reason", e))
             return None
         st = self.state
+        if run is not None and run != st.run_id:
+            if run in st.past_runs:
+                return self._refuse(rnd, f"task of an earlier run {run} (following {st.run_id})")
+            log.info("%s: new run %s (was %s, done round %d): following it, error-feedback "
+                     "state reset", self.device_id, run, st.run_id, st.last_round)  # fmt: skip
+            st.start_run(run)
+            self._ef = None
         if rnd == st.last_round and st.last_update_id:
             out = st.load_outbox()
             if out is not None:
                 log.info("%s: task of round %d redelivered: resending update", self.device_id, rnd)
                 return out
         if rnd < st.last_round:
-            log.warning("%s: stale task for round %d (done %d)", self.device_id, rnd, st.last_round)
-            return None
+            of_run = f" of run {st.run_id}" if st.run_id else ""
+            return self._refuse(rnd, f"stale task for round {rnd} (done {st.last_round}{of_run})")
+        log.info("%s: round %d: training on %d samples", self.device_id, rnd, self.num_samples)
         if "graph" in parts:
             try:
                 json.loads(parts["manifest"])
@@ -193,6 +236,30 @@ class DeviceWorker:
         self.last_loss = loss
         return out
 
+    def _receive_model(self, header: dict[str, Any], parts: dict[str, bytes]) -> None:
+        """The coordinator's final model (after the last round): store it as the deployed
+        model without training, so ``predict`` runs the model the run ended with."""
+        rnd = require(header, "round", int)
+        version = require(header, "model_version", str)
+        sha = require(header, "graph_sha", str)
+        if not sha.isalnum():
+            raise MessageError(f"bad graph id {sha[:80]!r}")
+        schema = ModelSchema(require(header, "schema", dict))
+        if "graph" in parts and "manifest" in parts:
+            inference = parts.get("inference", b"")
+            self.state.save_graph(sha, parts["graph"], parts["manifest"], inference)
+        if not self.state.has_graph(sha):
+            raise MessageError(f"final model {version} needs graph {sha}, which this device lacks")
+        wupd = decode_update(parts.get("weights", b""), schema)
+        if wupd.meta.kind != "weights" or wupd.meta.round != rnd:
+            raise CodecError("final model weights metadata does not match the header")
+        weights = {k: np.asarray(v, np.float32) for k, v in wupd.to_dense().items()}
+        self.state.save_model(weights, sha, version)
+        self.state.model_version = version
+        self.state.save()
+        log.info("%s: final model %s of run %s stored", self.device_id, version,
+                 header.get("run_id"))  # fmt: skip
+
 
 def _loss_of(stats: Any) -> float | None:
     v = stats.get("loss") if isinstance(stats, dict) else getattr(stats, "loss", None)
@@ -203,6 +270,11 @@ def _loss_of(stats: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if f is not None and np.isfinite(f) else None
+
+
+def client_id(fleet: str, device: str) -> str:
+    """MQTT client id of a device agent: the fleet is part of it (issue 14)."""
+    return f"edgefed-device-{fleet}-{device}"
 
 
 def _activate_bundle(installed: Any) -> None:
@@ -226,16 +298,24 @@ class AgentService:
         verifier: Any = None,  # edgefed.security.downlink.DownlinkVerifier | None
         bundle_key: str | None = None,  # roll-out on: signed bundles install under state_dir
         groups: tuple[str, ...] = ("all",),
+        holdout: tuple[np.ndarray, np.ndarray] | None = None,  # canary evaluation data
     ) -> None:
+        from dataclasses import replace
+
         from edgefed.transport.client import MqttClient
 
         self.worker = worker
         self.topics = Topics(transport.fleet, transport.topic_prefix)
         dev = worker.device_id
         offline = json.dumps({"status": "offline", "device_id": dev}).encode()
+        # The client id names the fleet: devices of two fleets with the same id share a broker
+        # without taking over each other's session. The account stays the device id (a secured
+        # broker uses it as the client id anyway, use_username_as_clientid).
+        if not (transport.username or transport.broker.username):
+            transport = replace(transport, username=dev)
         self.client = MqttClient(
             transport,
-            dev,
+            client_id(transport.fleet, dev),
             subscriptions=[self.topics.task(dev)],
             will=(self.topics.presence(dev), offline),
         )
@@ -244,10 +324,13 @@ class AgentService:
         self.rollout = None
         if bundle_key is not None:
             from edgefed.bundle.rollout import DeviceRollout
+            from edgefed.bundle.runner import InputContract
 
             self.rollout = DeviceRollout(
                 self.client, self.topics, dev, worker.state.dir / "bundles", bundle_key,
-                activate=_activate_bundle, groups=groups,
+                activate=_activate_bundle, groups=groups, contract=InputContract.of(worker.x),
+                holdout=holdout if holdout is not None else (worker.x, worker.y),
+                baseline=worker.federated_predictor,
             )  # fmt: skip
             self.client.subscriptions = [*self.client.subscriptions, *self.rollout.subscriptions()]
         self.caps = capabilities(profile)
@@ -268,6 +351,8 @@ class AgentService:
             "num_samples": self.worker.num_samples,
             "graphs": self.worker.state.graphs(),
             "model_version": self.worker.state.model_version,
+            "run_id": self.worker.state.run_id,  # the run (and round) it last worked on
+            "last_round": self.worker.state.last_round,
         }
         if self.rollout is not None:
             msg["bundle_version"] = self.rollout._version()
@@ -290,13 +375,13 @@ class AgentService:
                     rep = self.rollout.handle(m.payload)  # reports its status itself
                     log.info("%s: roll-out %s: %s %s", self.worker.device_id, rep.offered_version,
                              rep.status, rep.reason)  # fmt: skip
-                    if rep.status == "installed":
+                    if rep.status in ("installed", "rolled_back"):
                         self.announce()  # presence carries the bundle version now
                     continue
                 payload = m.payload
                 if self.verifier is not None:
                     try:
-                        payload, _ = self.verifier.open(m.topic, m.payload)
+                        payload = self._open_signed(m.topic, m.payload)
                     except ValueError as e:  # EnvelopeError: unsigned, forged, tampered, replayed
                         reason = getattr(e, "reason", str(e))
                         log.warning("%s: refused downlink on %s: %s", self.worker.device_id,
@@ -313,6 +398,32 @@ class AgentService:
                     self.updates_sent += 1
         finally:
             self.client.stop()
+
+    def _open_signed(self, topic: str, signed: bytes) -> bytes:
+        """Verify a downlink message. The round is its anti-replay sequence, so a NEW run's
+        round 1 looks like a replay of our old round 14: when the signature is valid and
+        the task names a run this device has never followed, accept it and restart the
+        sequence there (a task of an earlier run stays refused as a replay)."""
+        from edgefed.security.envelope import EnvelopeError
+
+        assert self.verifier is not None
+        try:
+            return self.verifier.open(topic, signed)[0]
+        except EnvelopeError as e:
+            if e.reason != "replayed":
+                raise
+            fresh = copy.copy(self.verifier)
+            fresh.load_state({})  # same keys, no sequence floor (signature still checked)
+            payload, seq = fresh.open(topic, signed)
+            try:
+                run = unpack(payload)[0].get("run_id")
+            except MessageError:
+                raise e from None
+            st = self.worker.state
+            if not isinstance(run, str) or run == st.run_id or run in st.past_runs:
+                raise
+            self.verifier.load_state({**self.verifier.state(), topic: seq})
+            return payload
 
     def stop(self) -> None:
         self._stop.set()

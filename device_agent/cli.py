@@ -22,6 +22,8 @@ def _run(args: argparse.Namespace) -> int:
         check_npz(cfg.data, ("x", "y"), f"{args.config}: [agent] data")
         with np.load(cfg.data, allow_pickle=False) as z:
             x, y = z["x"], z["y"]
+            # optional held-out split: what canary roll-outs are evaluated on
+            holdout = (z["x_val"], z["y_val"]) if {"x_val", "y_val"} <= set(z.files) else None
         worker = DeviceWorker(cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads)
     except (OSError, ValueError, KeyError, TrainerError) as e:
         print(f"edgefed-agent: {e}", file=sys.stderr)
@@ -40,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     svc = AgentService(
         worker, cfg.transport, profile=cfg.profile, verifier=verifier,
         bundle_key=cfg.bundle_key, groups=("all", cfg.group) if cfg.group else ("all",),
+        holdout=holdout,
     )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())  # systemd stop: finish cleanly
     try:
@@ -71,6 +74,7 @@ def _predict(args: argparse.Namespace) -> int:
     from device_agent.inference import InferenceModel
     from device_agent.state import AgentState
     from edgefed.bundle.format import BundleError
+    from edgefed.bundle.runner import BundleModel
     from edgefed.bundle.unpack import current
 
     try:
@@ -92,13 +96,17 @@ def _predict(args: argparse.Namespace) -> int:
         bundle = current(Path(state_dir) / "bundles")
         if bundle is not None:
             version = bundle.manifest.model_version
-            logits = _predict_bundle(bundle, x)
+            model = BundleModel(bundle.model_path, bundle.manifest)
+            logits = model.predict(x, where=f"--input {args.input}")
         else:
             st = AgentState(state_dir, device)
             params, sha, version = st.load_model()
             _, manifest, inference = st.load_graph(sha)
             logits = InferenceModel(inference, manifest).predict(x, params)
-    except (OSError, ValueError, KeyError, BundleError) as e:
+    except BundleError as e:
+        print(f"edgefed-agent predict: {e.reason}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, KeyError) as e:
         print(f"edgefed-agent predict: {e}", file=sys.stderr)
         return 2
     classes = logits.argmax(axis=1)
@@ -107,18 +115,6 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         print(f"model {version}: " + " ".join(str(int(c)) for c in classes))
     return 0
-
-
-def _predict_bundle(bundle: object, x: np.ndarray) -> np.ndarray:
-    """Run an installed bundle's model (first input, first output) on ``x``."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(bundle.model_path), opts, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
-    spec = bundle.manifest.inputs[0]  # type: ignore[attr-defined]
-    x = np.asarray(x, dtype=np.dtype(spec.dtype))
-    return np.asarray(sess.run(None, {spec.name: x})[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Layout of ``state_dir``::
 
-    state.json            device id, model version, last finished round and its update id
+    state.json            device id, run id (and earlier runs), model version, last finished
+                          round and its update id
     residual.ef           error-feedback residual (codec ``ErrorFeedback.save``, atomic)
     outbox.bin            the last update message, resent unchanged when its task is redelivered
     model.npz             the latest global weights received (what ``predict`` runs)
@@ -23,6 +24,8 @@ import numpy as np
 
 from edgefed.atomic import atomic_write
 
+MAX_PAST_RUNS = 32
+
 
 class AgentState:
     def __init__(self, directory: str | Path, device_id: str, durable: bool = True) -> None:
@@ -34,9 +37,13 @@ class AgentState:
         self.last_round = 0
         self.last_update_id: str | None = None
         self.rounds_done = 0
-        # A write killed mid-way leaves its temp file (".<name>.<random>.tmp" from
-        # edgefed.atomic; ".residual.ef.<random>" from older releases); repeated power
-        # loss would fill the disk with them. One agent owns the directory, so clear them at start.
+        # The coordinator's run the rounds above belong to: a task of another (new) run resets
+        # the round counter and the error-feedback residual (see :meth:`start_run`).
+        self.run_id: str | None = None
+        self.past_runs: list[str] = []
+        # A write killed mid-way leaves its temp file (".<name>.<random>.tmp" from edgefed.atomic,
+        # ".residual.ef.<random>" from ErrorFeedback.save); repeated power loss would fill
+        # the disk with them. One agent owns the directory, so clear them at start.
         for t in [*self.dir.glob("*.tmp"), *self.dir.glob(".residual.ef.*")]:
             t.unlink(missing_ok=True)
         p = self.dir / "state.json"
@@ -49,6 +56,8 @@ class AgentState:
                 self.last_round = int(d.get("last_round", 0))
                 self.last_update_id = d.get("last_update_id")
                 self.rounds_done = int(d.get("rounds_done", 0))
+                self.run_id = d.get("run_id")
+                self.past_runs = [str(r) for r in d.get("past_runs", [])][-MAX_PAST_RUNS:]
             except (json.JSONDecodeError, TypeError) as e:
                 raise ValueError(f"corrupt agent state {p}: {e}") from e
 
@@ -63,8 +72,22 @@ class AgentState:
             "last_round": self.last_round,
             "last_update_id": self.last_update_id,
             "rounds_done": self.rounds_done,
+            "run_id": self.run_id,
+            "past_runs": self.past_runs,
         }
         atomic_write(self.dir / "state.json", json.dumps(d).encode(), self.durable)
+
+    def start_run(self, run_id: str) -> None:
+        """Follow a new coordinator run: its rounds count from 1 again and the residual of
+        the old run (error feedback of another model trajectory) is dropped. The old run id
+        is remembered so a replayed task of it is refused instead of followed back."""
+        if self.run_id is not None and self.run_id not in self.past_runs:
+            self.past_runs = [*self.past_runs, self.run_id][-MAX_PAST_RUNS:]
+        self.run_id = run_id
+        self.last_round, self.last_update_id = 0, None
+        self.residual_path.unlink(missing_ok=True)
+        (self.dir / "outbox.bin").unlink(missing_ok=True)
+        self.save()
 
     # outbox: the last update sent
     def save_outbox(self, data: bytes) -> None:

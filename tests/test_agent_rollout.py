@@ -27,11 +27,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def model(seed: int, op: str = "MatMul") -> tuple[bytes, np.ndarray]:
-    w = np.random.default_rng(seed).standard_normal((128, 64)).astype(np.float32)
+    w = np.random.default_rng(seed).standard_normal((10, 64)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node(op, ["x", "W"], ["y"])],
         "m",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 128])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 10])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
         [numpy_helper.from_array(w, "W")],
     )
@@ -43,7 +43,7 @@ def model(seed: int, op: str = "MatMul") -> tuple[bytes, np.ndarray]:
 def bundle(sk, version: str, op: str = "MatMul") -> tuple[bytes, np.ndarray]:
     manifest = Manifest(
         model_version=version,
-        inputs=[TensorSpec("x", ["batch", 128], "float32")],
+        inputs=[TensorSpec("x", ["batch", 10], "float32")],
         outputs=[TensorSpec("y", ["batch", 64], "float32")],
         opset=17,
     )
@@ -87,7 +87,7 @@ def test_agent_installs_published_bundle_and_refuses_broken_one(
         assert r["status"] == "installed" and r["model_version"] == "v1", r
         assert r["latency_ms_b1"] > 0
 
-        x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
         np.save(tmp_path / "x.npy", x)
         p = subprocess.run(
             [sys.executable, "-m", "device_agent.cli", "predict", "--config", str(conf),

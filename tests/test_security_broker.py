@@ -334,7 +334,7 @@ def test_cli_writes_files_with_safe_modes_and_keeps_secrets_on_rerun(tmp_path: P
     assert again["password"] == acct["password"]
     assert (out / "certs" / "ca.crt").read_bytes() == ca_before
     users = [line.split(":")[0] for line in (out / "passwd").read_text().splitlines()]
-    assert sorted(users) == ["coord", "pi-01", "pi-02", "pi-03"]
+    assert sorted(users) == ["coord", "pi-01", "pi-02", "pi-03", "publisher"]  # roll-out account
     assert "user pi-03\n" in (out / "acl").read_text()
 
 

@@ -7,9 +7,15 @@ Topics (next to the fleet layout of :class:`edgefed.transport.Topics`)::
 
 ``group`` is ``all`` for the whole fleet or any group name a device subscribes to. The
 message is a multipart message (:mod:`edgefed.transport.message`) with a small JSON
-header (model version, sha256 and size of the bundle) and the bundle bytes as the one
-part; the transport chunks it. Bundles are not retained (chunked messages cannot be):
+header (kind, mode, model version, sha256 and size of the bundle) and the bundle bytes as
+the one part; the transport chunks it. Bundles are not retained (chunked messages cannot be):
 devices keep persistent sessions, so the broker queues a roll-out for devices offline.
+
+Canary roll-out: a bundle published with ``mode = "canary"`` is installed like any other,
+then the device evaluates it AND the model it replaced on its own held-out data and reports
+both accuracies and batch-1 latencies; :func:`decide` turns the canaries' reports into
+promote or roll back, and a ``kind = "rollback"`` message (no parts) makes every device of
+the group whose current bundle is that version return to the one before.
 
 A device trusts nothing in the header: the bundle is verified (signature, hashes, limits)
 by :func:`install_bundle`, its model is loaded and timed BEFORE the swap (a model that
@@ -35,12 +41,14 @@ from typing import Any
 import numpy as np
 
 from edgefed.bundle.format import MODEL_NAME, BundleError, Manifest
+from edgefed.bundle.runner import BundleModel, InputContract, accuracy, check_input, latency_ms
 from edgefed.bundle.signing import VerifyKey, load_verify_key
 from edgefed.bundle.unpack import (
     InstalledBundle,
     _dummy_inputs,
     current,
     install_bundle,
+    roll_back_version,
     rollback,
 )
 from edgefed.transport.message import MessageError, pack, require, unpack
@@ -73,6 +81,14 @@ class RolloutReport:
     reason: str = ""
     latency_ms_b1: float | None = None  # measured on the device, batch 1, median
     previous_version: str | None = None
+    mode: str = "install"  # "install", "canary" or "rollback"
+    # Canary evaluation on the device's held-out data: the offered bundle vs the model it
+    # replaced ("baseline": the previous bundle, or the federated model when there was none).
+    eval_samples: int = 0
+    accuracy: float | None = None
+    baseline_version: str | None = None
+    baseline_accuracy: float | None = None
+    baseline_latency_ms: float | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -81,26 +97,36 @@ class RolloutReport:
     def from_json(data: bytes) -> RolloutReport:
         try:
             obj = json.loads(data.decode("utf-8"))
-            return RolloutReport(**obj)
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+            known = set(RolloutReport.__dataclass_fields__)
+            return RolloutReport(**{k: v for k, v in obj.items() if k in known})
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as e:
             raise MessageError(f"bad roll-out report: {e}") from None
 
 
 # --- coordinator side -----------------------------------------------------------------
 
 
-def publish_bundle(client: Any, topics: Topics, bundle: bytes, group: str = ALL) -> bytes:
+MODES = ("install", "canary")
+
+
+def publish_bundle(
+    client: Any, topics: Topics, bundle: bytes, group: str = ALL, mode: str = "install"
+) -> bytes:
     """Publish ``bundle`` to a group (chunked by the client); returns the message id.
 
     ``client`` is an :class:`edgefed.transport.client.MqttClient` (anything with
     ``publish(topic, payload)``). The header is informational; devices verify the bundle.
+    ``mode = "canary"`` asks the devices to evaluate it against their current model.
     """
     from edgefed.bundle.format import read_archive
 
+    if mode not in MODES:
+        raise ValueError(f"roll-out mode must be one of {MODES}, not {mode!r}")
     raw = read_archive(bundle)  # refuse to send something that is not even a bundle
     version = Manifest.from_json(raw.manifest_bytes).model_version
     header = {
         "kind": "bundle",
+        "mode": mode,
         "model_version": version,
         "sha256": hashlib.sha256(bundle).hexdigest(),
         "size": len(bundle),
@@ -108,11 +134,89 @@ def publish_bundle(client: Any, topics: Topics, bundle: bytes, group: str = ALL)
     return client.publish(bundle_topic(topics, group), pack(header, {"bundle": bundle}))
 
 
+def publish_rollback(client: Any, topics: Topics, version: str, group: str) -> bytes:
+    """Tell ``group``: whoever runs bundle ``version`` returns to the model before it."""
+    header = {"kind": "rollback", "model_version": version}
+    return client.publish(bundle_topic(topics, group), pack(header))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of a canary: promote or not, why, and the fleet-weighted figures."""
+
+    promote: bool
+    reason: str
+    accuracy: float | None = None
+    baseline_accuracy: float | None = None
+    latency_ms: float | None = None
+    baseline_latency_ms: float | None = None
+
+
+def decide(
+    reports: dict[str, RolloutReport],
+    devices: set[str],
+    version: str,
+    accuracy_budget_pp: float = 1.0,
+    latency_budget: float = 1.5,
+) -> Decision:
+    """Promote only when every canary installed ``version`` and evaluated it, the
+    sample-weighted accuracy over the canaries is at most ``accuracy_budget_pp`` percentage
+    points below the weighted accuracy of the models they ran before (on the same data),
+    and the median batch-1 latency is at most ``latency_budget`` times the baseline's."""
+    missing = sorted(devices - set(reports))
+    if missing:
+        return Decision(False, f"no report from canary devices {missing}")
+    bad = {d: r for d, r in reports.items() if d in devices and r.status != "installed"}
+    if bad:
+        d, r = sorted(bad.items())[0]
+        return Decision(False, f"canary {d} {r.status} {version}: {r.reason}")
+    reps = [reports[d] for d in sorted(devices)]
+    unevaluated = [r.device for r in reps if r.accuracy is None or r.baseline_accuracy is None]
+    if unevaluated or any(r.model_version != version for r in reps):
+        return Decision(False, f"canaries {unevaluated} did not evaluate {version}")
+    n = sum(max(r.eval_samples, 0) for r in reps)
+    if n == 0:
+        return Decision(False, "canaries hold no held-out samples to evaluate on")
+    acc = sum(r.eval_samples * float(r.accuracy) for r in reps) / n  # type: ignore[arg-type]
+    base = sum(r.eval_samples * float(r.baseline_accuracy) for r in reps) / n  # type: ignore[arg-type]
+    lat = statistics.median(float(r.latency_ms_b1 or 0.0) for r in reps)
+    base_lat = statistics.median(float(r.baseline_latency_ms or 0.0) for r in reps)
+    figures = {
+        "accuracy": acc, "baseline_accuracy": base, "latency_ms": lat,
+        "baseline_latency_ms": base_lat,
+    }  # fmt: skip
+    drop_pp = 100.0 * (base - acc)
+    if drop_pp > accuracy_budget_pp:
+        why = (
+            f"accuracy {100 * acc:.2f}% is {drop_pp:.2f} pp below the current model's "
+            f"{100 * base:.2f}% on {n} held-out samples (budget {accuracy_budget_pp} pp)"
+        )
+        return Decision(False, why, **figures)
+    if base_lat > 0 and lat > latency_budget * base_lat:
+        why = (
+            f"median batch-1 latency {lat:.3f} ms is {lat / base_lat:.2f}x the current "
+            f"model's {base_lat:.3f} ms (budget {latency_budget}x)"
+        )
+        return Decision(False, why, **figures)
+    why = (
+        f"accuracy {100 * acc:.2f}% vs {100 * base:.2f}% on {n} held-out samples, "
+        f"latency {lat:.3f} ms vs {base_lat:.3f} ms"
+    )
+    return Decision(True, why, **figures)
+
+
 def collect_reports(
-    client: Any, topics: Topics, devices: set[str], timeout: float = 60.0
+    client: Any,
+    topics: Topics,
+    devices: set[str],
+    timeout: float = 60.0,
+    version: str | None = None,
+    mode: str | None = None,
 ) -> dict[str, RolloutReport]:
     """Wait for one report from each of ``devices`` (the client subscribes to
-    :func:`all_status_topic`); malformed reports are logged and skipped."""
+    :func:`all_status_topic`); malformed reports are logged and skipped, and so are reports
+    of other devices, or (when given) about another offered ``version`` or ``mode`` - e.g.
+    the fleet's answers to an earlier roll-out still queued for this account."""
     got: dict[str, RolloutReport] = {}
     deadline = time.monotonic() + timeout
     prefix = f"{topics.base}/bundle-status/"
@@ -126,6 +230,12 @@ def collect_reports(
                 raise MessageError(f"report for {rep.device!r} on {msg.topic}")
         except MessageError as e:
             log.warning("rejected roll-out report on %s: %s", msg.topic, e.reason)
+            continue
+        if rep.device not in devices or rep.device in got:
+            continue
+        if (version is not None and rep.offered_version != version) or (
+            mode is not None and rep.mode != mode
+        ):
             continue
         got[rep.device] = rep
     return got
@@ -159,11 +269,18 @@ def measure_latency_ms(model_path: Path, manifest: Manifest, runs: int = 30) -> 
     return 1000.0 * statistics.median(times)
 
 
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
 class DeviceRollout:
     """Handles roll-out messages on a device: install, activate, roll back, report.
 
     ``activate(installed)`` is the agent's hook to start using the new model (reload its
-    session); raising any exception there triggers an automatic rollback.
+    session); raising any exception there triggers an automatic rollback. ``contract`` is
+    the device's data contract (per-sample shape/dtype of its data): a bundle whose input
+    does not match is refused before install. ``holdout`` (x, y) is what a canary is
+    evaluated on; ``baseline()`` returns (version, predict) of the model the device runs
+    when no bundle is installed (its federated model), or None.
     """
 
     def __init__(
@@ -176,12 +293,18 @@ class DeviceRollout:
         *,
         activate: Callable[[InstalledBundle], None] | None = None,
         groups: tuple[str, ...] = (ALL,),
+        contract: InputContract | None = None,
+        holdout: tuple[np.ndarray, np.ndarray] | None = None,
+        baseline: Callable[[], tuple[str, Predictor] | None] | None = None,
     ) -> None:
         self.client, self.topics, self.device = client, topics, check_name("device id", device)
         self.root = Path(root_dir)
         self.key = load_verify_key(public_key)
         self.activate = activate
         self.topics_in = [bundle_topic(topics, g) for g in groups]
+        self.contract = contract
+        self.holdout = holdout
+        self.baseline = baseline
 
     def subscriptions(self) -> list[str]:
         return list(self.topics_in)
@@ -200,28 +323,69 @@ class DeviceRollout:
         """Process one roll-out message and publish the report; never raises on bad input."""
         before = self._version()
         offered: str | None = None
+        mode = "install"
         try:
             header, parts = unpack(payload)
             offered = require(header, "model_version", str)
-            bundle = parts.get("bundle")
-            if bundle is None or set(parts) != {"bundle"}:
-                raise MessageError(f"expected one part 'bundle', got {sorted(parts)}")
-            if require(header, "sha256", str) != hashlib.sha256(bundle).hexdigest():
-                raise MessageError("bundle sha256 does not match the message header")
-            report = self._install(bundle, before, offered)
+            if header.get("kind") == "rollback":
+                mode = "rollback"
+                report = self._roll_back(offered, before)
+            else:
+                mode = str(header.get("mode", "install"))
+                if mode not in MODES:
+                    raise MessageError(f"unknown roll-out mode {mode[:40]!r}")
+                bundle = parts.get("bundle")
+                if bundle is None or set(parts) != {"bundle"}:
+                    raise MessageError(f"expected one part 'bundle', got {sorted(parts)}")
+                if require(header, "sha256", str) != hashlib.sha256(bundle).hexdigest():
+                    raise MessageError("bundle sha256 does not match the message header")
+                report = self._install(bundle, before, offered, canary=mode == "canary")
         except (MessageError, BundleError) as e:
             reason = e.reason
             log.warning("%s: roll-out of %s refused: %s", self.device, offered, reason)
-            report = RolloutReport(self.device, "refused", before, offered, reason)
+            report = RolloutReport(self.device, "refused", before, offered, reason, mode=mode)
         self.client.publish(status_topic(self.topics, self.device), report.to_json())
         return report
 
-    def _install(self, bundle: bytes, before: str | None, offered: str) -> RolloutReport:
+    def _roll_back(self, version: str, before: str | None) -> RolloutReport:
+        if before != version:
+            why = f"{version} is not the active bundle"
+            return RolloutReport(self.device, "unchanged", before, version, why, mode="rollback")
+        back = roll_back_version(self.root, version)
+        if self.activate is not None and back is not None:
+            try:
+                self.activate(back)
+            except Exception as e:
+                log.error("%s: re-activating %s failed: %s", self.device, back.path, e)
+        now = back.manifest.model_version if back else None
+        log.info("%s: rolled back %s -> %s", self.device, version, now or "federated model")
+        return RolloutReport(self.device, "rolled_back", now, version, "rollback requested",
+                             previous_version=version, mode="rollback")  # fmt: skip
+
+    def _baseline(self) -> tuple[str, Predictor, float | None] | None:
+        """(version, predict, latency) of the model active before an install."""
+        try:
+            cur = current(self.root)
+        except BundleError:
+            cur = None
+        if cur is not None:
+            model = BundleModel(cur.model_path, cur.manifest)
+            lat = measure_latency_ms(cur.model_path, cur.manifest)
+            return cur.manifest.model_version, model.predict, lat
+        got = self.baseline() if self.baseline is not None else None
+        return None if got is None else (got[0], got[1], None)
+
+    def _install(
+        self, bundle: bytes, before: str | None, offered: str, canary: bool = False
+    ) -> RolloutReport:
         latency: dict[str, float] = {}
 
         def check(directory: Path, manifest: Manifest) -> None:
+            if self.contract is not None:
+                check_input(manifest, self.contract, f"this device's data ({self.device})")
             latency["ms"] = measure_latency_ms(directory / MODEL_NAME, manifest)
 
+        base = self._baseline() if canary and self.holdout is not None else None
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".incoming-", suffix=".efb", dir=self.root)
         try:
@@ -231,6 +395,7 @@ class DeviceRollout:
         finally:
             os.unlink(tmp)
         version = installed.manifest.model_version
+        mode = "canary" if canary else "install"
         if self.activate is not None:
             try:
                 self.activate(installed)
@@ -249,10 +414,38 @@ class DeviceRollout:
                     f"activation of {version} failed: {e}",
                     latency.get("ms"),
                     before,
+                    mode=mode,
                 )
-        return RolloutReport(
-            self.device, "installed", version, offered, "", latency.get("ms"), before
+        report = RolloutReport(
+            self.device, "installed", version, offered, "", latency.get("ms"), before, mode=mode
         )
+        if canary:
+            self._evaluate(report, installed, base)
+        return report
+
+    def _evaluate(
+        self,
+        report: RolloutReport,
+        installed: InstalledBundle,
+        base: tuple[str, Predictor, float | None] | None,
+    ) -> None:
+        """Fill the report's canary figures (a failure is reported, never raised)."""
+        if self.holdout is None:
+            report.reason = "no held-out data on this device: canary not evaluated"
+            return
+        x, y = self.holdout
+        try:
+            model = BundleModel(installed.model_path, installed.manifest)
+            report.accuracy = accuracy(model.predict, x, y)
+            report.eval_samples = len(y)
+            if base is None:
+                report.reason = "no current model to compare with"
+                return
+            report.baseline_version = base[0]
+            report.baseline_accuracy = accuracy(base[1], x, y)
+            report.baseline_latency_ms = base[2] if base[2] is not None else latency_ms(base[1], x)
+        except (BundleError, ValueError, KeyError) as e:
+            report.reason = f"canary evaluation failed: {getattr(e, 'reason', e)}"
 
     def serve(self, stop: Callable[[], bool], poll: float = 0.2) -> None:
         """Drain the client's inbox until ``stop()``; other topics are ignored."""

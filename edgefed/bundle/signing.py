@@ -19,6 +19,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -73,7 +74,15 @@ def load_verify_key(key: str | os.PathLike[str] | bytes | VerifyKey) -> VerifyKe
             return VerifyKey(_parse_hex32(p.read_text(), f"public key {p}"))
         except (OSError, UnicodeDecodeError) as e:
             raise BundleError(f"cannot read public key {p}: {e}") from None
-    return VerifyKey(_parse_hex32(str(key), "public key"))
+    text = str(key).strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):  # not the hex text itself: a key file
+        if p.exists():
+            raise BundleError(f"public key {p} is not a regular file")
+        raise BundleError(
+            f"public key file {p.resolve()} does not exist (expected a .pub file written "
+            "by `edgefed keygen`, or the key's 64 hex digits)"
+        )
+    return VerifyKey(_parse_hex32(text, "public key"))
 
 
 def write_keypair(private_path: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -82,6 +91,7 @@ def write_keypair(private_path: str | os.PathLike[str], overwrite: bool = False)
     pub = priv.with_name(priv.name + ".pub")
     if not overwrite and (priv.exists() or pub.exists()):
         raise BundleError(f"{priv} or {pub} already exists (use --force to overwrite)")
+    priv.parent.mkdir(parents=True, exist_ok=True)  # `keygen keys/fleet.key` in a new folder
     sk, vk = generate_keypair()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     fd = os.open(priv, flags, 0o600)

@@ -259,6 +259,23 @@ def rollback(root_dir: str | os.PathLike[str]) -> InstalledBundle:
         return _load_installed(root, prev)
 
 
+def roll_back_version(root_dir: str | os.PathLike[str], version: str) -> InstalledBundle | None:
+    """Undo a canary: if ``version`` is current, make ``previous`` current again, or, when
+    it was the first bundle ever installed, remove ``current`` (the device then runs its
+    federated model again). Returns the bundle active afterwards (None: no bundle).
+    Nothing changes when ``version`` is not current."""
+    root = Path(root_dir)
+    with _locked(root):
+        cur = _target(root, "current")
+        if cur is None or _load_installed(root, cur).manifest.model_version != version:
+            return None if cur is None else _load_installed(root, cur)
+        prev = _target(root, "previous")
+        _point(root, "current", prev)
+        _point(root, "previous", None)
+        fsync_dir(root)
+        return None if prev is None else _load_installed(root, prev)
+
+
 def _prune(root: Path, keep: int) -> None:
     """Delete the oldest versions beyond ``keep``, never current or previous."""
     live = {_target(root, "current"), _target(root, "previous")}

@@ -67,6 +67,10 @@ class Collector(ABC):
         """The round is closed and recorded (e.g. publish its metrics)."""
         return None
 
+    def deliver_final_model(self) -> None:
+        """The run is complete: hand the devices the model it ended with."""
+        return None
+
 
 def run_rounds(
     engine: RoundEngine,
@@ -101,6 +105,8 @@ def run_rounds(
                 metrics.write(m, rounds)
             collector.published(m)
             out.append(m)
+        if out and not collector.stopped and engine.round >= rounds:
+            collector.deliver_final_model()
     finally:
         collector.close()
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class RoundEngine:
         self.cum_up = 0
         self.cum_down = 0
         self.seen = SeenSet(1_000_000)
+        self.run_id = secrets.token_hex(8)  # new at a fresh start, restored from a checkpoint
         self._open: int | None = None
         self._sampled: dict[str, str] = {}  # device -> graph id
         self._ctx: RoundContext | None = None
@@ -173,6 +175,7 @@ class RoundEngine:
             self._sampled,
             {d: self.device(d) for d in self._sampled},
             lambda: self.rng.randrange(2**31),
+            self.run_id,
         )
         self._bytes_down = tasks.bytes
         return tasks
@@ -322,6 +325,7 @@ class RoundEngine:
                 "cum_bytes_down": self.cum_down,
                 "rng": list(self.rng.getstate()[1]),
                 "seen": [list(k) for k in self.seen.keys()[-10000:]],
+                "run_id": self.run_id,
                 **self._norm_bound_meta(),
             },
         )
@@ -343,6 +347,7 @@ class RoundEngine:
         self.strategy.load_state_dict(ck.strategy_state)
         self.round = ck.round
         meta = ck.meta
+        self.run_id = str(meta.get("run_id") or self.run_id)
         nb = self.strategy.norm_bound
         if nb is not None and "norm_bound" in meta:
             nb.load_state(meta["norm_bound"])  # NormBoundError names a malformed history

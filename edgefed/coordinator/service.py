@@ -38,7 +38,7 @@ class MqttCollector(Collector):
         self,
         engine: RoundEngine,
         transport: TransportConfig,
-        client_id: str = "edgefed-coordinator",
+        client_id: str | None = None,  # default edgefed-coordinator-<fleet>
         signer: DownlinkSigner | None = None,
         wait_timeout: float = 300.0,
         read_updates: bool = True,
@@ -46,6 +46,7 @@ class MqttCollector(Collector):
         self.engine = engine
         self.wait_timeout = wait_timeout
         self.topics = Topics(transport.fleet, transport.topic_prefix)
+        client_id = client_id or f"edgefed-coordinator-{transport.fleet}"
         subs = [self.topics.all_presence]
         if read_updates:
             subs.append(self.topics.all_updates)
@@ -116,6 +117,8 @@ class MqttCollector(Collector):
         if device not in self.online:
             log.info("device %s online (%s)", device, caps.get("arch", "?"))
         self.online.add(device)
+        if self.engine.open_round is not None and device in self.engine.pending():
+            self.resend([device])  # (re)connected mid-round: it may have lost its task
 
     def pump(self, until: float, done: Callable[[], bool] = lambda: False) -> None:
         while not self.stopped and not done() and time.monotonic() < until:
@@ -175,6 +178,20 @@ class MqttCollector(Collector):
     def published(self, m: RoundMetrics) -> None:
         self.client.publish(self.topics.metrics, json.dumps(m.to_dict()).encode())
 
+    def deliver_final_model(self) -> None:
+        """Devices hold the weights of the last task they trained on; send every known
+        device the model the run ended with (queued by the broker for offline ones)."""
+        from edgefed.coordinator.final_model import final_model_message
+
+        for d in sorted(self.engine.devices):
+            msg = final_model_message(self.engine, d)
+            if self.signer is not None:
+                msg = self.signer.sign(self.topics.task(d), msg, self.engine.round)
+            self.client.publish(self.topics.task(d), msg)
+        log.info(
+            "final model %s sent to %d devices", self.engine.model_version, len(self.engine.devices)
+        )
+
 
 class CoordinatorService:
     """The coordinator process: :func:`~edgefed.coordinator.loop.run_rounds` over MQTT."""
@@ -187,7 +204,7 @@ class CoordinatorService:
         checkpoint: str | Path | None = None,
         metrics: MetricsWriter | None = None,
         wait_timeout: float = 300.0,
-        client_id: str = "edgefed-coordinator",
+        client_id: str | None = None,  # default edgefed-coordinator-<fleet>
         sharding: ShardingConfig | None = None,
         signer: DownlinkSigner | None = None,
         sharding_transport: TransportConfig | None = None,  # default: ``transport``
@@ -196,6 +213,7 @@ class CoordinatorService:
         self.rounds = rounds
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.metrics = metrics or MetricsWriter(None, None)
+        client_id = client_id or f"edgefed-coordinator-{transport.fleet}"
         self.collector: MqttCollector
         if sharding is None:
             self.collector = MqttCollector(engine, transport, client_id, signer, wait_timeout)

@@ -46,6 +46,7 @@ def build_tasks(
     assignment: Mapping[str, str],  # device -> graph id
     devices: Mapping[str, Any],  # device -> DeviceStats (its ``graphs`` are updated)
     seed: Callable[[], int],
+    run_id: str | None = None,
 ) -> LazyTasks:
     """Every sampled device's task: the global weights (encoded once, shared), its graph's
     header and, only when the device does not hold that graph yet, the graph itself."""
@@ -60,7 +61,7 @@ def build_tasks(
         st = devices[d]
         header = TaskHeader(
             rnd, model_version, gid, g.sha, {**hyper, "seed": seed()}, cfg.uplink, schema,
-            cfg.error_feedback, cfg.round_timeout,
+            cfg.error_feedback, cfg.round_timeout, run_id,
         )  # fmt: skip
         parts = {"weights": weights}
         if g.sha not in st.graphs:  # the step graph only when the device lacks it

@@ -11,6 +11,10 @@ so the ACL and the runtime cannot drift apart. Rules per role (least privilege):
   It may not write ``update/+`` or ``presence/+``, so a stolen coordinator password still
   cannot forge device updates.
 * observer (dashboards): read ``metrics``, ``round``, ``presence/+``.
+* publisher (``edgefed bundle publish``, issue 14): ONLY the roll-out topics: write
+  ``bundle/+``, read ``bundle-status/+``. Its own account, so a roll-out never reuses (and
+  kicks off, ``use_username_as_clientid``) the coordinator's connection, and a leaked
+  publisher password can neither send tasks nor read updates.
 * roll-out (issue 6): a device reads ``bundle/all`` and ``bundle/<g>`` for each of its
   groups and writes only ``bundle-status/<d>``; the coordinator writes ``bundle/+`` and reads
   ``bundle-status/+``. Bundles carry their own signature; the ACL keeps reports honest.
@@ -87,6 +91,13 @@ def coordinator_rules(topics: Topics) -> list[Rule]:
     ]
 
 
+def publisher_rules(topics: Topics) -> list[Rule]:
+    return [
+        Rule(WRITE, _wildcard(lambda g: bundle_topic(topics, g), "+")),
+        Rule(READ, _wildcard(lambda d: status_topic(topics, d), "+")),
+    ]
+
+
 def observer_rules(topics: Topics) -> list[Rule]:
     return [Rule(READ, topics.metrics), Rule(READ, topics.round), Rule(READ, topics.all_presence)]
 
@@ -112,6 +123,7 @@ def render_acl(
     observers: Iterable[str] = (),
     groups: Mapping[str, Iterable[str]] | None = None,  # device -> roll-out groups
     aggregators: Iterable[str] = (),
+    publishers: Iterable[str] = (),
 ) -> str:
     """Text of a mosquitto ``acl_file``: one ``user`` block per account, no ``pattern`` lines.
 
@@ -130,6 +142,8 @@ def render_acl(
         block(c, coordinator_rules(topics))
     for o in observers:
         block(o, observer_rules(topics))
+    for p in publishers:
+        block(p, publisher_rules(topics))
     for w in aggregators:
         block(w, aggregator_rules(topics, w))
     for d in devices:

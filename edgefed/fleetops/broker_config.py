@@ -56,6 +56,7 @@ class FleetSpec:
     coordinators: tuple[str, ...] = ("coordinator",)
     observers: tuple[str, ...] = ()
     aggregators: tuple[str, ...] = ()  # sharded-aggregation worker accounts (one per worker)
+    publishers: tuple[str, ...] = ("publisher",)  # `edgefed bundle publish`: roll-out topics only
     hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
     bind: str = "0.0.0.0"
     tls_port: int = 8883
@@ -74,7 +75,7 @@ class FleetSpec:
         try:
             Topics(self.fleet, self.prefix)
             names = [d.id for d in self.devices] + list(self.coordinators) + list(self.observers)
-            names += list(self.aggregators)
+            names += list(self.aggregators) + list(self.publishers)
             for n in names:
                 check_name("account name", n)
             for d in self.devices:
@@ -109,6 +110,7 @@ _KEYS = {
     "coordinators": list,
     "observers": list,
     "aggregators": list,
+    "publishers": list,
     "hosts": list,
     "bind": str,
     "tls_port": int,
@@ -143,7 +145,7 @@ def spec_from_dict(doc: dict[str, Any]) -> FleetSpec:
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise FleetConfigError(f"devices[{i}].groups must be a list of strings")
         devices.append(Device(str(d["id"]), tuple(groups)))
-    for key in ("coordinators", "observers", "aggregators", "hosts"):
+    for key in ("coordinators", "observers", "aggregators", "publishers", "hosts"):
         if key in kw:
             if not all(isinstance(x, str) for x in kw[key]):
                 raise FleetConfigError(f"{key} must be a list of strings")
@@ -276,7 +278,8 @@ def write_broker_config(spec: FleetSpec, out: Path) -> Written:
     certs.make_server_cert(ca, list(spec.hosts)).write(c / "server.crt", c / "server.key")
 
     accounts = [
-        *spec.coordinators, *spec.observers, *spec.aggregators, *(dev.id for dev in spec.devices)
+        *spec.coordinators, *spec.observers, *spec.aggregators, *spec.publishers,
+        *(dev.id for dev in spec.devices),
     ]  # fmt: skip
     passwords: dict[str, str] = {}
     client_certs: dict[str, tuple[Path, Path]] = {}
@@ -295,6 +298,7 @@ def write_broker_config(spec: FleetSpec, out: Path) -> Written:
     acl = render_acl(
         spec.topics, [x.id for x in spec.devices], spec.coordinators, spec.observers,
         groups={x.id: x.groups for x in spec.devices}, aggregators=spec.aggregators,
+        publishers=spec.publishers,
     )  # fmt: skip
     (d / "acl").write_text(acl)
     (d / "fleet.json").write_text(
@@ -305,6 +309,7 @@ def write_broker_config(spec: FleetSpec, out: Path) -> Written:
                 "coordinators": list(spec.coordinators),
                 "observers": list(spec.observers),
                 "aggregators": list(spec.aggregators),
+                "publishers": list(spec.publishers),
                 "devices": [{"id": x.id, "groups": list(x.groups)} for x in spec.devices],
             },
             indent=2,

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-prefix", default="dev-", help="name prefix for --devices")
     p.add_argument("--coordinator", action="append", default=[], help="coordinator account")
     p.add_argument("--observer", action="append", default=[], help="read-only metrics account")
+    p.add_argument(
+        "--publisher", action="append", default=[], help="roll-out account (default: publisher)"
+    )
     p.add_argument("--host", action="append", default=[], help="broker host name/IP (repeat)")
     p.add_argument("--bind", help="TLS listener address (default 0.0.0.0)")
     p.add_argument("--tls-port", type=int, help="TLS listener port (default 8883)")
@@ -68,6 +71,7 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
     for flag, key in (
         ("coordinator", "coordinators"),
         ("observer", "observers"),
+        ("publisher", "publishers"),
         ("host", "hosts"),
     ):
         if getattr(args, flag):
@@ -92,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {written.config}")
     print(f"  {len(spec.devices)} devices, coordinators {list(spec.coordinators)}")
+    if spec.publishers:
+        print(f"  roll-out accounts (bundle topics only) {list(spec.publishers)}")
     print(f"  CA for devices: {written.ca_cert}")
     print(f"  per-account [transport] tables (secret, 0600): {written.directory / 'accounts'}")
     print(f"  keep {written.directory / 'certs' / 'ca.key'} offline once set up")

@@ -42,10 +42,12 @@ class TaskHeader:
     schema: dict[str, list[int]]
     error_feedback: bool = True
     deadline_s: float | None = None
+    run_id: str | None = None  # the coordinator's run: a device meeting a new run follows it
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": "task",
+            "run_id": self.run_id,
             "round": self.round,
             "model_version": self.model_version,
             "graph_id": self.graph_id,
@@ -76,6 +78,7 @@ class TaskHeader:
             schema=require(header, "schema", dict),
             error_feedback=ef if isinstance(ef, bool) else True,
             deadline_s=None if isinstance(dl, bool) or not isinstance(dl, int | float) else dl,
+            run_id=rid if isinstance(rid := header.get("run_id"), str) else None,
         )
 
 
