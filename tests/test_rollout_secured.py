@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgefed.fleetops.broker_config import Device
 from harness.processes import stop_processes
 from rollout_helpers import (
     Presence,
@@ -33,6 +32,7 @@ from rollout_helpers import (
 )
 
 from edgefed.bundle.signing import load_signing_key, write_keypair
+from edgefed.fleetops.broker_config import Device
 from edgefed.transport import TransportConfig
 
 CANARIES = ["dev-0", "dev-1"]
