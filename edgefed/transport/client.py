@@ -208,6 +208,11 @@ class MqttClient:
             n, size = self.uplink.resumed()
             self.resent_publishes += n
             self.resent_bytes += size
+            if n:
+                log.info(
+                    "%s: reconnected; resending %d unacknowledged publishes (%d bytes)",
+                    self.client_id, n, size,
+                )  # fmt: skip
         self.connects += 1
         self.connected.set()
         log.debug("%s connected (MQTT %s)", self.client_id, self.protocol_name)
