@@ -9,6 +9,7 @@ import pytest
 from edgefed.codec import ErrorFeedback, ModelSchema, UpdateMeta, decode_update, encode_update
 from edgefed.coordinator.adaptive import (
     DEFAULT_LADDER,
+    AdaptiveUplink,
     choose_spec,
     parse_ladder,
     spec_bytes,
@@ -93,3 +94,15 @@ def test_error_feedback_survives_spec_changes(tmp_path) -> None:
         ef = ErrorFeedback.load(tmp_path / "res.bin", schema)
     # the sparse rungs really dropped mass into the residual (the check above is not vacuous)
     assert ef.norm() > 1.0
+
+
+def test_coordinator_hook_reads_the_presence_rate() -> None:
+    hook = AdaptiveUplink(SHAPES, upload_budget_s=1.0)
+    assert hook.spec_for({}).spec == "int8"  # an old agent: no rate reported
+    assert hook.spec_for({"uplink_bytes_per_s": "fast"}).spec == "int8"  # junk: ignored
+    assert hook.spec_for({"uplink_bytes_per_s": 10_000_000}).spec == "int8"
+    slow = hook.spec_for({"uplink_bytes_per_s": 1_500})  # int8 (~4.9 kB) takes > 3 s
+    assert slow.spec != "int8" and slow.fits
+    assert slow.predicted_bytes == hook.sizes[slow.spec] + hook.overhead
+    with pytest.raises(ValueError, match=r"\[compression\] upload_budget_s must be > 0"):
+        AdaptiveUplink(SHAPES, upload_budget_s=0)

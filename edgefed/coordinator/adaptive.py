@@ -30,7 +30,15 @@ import numpy as np
 
 from edgefed.codec import CompressionSpec, UpdateMeta, encode_update
 
-__all__ = ["DEFAULT_LADDER", "Choice", "choose_spec", "parse_ladder", "spec_bytes", "spec_sizes"]
+__all__ = [
+    "DEFAULT_LADDER",
+    "AdaptiveUplink",
+    "Choice",
+    "choose_spec",
+    "parse_ladder",
+    "spec_bytes",
+    "spec_sizes",
+]
 
 DEFAULT_LADDER: tuple[str, ...] = ("int8", "topk:0.1+int8", "topk:0.01+int8", "topk:0.001+int8")
 
@@ -101,3 +109,30 @@ def choose_spec(
             return Choice(spec, n + overhead_bytes, t, True)
     spec, n = rungs[-1]
     return Choice(spec, n + overhead_bytes, (n + overhead_bytes) / rate, False)
+
+
+class AdaptiveUplink:
+    """The coordinator-side hook: ladder sizes computed once for the model, then one choice
+    per device from the ``uplink_bytes_per_s`` its presence reported (``capabilities``).
+
+    Meant to be called where a round builds each device's task (``"uplink": ...``)."""
+
+    RATE_KEY = "uplink_bytes_per_s"
+
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        upload_budget_s: float,
+        ladder: Sequence[str] = DEFAULT_LADDER,
+        overhead_bytes: int = 256,  # the agent's message envelope and one frame header
+    ) -> None:
+        if not upload_budget_s > 0:
+            raise ValueError(f"[compression] upload_budget_s must be > 0, got {upload_budget_s}")
+        self.budget = float(upload_budget_s)
+        self.overhead = overhead_bytes
+        self.sizes = spec_sizes(shapes, parse_ladder(list(ladder)))
+
+    def spec_for(self, capabilities: Mapping[str, object]) -> Choice:
+        rate = capabilities.get(self.RATE_KEY)
+        ok = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+        return choose_spec(self.sizes, float(rate) if ok else None, self.budget, self.overhead)  # type: ignore[arg-type]
