@@ -23,8 +23,8 @@ Measured per run: final accuracy; uplink bytes per round *on the wire* (every by
 device side writes to its TCP connections, through a counting proxy of ours: messages,
 framing, MQTT / HTTP/2 + gRPC headers, keep-alives, connection set-up; divided by rounds);
 wall-clock per round (server/coordinator side, median over rounds: tasks out -> model
-aggregated and evaluated); peak RSS of the coordinator / server process (``wait4``
-ru_maxrss); client install size (files of the client's dependency closure). Seeds are
+aggregated and evaluated); peak RSS of the coordinator / server process (its VmHWM,
+polled); client install size (files of the client's dependency closure). Seeds are
 interleaved (edgefed, Flower, edgefed, ...). Prints a table, writes
 benchmarks/out/flower_compare.json.
 
@@ -110,15 +110,29 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
+def _vm_hwm_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def wait_rss(p: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
-    """Wait for ``p``; returns (exit code, peak RSS in MB) from wait4."""
+    """Wait for ``p``; returns (exit code, peak RSS in MB). The peak is the process's own
+    VmHWM, polled until it exits: wait4's ru_maxrss is not usable here because Linux keeps
+    the high-water mark across fork + exec, so every child would report at least this
+    benchmark's own RSS (~500 MB with torch loaded)."""
     deadline = time.monotonic() + timeout
+    peak = 0.0
     while time.monotonic() < deadline:
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-        if pid == p.pid:
-            p.returncode = os.waitstatus_to_exitcode(status)
-            return p.returncode, ru.ru_maxrss / 1024
-        time.sleep(0.1)
+        peak = max(peak, _vm_hwm_mb(p.pid))
+        if p.poll() is not None:
+            return p.returncode, peak
+        time.sleep(0.05)
     p.kill()
     raise TimeoutError(f"{p.args[:3]} did not finish in {timeout}s")
 
