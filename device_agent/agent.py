@@ -344,10 +344,13 @@ class AgentService:
             verifier.load_state({self.topics.task(dev): max(0, worker.state.last_round)})
 
     def announce(self) -> None:
+        caps = dict(self.caps)
+        if self.client.uplink.rate is not None:  # measured from PUBACKs (issue 15); older
+            caps["uplink_bytes_per_s"] = round(self.client.uplink.rate)  # coordinators ignore it
         msg = {
             "status": "online",
             "device_id": self.worker.device_id,
-            "capabilities": self.caps,
+            "capabilities": caps,
             "num_samples": self.worker.num_samples,
             "graphs": self.worker.state.graphs(),
             "model_version": self.worker.state.model_version,
@@ -362,12 +365,14 @@ class AgentService:
 
     def run(self, connect_timeout: float | None = None) -> None:
         self.client.start(timeout=connect_timeout)
-        announced_at = -1
+        announced_at, measured = -1, 0
         try:
             while not self._stop.is_set():
-                if self.client.connected.is_set() and announced_at != self.client.connects:
-                    announced_at = self.client.connects
-                    self.announce()  # after every (re)connect: the retained state is fresh
+                if self.client.connected.is_set() and (
+                    announced_at != self.client.connects or measured != self.client.uplink.samples
+                ):
+                    announced_at, measured = self.client.connects, self.client.uplink.samples
+                    self.announce()  # after every (re)connect and uplink measurement
                 m = self.client.get(timeout=0.2)
                 if m is None:
                     continue

@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 # the NEON kernels are built and checked under emulation; openssl: test CA for TLS tests.
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
-  mosquitto mosquitto-clients g++ cmake ninja-build g++-aarch64-linux-gnu qemu-user openssl
+  mosquitto mosquitto-clients g++ cmake ninja-build g++-aarch64-linux-gnu qemu-user openssl iproute2
 
 python3 -m pip install --upgrade-strategy only-if-needed ".[test]"
 

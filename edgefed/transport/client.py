@@ -13,6 +13,9 @@
   on a bounded inbox queue that the service drains in its own thread, so slow work (training,
   aggregation) never blocks keep-alives. A malformed frame is logged with its reason and
   counted in :attr:`rejected`; the client keeps going.
+- The uplink rate is measured from PUBACK timing (:mod:`.uplink`, :attr:`uplink`); publishes
+  resent after a reconnect (unacknowledged when the link dropped) are counted in
+  :attr:`resent_publishes` / :attr:`resent_bytes`.
 
 When no username is configured the client id is sent as the username (no password):
 amqtt keeps no offline messages for anonymous sessions, and mosquitto with
@@ -38,6 +41,7 @@ from edgefed.transport.chunking import ChunkError, Reassembler, split_message
 from edgefed.transport.config import TransportConfig
 from edgefed.transport.dedupe import SeenSet
 from edgefed.transport.flow import FlowWindow
+from edgefed.transport.uplink import UplinkMeter
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,9 @@ class MqttClient:
         self.bytes_out = 0
         self.bytes_in = 0
         self.connects = 0
+        self.uplink = UplinkMeter()
+        self.resent_publishes = 0  # frames paho resent after a reconnect (not acknowledged)
+        self.resent_bytes = 0
         self._stop = threading.Event()
         self._fallback = False
         self._probed = False
@@ -197,6 +204,15 @@ class MqttClient:
             self._pending_subs.add(mid)
         if not self._pending_subs:
             self.subscribed.set()
+        if self.connects:
+            n, size = self.uplink.resumed()
+            self.resent_publishes += n
+            self.resent_bytes += size
+            if n:
+                log.info(
+                    "%s: reconnected; resending %d unacknowledged publishes (%d bytes)",
+                    self.client_id, n, size,
+                )  # fmt: skip
         self.connects += 1
         self.connected.set()
         log.debug("%s connected (MQTT %s)", self.client_id, self.protocol_name)
@@ -212,6 +228,7 @@ class MqttClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
         self.subscribed.clear()
+        self.uplink.interrupted()
         if not self._stop.is_set():
             log.info("%s disconnected: %s", self.client_id, reason_code)
 
@@ -222,6 +239,7 @@ class MqttClient:
                 "%s: broker refused our publish on %s: %s", self.client_id, topic, reason_code
             )
             self.refused.append((topic, str(reason_code)))
+        self.uplink.acked(mid)
         self.window.release(mid)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
@@ -281,6 +299,7 @@ class MqttClient:
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 sock_open = False
                 self.connected.clear()
+                self.uplink.interrupted()
                 if self._stop.is_set():
                     break
                 wait = next(delays)
@@ -377,6 +396,7 @@ class MqttClient:
             self._topic_of_mid.clear()
         self._topic_of_mid[info.mid] = topic
         self.window.register(info.mid)
+        self.uplink.sent(info.mid, len(frame))
         self.bytes_out += len(frame)
 
     def flush(self, timeout: float | None = 60.0) -> bool:
