@@ -219,15 +219,15 @@ def tree_bytes(path: Path) -> int:
 
 
 def install_wheel(root: Path, wheel: Path, venv: str) -> None:
-    """Install ``wheel`` and its dependencies into a new venv in the root, with the root's own
-    pip. The dependencies (aarch64 wheels from the default index) are downloaded once into a
-    wheelhouse keyed by the package's dependency list; installs then run offline from it."""
+    """Install ``wheel`` and its dependencies into the root's venv ``venv`` (made with
+    ``python3 -m venv``) with the venv's own pip. The dependencies (aarch64 wheels from the
+    default index) are downloaded once into a wheelhouse keyed by the package's dependency
+    list; installs then run offline from it."""
     import tomllib
 
     deps = tomllib.loads((ROOT_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
     key = hashlib.sha256(f"{cache_key()} {sorted(deps)}".encode()).hexdigest()[:16]
     shutil.copy(wheel, root / "tmp" / wheel.name)
-    run_in(root, "python3", "-m", "venv", venv)
     pip, house = f"{venv}/bin/pip", f"{WHEELHOUSE}/{key}"
     with open(CACHE / "wheels.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

