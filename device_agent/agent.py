@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 
 def capabilities(profile: str | None = None) -> dict[str, Any]:
-    """What the coordinator uses to pick a graph: arch, cores, RAM, onnxruntime version."""
+    """What the coordinator uses to pick a graph: arch, cores, RAM, onnxruntime version; and
+    the C++ kernels' instruction set, so an operator sees which code path a device runs."""
     import onnxruntime
+
+    from edgefed.quant import best_isa
 
     try:
         ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
@@ -52,6 +55,7 @@ def capabilities(profile: str | None = None) -> dict[str, Any]:
         "ram_mb": int(ram_mb),
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
+        "isa": best_isa(),
     }
     if profile:
         caps["profile"] = profile
