@@ -101,15 +101,10 @@ def device_rss(name: str, model, g) -> dict:
         np.savez(Path(d) / "params.npz", **{k: sd[k].numpy() for k in keep})
         np.savez(Path(d) / "data.npz", x=x.numpy(), y=y.numpy())
         env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-        for low in (0, 1):
-            out = subprocess.run(
-                [sys.executable, "-c", RSS_CHILD, d, str(low)],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=True,
-            )
-            res["low_memory" if low else "default"] = json.loads(out.stdout.splitlines()[-1])
+        for low, key in ((0, "default"), (1, "low_memory")):
+            cmd = [sys.executable, "-c", RSS_CHILD, d, str(low)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+            res[key] = json.loads(out.stdout.splitlines()[-1])
     return res
 
 
