@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch._decomp import core_aten_decompositions, get_decompositions
 
-from . import pool_ops
+from . import index_grads, pool_ops
 
 aten = torch.ops.aten
 
@@ -83,8 +83,27 @@ def convolution_backward(
     groups: int,
     output_mask: Sequence[bool],
 ) -> Any:
-    if transposed or x.dim() != 4:
+    if transposed or x.dim() not in (3, 4):
         return NotImplemented  # stays aten.convolution_backward -> reported as unsupported
+    if x.dim() == 3:  # Conv1d: the 2-D path on a height-1 map (reshapes are free)
+        gi, gw, gb = convolution_backward(
+            grad_out.unsqueeze(2),
+            x.unsqueeze(2),
+            weight.unsqueeze(2),
+            bias_sizes,
+            [1, *stride],
+            [0, *padding],
+            [1, *dilation],
+            transposed,
+            [0, *output_padding],
+            groups,
+            output_mask,
+        )
+        return (
+            gi.squeeze(2) if gi is not None else None,
+            gw.squeeze(2) if gw is not None else None,
+            gb,
+        )
     gi = gw = gb = None
     h, w_ = int(x.shape[2]), int(x.shape[3])
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
@@ -187,6 +206,7 @@ def decomposition_table(training: bool = True) -> dict[Any, Callable[..., Any]]:
     table[aten.convolution_backward.default] = convolution_backward
     table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
     table[aten.threshold_backward.default] = threshold_backward
+    table.update(index_grads.table())
     # Non-overlapping max pooling goes through pool_ops (the exporter's MaxPool-with-indices
     # is 14x slower in onnxruntime); other windows keep torch's reference backward.
     ref_backward = table[aten.max_pool2d_with_indices_backward.default]

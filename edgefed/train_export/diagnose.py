@@ -45,8 +45,19 @@ def _exporter_decomposes() -> frozenset[Any]:
     )
 
 
+# Left in the graph only when our decomposition declined (non-divisible adaptive max pool):
+# the exporter's own decomposition then leaves it too and the translation fails.
+_NEVER = frozenset({torch.ops.aten.adaptive_max_pool2d.default})
+
+
 def _translatable(op: Any) -> bool:
-    if registry().is_registered(op) or op in _exporter_decomposes():
+    if op in _NEVER:
+        return False
+    decomps = registry().get_decomps(op)
+    if decomps:  # registered ops are never decomposed by the exporter, even when torchlib
+        # has only a complex-valued function (adaptive_max_pool2d): then they fail
+        return any(not d.is_complex for d in decomps)
+    if op in _exporter_decomposes():
         return True
     return bool(
         torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
@@ -129,6 +140,29 @@ def locate(model: nn.Module, run: Any, table: dict[Any, Any]) -> dict[Any, str]:
     return rec.where
 
 
+# Nearest supported alternative for ops known to stay unsupported (matched on the op name).
+ALTERNATIVES = {
+    "convolution_backward": "ConvTranspose is not supported: use nn.Upsample + nn.Conv1d/2d "
+    "(Conv1d/Conv2d with any stride, padding, dilation and groups are)",
+    "_embedding_bag_backward": "EmbeddingBag supports mode='sum'/'mean' without "
+    "scale_grad_by_freq: use one of those, or nn.Embedding + amax",
+    "_embedding_bag": "EmbeddingBag supports mode='sum'/'mean': use one of those",
+    "mkldnn_rnn_layer": "LSTM with proj_size is not supported: use proj_size=0 + nn.Linear",
+    "_thnn_fused_lstm_cell": "use nn.LSTM (decomposed into per-step cell ops)",
+    "adaptive_max_pool2d": "AdaptiveMaxPool needs an input size divisible by the output size "
+    "(or use AdaptiveAvgPool / MaxPool with an explicit kernel)",
+    "_scaled_dot_product_flash_attention_for_cpu_backward": "attention is traced with the math "
+    "kernel; call F.scaled_dot_product_attention / nn.MultiheadAttention, not the fused op",
+    "avg_pool3d": "use 1-D/2-D pooling",
+    "max_pool3d": "use 1-D/2-D pooling",
+}
+
+
+def alternative(op: str) -> str:
+    name = op.removeprefix("aten.").split(".")[0]
+    return ALTERNATIVES.get(name, "rewrite the layer with supported ops (see train_export docs)")
+
+
 def check_supported(gm: torch.fx.GraphModule, model: nn.Module, run: Any = None) -> None:
     """Raise UnsupportedOpError naming the first unsupported op and its layer."""
     bad = unsupported_ops(gm)
@@ -144,5 +178,9 @@ def check_supported(gm: torch.fx.GraphModule, model: nn.Module, run: Any = None)
         except Exception as e:  # diagnosis is best effort; the error below still names the op
             layer = f"<unknown layer: diagnosis failed: {e}>"
     raise UnsupportedOpError(
-        str(bad[0]), layer, "no ONNX translation" + (f" (also: {bad[1:]})" if bad[1:] else "")
+        str(bad[0]),
+        layer,
+        "no ONNX translation"
+        + (f" (also: {bad[1:]})" if bad[1:] else "")
+        + f"; nearest supported alternative: {alternative(str(bad[0]))}",
     )

@@ -21,6 +21,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import VerificationError
 from .optimizers import Optimizer
@@ -97,30 +99,46 @@ def _rand_batch(
     return like(x0, None), like(y0, n_classes)
 
 
-class _DropoutNoise:
-    """Hooks nn.Dropout modules so torch uses the noise fed to the ONNX graph."""
+class _DropoutNoise(TorchDispatchMode):
+    """Makes every dropout of the eager reference use noise we draw and keep, in order.
 
-    def __init__(self, model: nn.Module, g: torch.Generator) -> None:
+    Works below autograd, so functional dropout counts too (attention weights inside
+    ``nn.MultiheadAttention`` / ``scaled_dot_product_attention``, ``F.dropout``): on CPU
+    dropout is ``bernoulli_(1 - p)`` on a fresh tensor (or ``native_dropout``); both are
+    replaced by ``u > p`` for a uniform ``u`` that is also fed to the ONNX graph's matching
+    RandomUniformLike node (the exporter's dropout is ``rand_like(x) > p``, in trace order).
+    The model must run with the math attention kernel (fused CPU kernels draw internally).
+    """
+
+    def __init__(self, g: torch.Generator) -> None:
+        super().__init__()
         self.noise: list[Tensor] = []
         self.g = g
-        self.handles = [
-            m.register_forward_hook(self._hook)
-            for m in model.modules()
-            if isinstance(m, nn.Dropout) and m.training and m.p > 0
-        ]
 
-    def _hook(self, m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        x = inp[0]
-        p = float(m.p)  # type: ignore[arg-type]
-        u = torch.rand(x.shape, generator=self.g)
+    def _mask(self, shape: torch.Size, p: float, dtype: torch.dtype) -> Tensor:
+        u = torch.rand(shape, generator=self.g)
         self.noise.append(u)
-        if p >= 1:
-            return x * 0.0
-        return (u > p).to(x.dtype) * x * (1.0 / (1.0 - p))
+        return (u > p).to(dtype)
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.bernoulli_.float:
+            t, keep = args[0], float(args[1] if len(args) > 1 else kwargs.get("p", 0.5))
+            return t.copy_(self._mask(t.shape, 1.0 - keep, t.dtype))
+        if func is torch.ops.aten.native_dropout.default:
+            x, p, train = args
+            if not train or p == 0:
+                return func(*args, **kwargs)
+            mask = self._mask(x.shape, float(p), x.dtype)
+            scale = 0.0 if p >= 1 else 1.0 / (1.0 - float(p))
+            return x * mask * scale, mask.to(torch.bool)
+        if func in (
+            torch.ops.aten.bernoulli.default,
+            torch.ops.aten.bernoulli.p,
+            torch.ops.aten.bernoulli_.Tensor,
+        ):
+            raise VerificationError(f"cannot verify: the model draws {func} outside dropout")
+        return func(*args, **kwargs)
 
 
 def _rand_state(kind: str, shape: torch.Size, g: torch.Generator, zero: bool) -> Tensor:
@@ -223,25 +241,23 @@ def verify_step(
             feed[e["name"]] = v.detach().numpy().copy()
         old = {nm: tp[nm].detach().clone() for nm in tnames}
 
-        hooks = _DropoutNoise(ref, g)
-        try:
-            opt = optimizer.torch_optimizer([tp[nm] for nm in tnames], lr, eps)
-            if state or step:
-                optimizer.load_torch_state(opt, [tp[nm] for nm in tnames], state, step)
+        hooks = _DropoutNoise(g)
+        opt = optimizer.torch_optimizer([tp[nm] for nm in tnames], lr, eps)
+        if state or step:
+            optimizer.load_torch_state(opt, [tp[nm] for nm in tnames], state, step)
+        with sdpa_kernel(SDPBackend.MATH), hooks:
             out = ref(x)
-            lval = loss_fn(out, y)
-            total = lval
-            if man["fedprox"]:
-                total = lval + (mu / 2) * sum(((tp[nm] - gparams[nm]) ** 2).sum() for nm in tnames)
-            opt.zero_grad()
-            total.backward()
-            opt.step()
-        finally:
-            hooks.remove()
+        lval = loss_fn(out, y)
+        total = lval
+        if man["fedprox"]:
+            total = lval + (mu / 2) * sum(((tp[nm] - gparams[nm]) ** 2).sum() for nm in tnames)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
         if len(hooks.noise) != len(noise_names):
             raise VerificationError(
                 f"graph has {len(noise_names)} random nodes but the model ran "
-                f"{len(hooks.noise)} nn.Dropout modules: cannot verify (functional dropout?)"
+                f"{len(hooks.noise)} dropouts: cannot verify"
             )
         for nm, u in zip(noise_names, hooks.noise, strict=True):
             feed[nm] = u.numpy()
