@@ -26,7 +26,9 @@ def test_missing_coordinator_key_file_is_named(tmp_path) -> None:
     p = run_cli("-m", "device_agent.cli", "--config", str(conf), timeout=60)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert str(missing) in lines[-1] and "does not exist" in lines[-1], lines
+    # one line naming the config file, the key and the resolved path that is missing
+    assert len(lines) == 1 and str(conf) in lines[0] and "coordinator_key" in lines[0], lines
+    assert str(missing) in lines[0] and "expected an existing file" in lines[0], lines
     assert "not hex" not in p.stderr
 
 

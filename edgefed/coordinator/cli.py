@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         cfg = CoordinatorConfig.load(args.config)
-    except (OSError, ValueError) as e:
-        print(f"edgefed coordinator: bad config: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # ConfigError: one line naming file and key
+        print(f"edgefed coordinator: {e}", file=sys.stderr)
         return 2
     signer = None
     if cfg.signing_key:
