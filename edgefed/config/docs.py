@@ -107,7 +107,8 @@ def render() -> str:
         "be lower (the accountant would under-report epsilon).",
         "- With `[sharding]`: a linear strategy (fedavg, fedprox, fedadam, fedyogi); no "
         "`max_update_norm`, no `[strategy.norm_bound]` (workers sum updates as they stream in, "
-        "unclipped); no `[model] head` (workers do not check per-device graphs).",
+        "unclipped). A `[model] head` graph works sharded: workers run the same intake, "
+        "which checks each device's tensors against its graph.",
         "- `[compression] uplink`/`downlink` must parse as compression specs.",
         "",
         "## Device agent (`edgefed-agent --config agent.toml`)",

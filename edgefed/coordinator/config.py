@@ -421,10 +421,3 @@ def _cross_checks(src: ConfigFile, cfg: CoordinatorConfig) -> None:
             "the adaptive norm bound needs every update of a round before it clips any; "
             "[sharding] aggregates them as they stream in: remove one",
         )  # fmt: skip
-    if cfg.model.head is not None:
-        raise src.error(
-            "model", "head",
-            "expected no head-only graph with [sharding]: workers check updates against the "
-            "model schema, not per-device graphs (docs/scale-out.md), found "
-            f"{cfg.model.head!r}",
-        )  # fmt: skip
