@@ -82,7 +82,7 @@ def simulate(
     test_data: tuple[Any, Any] | None = None,
     local_epochs: int = 1,
     batch_size: int = 16,
-    lr: float = 0.05,
+    lr: float = RoundConfig.lr,  # one default, the coordinator's
     momentum: float = 0.0,
     fraction: float = 1.0,
     error_feedback: bool = True,

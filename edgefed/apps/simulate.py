@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgefed.coordinator.rounds import RoundConfig
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=10)
@@ -25,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="fedavg")
     p.add_argument("--strategy-param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-error-feedback", action="store_true")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=RoundConfig.lr, help="device learning rate")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fraction", type=float, default=1.0)
