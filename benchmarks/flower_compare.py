@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -198,18 +197,9 @@ for t in threads:
 
 
 def run_edgefed(work: Path, rounds: int, devices: int, spec: str) -> dict[str, object]:
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    user = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(
-        f"{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 0\nmessage_size_limit 0\n"
-    )
-    mosq = subprocess.Popen(
-        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    from _util import start_mosquitto
+
+    mosq, port = start_mosquitto(work)
     procs = [mosq]
     proxy = None
     try:

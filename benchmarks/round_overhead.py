@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
@@ -164,18 +163,9 @@ def run_one(hidden: int, a: argparse.Namespace, work: Path) -> dict:
     fm = build_federated_model(net, (torch.from_numpy(x[:8]), torch.from_numpy(y[:8])))
     mdir = work / f"model-{hidden}"
     fm.save(mdir)
-    port = _free_port()
-    conf = work / f"mosquitto-{hidden}.conf"
-    user = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(
-        f"{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 0\nmessage_size_limit 0\n"
-    )
-    mosq = subprocess.Popen(
-        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    from _util import start_mosquitto
+
+    mosq, port = start_mosquitto(work, f"mosquitto-{hidden}")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     url = f"mqtt://127.0.0.1:{port}"
     aw = work / f"agents-{hidden}"
