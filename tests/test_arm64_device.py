@@ -39,6 +39,7 @@ from arm64_root import (
     tree_bytes,
 )
 from harness.processes import stop_processes
+from harness.wait import wait_until
 from onnx import numpy_helper
 
 from edgefed.bundle.builder import build_bundle
@@ -112,12 +113,10 @@ def _deployable(inference_onnx: bytes, params: dict[str, np.ndarray]) -> tuple[b
 
 
 def _wait(cond, timeout: float, what: str, logs) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout}s\n{logs()}")
+    try:
+        wait_until(cond, timeout, what, interval=0.5)  # each check may read files in the root
+    except TimeoutError:
+        raise AssertionError(f"{what}: not within {timeout}s\n{logs()}") from None
 
 
 def _peak_rss_mb(pid: int) -> float:

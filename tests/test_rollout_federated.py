@@ -7,12 +7,12 @@ model again), a well-trained one is promoted to the fleet."""
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from harness.wait import wait_until
 from rollout_helpers import make_bundle, reports, run_cli, task_data, train, user_models
 
 from device_agent.agent import AgentService, DeviceWorker
@@ -23,13 +23,6 @@ from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.coordinator.service import CoordinatorService
 from edgefed.strategies import FedAvg
 from edgefed.transport import TransportConfig
-
-
-def _wait(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout}s"
-        time.sleep(0.05)
 
 
 def test_canary_is_judged_against_the_federated_model(mosquitto: Any, tmp_path: Path) -> None:
@@ -68,7 +61,7 @@ def test_canary_is_judged_against_the_federated_model(mosquitto: Any, tmp_path: 
         svc.start_thread()
         assert svc.finished.wait(120) and svc.error is None, svc.error
         for a in agents.values():
-            _wait(lambda a=a: a.worker.state.model_version == "r2", 30, "final model r2")
+            wait_until(lambda a=a: a.worker.state.model_version == "r2", 30, "final model r2")
 
         p = run_cli(*publish, str(files["bad"]))
         assert p.returncode == 1, (p.stdout, p.stderr)
@@ -91,7 +84,7 @@ def test_canary_is_judged_against_the_federated_model(mosquitto: Any, tmp_path: 
         assert rep["accuracy"] >= rep["baseline_accuracy"] - 0.01, rep
         for dev in agents:  # the fleet (dev-1 is no canary) runs the promoted bundle
             root = tmp_path / "state" / dev / "bundles"
-            _wait(lambda r=root: (c := current(r)) is not None and
+            wait_until(lambda r=root: (c := current(r)) is not None and
                   c.manifest.model_version == "good-v1", 30, f"{dev} on good-v1")  # fmt: skip
     finally:
         svc.stop()

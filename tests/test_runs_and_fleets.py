@@ -5,14 +5,15 @@ in a ``my_models.py`` the test writes), exported by ``build_federated_model``.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from harness.wait import wait_until
 from rollout_helpers import run_cli, start_agent, task_data, user_models, write_device_data
 
 from device_agent.agent import AgentService, DeviceWorker
@@ -158,9 +159,8 @@ def test_two_fleets_share_one_broker_and_devices_get_the_final_model(
             assert svc.client.client_id == f"edgefed-coordinator-{f}"
             for a in agents:
                 st = a.worker.state
-                deadline = time.monotonic() + 30
-                while st.model_version != "r2" and time.monotonic() < deadline:
-                    time.sleep(0.05)  # condition poll: the final model is on its way
+                with contextlib.suppress(TimeoutError):  # the final model is on its way
+                    wait_until(lambda st=st: st.model_version == "r2", 30, "final model")
                 assert st.model_version == "r2", (f, a.worker.device_id, st.model_version)
                 params, _, version = st.load_model()
                 assert version == "r2"
@@ -195,10 +195,10 @@ def test_device_restarted_mid_round_gets_its_task_again(
     try:
         svc.start_thread()
         log0 = tmp_path / "dev-0.log"
-        deadline = time.monotonic() + 60
-        while "round 1: training" not in log0.read_text(errors="replace"):
-            assert time.monotonic() < deadline, log0.read_text(errors="replace")[-3000:]
-            time.sleep(0.05)  # condition poll on the agent's log
+        try:
+            wait_until(lambda: "round 1: training" in log0.read_text(errors="replace"), 60)
+        except TimeoutError:
+            raise AssertionError(log0.read_text(errors="replace")[-3000:]) from None
         procs["dev-0"].send_signal(signal.SIGKILL)
         procs["dev-0"].wait(timeout=10)
         restarted = start_agent(tmp_path, "dev-0", data["dev-0"], t)
