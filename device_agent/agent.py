@@ -32,7 +32,7 @@ from edgefed.codec import (
     decode_update,
     encode_update,
 )
-from edgefed.protocol import MessageError, TaskHeader, UpdateHeader, pack, require, unpack
+from edgefed.protocol import MessageError, ModelHeader, TaskHeader, UpdateHeader, pack, unpack
 from edgefed.transport import Topics, TransportConfig
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class DeviceWorker:
         try:
             header, parts = unpack(data)
             if header.get("type") == "model":
-                self._receive_model(header, parts)
+                self._receive_model(ModelHeader.parse(header), parts)
                 return None
             task = TaskHeader.parse(header)
             rnd, version, sha = task.round, task.model_version, task.graph_sha
@@ -240,15 +240,11 @@ class DeviceWorker:
         self.last_loss = loss
         return out
 
-    def _receive_model(self, header: dict[str, Any], parts: dict[str, bytes]) -> None:
+    def _receive_model(self, header: ModelHeader, parts: dict[str, bytes]) -> None:
         """The coordinator's final model (after the last round): store it as the deployed
         model without training, so ``predict`` runs the model the run ended with."""
-        rnd = require(header, "round", int)
-        version = require(header, "model_version", str)
-        sha = require(header, "graph_sha", str)
-        if not sha.isalnum():
-            raise MessageError(f"bad graph id {sha[:80]!r}")
-        schema = ModelSchema(require(header, "schema", dict))
+        rnd, version, sha = header.round, header.model_version, header.graph_sha
+        schema = ModelSchema(header.schema)
         if "graph" in parts and "manifest" in parts:
             inference = parts.get("inference", b"")
             self.state.save_graph(sha, parts["graph"], parts["manifest"], inference)
@@ -261,8 +257,7 @@ class DeviceWorker:
         self.state.save_model(weights, sha, version)
         self.state.model_version = version
         self.state.save()
-        log.info("%s: final model %s of run %s stored", self.device_id, version,
-                 header.get("run_id"))  # fmt: skip
+        log.info("%s: final model %s of run %s stored", self.device_id, version, header.run_id)
 
 
 def _loss_of(stats: Any) -> float | None:

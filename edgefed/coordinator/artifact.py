@@ -23,14 +23,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgefed.atomic import atomic_write
 
 FORMAT = "edgefed.federated-model/1"
 DIRNAME = "federated-model"
@@ -43,19 +43,6 @@ class ArtifactError(ValueError):
 def artifact_dir_for(checkpoint: str | Path) -> Path:
     """Where the coordinator keeps the artefact: beside its checkpoint file."""
     return Path(checkpoint).resolve().parent / DIRNAME
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -84,7 +71,7 @@ def write_artifact(
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     weights = _npz_bytes({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()})
-    _atomic_write(d / "weights.npz", weights)
+    atomic_write(d / "weights.npz", weights)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "run_id": run_id,
@@ -104,34 +91,17 @@ def write_artifact(
     if inference is not None:
         onnx_bytes, graph_manifest = inference
         if not _same_file(d / "inference.onnx", onnx_bytes):
-            _atomic_write(d / "inference.onnx", onnx_bytes)
+            atomic_write(d / "inference.onnx", onnx_bytes)
         manifest["inference"] = {"file": "inference.onnx", **graph_manifest.get("inference", {})}
     if evaluation is not None:
         x, y = evaluation
         ev = _npz_bytes({"x": np.asarray(x), "y": np.asarray(y)})
         if not _same_file(d / "evaluation.npz", ev):
-            _atomic_write(d / "evaluation.npz", ev)
+            atomic_write(d / "evaluation.npz", ev)
         manifest["evaluation"] = {"file": "evaluation.npz", "samples": len(y)}
     path = d / "model.json"
-    _atomic_write(path, json.dumps(manifest, indent=1).encode())
+    atomic_write(path, json.dumps(manifest, indent=1).encode())
     return path
-
-
-def _run_id(engine: Any, directory: Path) -> str:
-    """The engine's run id when it has one; else the id of the artefact already here (a
-    resumed run), else a new one kept on the engine for the rest of the process."""
-    rid = getattr(engine, "run_id", None) or getattr(engine, "_artifact_run_id", None)
-    if rid:
-        return str(rid)
-    try:
-        old = json.loads((directory / "model.json").read_text())
-        if int(old.get("round", 1 << 62)) <= int(engine.round) and old.get("run_id"):
-            rid = str(old["run_id"])
-    except (OSError, ValueError):
-        pass
-    rid = rid or time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(3)
-    engine._artifact_run_id = rid
-    return rid
 
 
 def write_engine_artifact(directory: str | Path, engine: Any) -> Path:
@@ -149,7 +119,7 @@ def write_engine_artifact(directory: str | Path, engine: Any) -> Path:
         d,
         engine.params,
         source,
-        run_id=_run_id(engine, d),
+        run_id=engine.run_id,  # new at a fresh start, kept across restarts by the checkpoint
         round=engine.round,
         model_version=engine.model_version,
         metrics=engine.history[-1] if engine.history else {},

@@ -8,31 +8,27 @@ travels on each device's task topic (the one topic a device reads, signed like a
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from typing import Any
 
 from edgefed.codec import CompressionSpec, UpdateMeta, encode_update
-from edgefed.transport.message import pack
+from edgefed.coordinator.tasks import graph_parts
+from edgefed.protocol import ModelHeader, pack
 
 
-def final_model_message(engine: Any, device: str) -> bytes:
-    """The final model for ``device`` (its graph included when it may lack it)."""
-    gid = engine.graph_for(device)
-    g = engine.model.graphs[gid]
+def final_model_messages(engine: Any) -> Iterator[tuple[str, bytes]]:
+    """(device, message) for every device the engine knows: the weights are encoded once and
+    shared; a device's graph travels along only when it may lack it."""
     meta = UpdateMeta(engine.round, "coordinator", 0, engine.model_version, kind="weights")
     weights = encode_update(engine.params, meta, CompressionSpec.parse(engine.cfg.downlink))
-    header = {
-        "type": "model",
-        "run_id": engine.run_id,
-        "round": engine.round,
-        "model_version": engine.model_version,
-        "graph_id": gid,
-        "graph_sha": g.sha,
-        "schema": {k: list(v) for k, v in engine.model.shapes.items()},
-    }
-    parts = {"weights": weights}
-    if g.sha not in engine.device(device).graphs:
-        parts["graph"] = g.onnx
-        parts["manifest"] = json.dumps(g.manifest).encode()
-        parts["inference"] = g.inference_onnx
-    return pack(header, parts)
+    schema = {k: list(v) for k, v in engine.model.shapes.items()}
+    for device in sorted(engine.devices):
+        gid = engine.graph_for(device)
+        g = engine.model.graphs[gid]
+        header = ModelHeader(
+            engine.round, engine.model_version, gid, g.sha, schema, engine.run_id
+        )
+        parts = {"weights": weights}
+        if g.sha not in engine.device(device).graphs:
+            parts.update(graph_parts(g))
+        yield device, pack(header.to_dict(), parts)

@@ -181,10 +181,9 @@ class MqttCollector(Collector):
     def deliver_final_model(self) -> None:
         """Devices hold the weights of the last task they trained on; send every known
         device the model the run ended with (queued by the broker for offline ones)."""
-        from edgefed.coordinator.final_model import final_model_message
+        from edgefed.coordinator.final_model import final_model_messages
 
-        for d in sorted(self.engine.devices):
-            msg = final_model_message(self.engine, d)
+        for d, msg in final_model_messages(self.engine):
             if self.signer is not None:
                 msg = self.signer.sign(self.topics.task(d), msg, self.engine.round)
             self.client.publish(self.topics.task(d), msg)

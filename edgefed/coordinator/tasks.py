@@ -36,6 +36,15 @@ class LazyTasks(Mapping[str, bytes]):
         return LazyTasks({d: (lambda d=d: fn(d, self[d])) for d in self._builders}, self.bytes)
 
 
+def graph_parts(graph: Any) -> dict[str, bytes]:
+    """The message parts that install a graph (step, manifest, inference) on a device."""
+    return {
+        "graph": graph.onnx,
+        "manifest": json.dumps(graph.manifest).encode(),
+        "inference": graph.inference_onnx,
+    }
+
+
 def build_tasks(
     rnd: int,
     model_version: str,
@@ -65,12 +74,10 @@ def build_tasks(
         )  # fmt: skip
         parts = {"weights": weights}
         if g.sha not in st.graphs:  # the step graph only when the device lacks it
-            parts["graph"] = g.onnx
-            parts["manifest"] = json.dumps(g.manifest).encode()
-            parts["inference"] = g.inference_onnx
+            parts.update(graph_parts(g))
             st.graphs = [*st.graphs, g.sha][-16:]
         tasks[d] = PackedMessage(header.to_dict(), parts)
     return LazyTasks({d: m.to_bytes for d, m in tasks.items()}, sum(map(len, tasks.values())))
 
 
-__all__ = ["LazyTasks", "build_tasks"]
+__all__ = ["LazyTasks", "build_tasks", "graph_parts"]

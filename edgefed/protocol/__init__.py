@@ -9,13 +9,20 @@ reasons an update is dropped. Torch-free; depends on nothing above the codec.
 
 from edgefed.protocol.drops import Drop, DropReason
 from edgefed.protocol.framing import MessageError, PackedMessage, pack, require, unpack
-from edgefed.protocol.headers import RoundAnnouncement, TaskHeader, UpdateHeader, is_id
+from edgefed.protocol.headers import (
+    ModelHeader,
+    RoundAnnouncement,
+    TaskHeader,
+    UpdateHeader,
+    is_id,
+)
 from edgefed.protocol.topics import ShardTopics, Topics, check_name
 
 __all__ = [
     "Drop",
     "DropReason",
     "MessageError",
+    "ModelHeader",
     "PackedMessage",
     "RoundAnnouncement",
     "ShardTopics",

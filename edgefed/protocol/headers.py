@@ -1,6 +1,7 @@
 """The typed headers of edgefed's messages, each with ONE parser.
 
 - :class:`TaskHeader` (coordinator -> device, ``task/<device>``): what to train and how.
+- :class:`ModelHeader` (coordinator -> device, ``task/<device>``): the run's final model.
 - :class:`UpdateHeader` (device -> coordinator, ``update/<device>``): which update this is.
   It repeats round, device and sample count from the codec metadata so an update can be
   dropped (late, duplicate, not sampled) before its payload is decoded; the intake
@@ -29,6 +30,13 @@ _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 def is_id(value: object) -> bool:
     """A device, worker or update id: 1-64 characters of ``[A-Za-z0-9_.-]``."""
     return isinstance(value, str) and bool(_ID.match(value))
+
+
+def _graph_sha(header: Mapping[str, Any]) -> str:
+    sha = require(header, "graph_sha", str)
+    if not sha.isalnum():  # it names a directory on the device: no "../"
+        raise MessageError(f"bad graph id {sha[:80]!r}")
+    return sha
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,7 @@ class TaskHeader:
     def parse(cls, header: Mapping[str, Any]) -> TaskHeader:
         if header.get("type") != "task":
             raise MessageError("not a task")
-        sha = require(header, "graph_sha", str)
-        if not sha.isalnum():  # it names a directory on the device: no "../"
-            raise MessageError(f"bad graph id {sha[:80]!r}")
+        sha = _graph_sha(header)
         ef = header.get("error_feedback", True)
         dl = header.get("deadline_s")
         return cls(
@@ -78,6 +84,43 @@ class TaskHeader:
             schema=require(header, "schema", dict),
             error_feedback=ef if isinstance(ef, bool) else True,
             deadline_s=None if isinstance(dl, bool) or not isinstance(dl, int | float) else dl,
+            run_id=rid if isinstance(rid := header.get("run_id"), str) else None,
+        )
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """The run's final model (coordinator -> device on ``task/<device>`` after the last
+    round): the device stores it as its deployed model and does not train on it."""
+
+    round: int
+    model_version: str
+    graph_id: str
+    graph_sha: str
+    schema: dict[str, list[int]]
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "model",
+            "run_id": self.run_id,
+            "round": self.round,
+            "model_version": self.model_version,
+            "graph_id": self.graph_id,
+            "graph_sha": self.graph_sha,
+            "schema": self.schema,
+        }
+
+    @classmethod
+    def parse(cls, header: Mapping[str, Any]) -> ModelHeader:
+        if header.get("type") != "model":
+            raise MessageError("not a final model")
+        return cls(
+            round=require(header, "round", int),
+            model_version=require(header, "model_version", str),
+            graph_id=str(header.get("graph_id", "full")),
+            graph_sha=_graph_sha(header),
+            schema=require(header, "schema", dict),
             run_id=rid if isinstance(rid := header.get("run_id"), str) else None,
         )
 
@@ -178,4 +221,4 @@ class RoundAnnouncement:
         )
 
 
-__all__ = ["RoundAnnouncement", "TaskHeader", "UpdateHeader", "is_id"]
+__all__ = ["ModelHeader", "RoundAnnouncement", "TaskHeader", "UpdateHeader", "is_id"]
