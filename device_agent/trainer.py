@@ -61,9 +61,12 @@ def _read_manifest(obj: Mapping[str, Any] | str | Path) -> dict[str, Any]:
 
 def _session(data: bytes, threads: int, low_memory: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    if low_memory:  # no arena / pre-planned pattern: lower peak RSS, allocations per run
+    # No pre-planned memory pattern: it reserves one block for every intermediate tensor of
+    # the step at once; without it the arena reuses freed chunks. MobileNet-style step at
+    # batch 32: peak RSS 160 -> 122 MB, step time within noise (151 vs 154 ms interleaved).
+    so.enable_mem_pattern = False
+    if low_memory:  # no arena either: lower peak RSS still, allocations per run
         so.enable_cpu_mem_arena = False
-        so.enable_mem_pattern = False
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

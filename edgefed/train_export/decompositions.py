@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch._decomp import core_aten_decompositions, get_decompositions
 
-from . import index_grads, pool_ops
+from . import batch_norm, index_grads, pool_ops
 
 aten = torch.ops.aten
 
@@ -116,7 +116,10 @@ def convolution_backward(
         gi = aten.convolution.default(
             grad_out, weight, None, list(stride), list(padding), list(dilation), True, op, groups
         )
-    if output_mask[1]:
+    depthwise = groups > 1 and groups == int(x.shape[1]) == int(weight.shape[0])
+    if output_mask[1] and depthwise:
+        gw = _depthwise_weight_grad(grad_out, x, weight.shape, stride, padding, dilation)
+    elif output_mask[1]:
         gw = _im2col_weight_grad(grad_out, x, weight.shape, stride, padding, dilation, groups)
     if output_mask[2]:
         gb = grad_out.sum(dim=(0, 2, 3))
@@ -175,6 +178,67 @@ def avg_pool2d_backward(
     return full[:, :, ph : ph + h, pw : pw + w]
 
 
+def _depthwise_weight_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    w_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Depthwise (one filter per channel) weight gradient: per kernel offset, one slice of
+    the padded input times the gradient, summed over batch and space.
+
+    The im2col path stacks every offset's slice into one patch tensor (a Concat copying
+    the whole k*k-times-larger map again) and transposes both operands for a batched
+    MatMul whose rows are single filters: 18 -> 9 ms on a 32x64x16x16 map (1 thread).
+    """
+    c, _, kh, kw = (int(s) for s in w_shape)
+    ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    sums = []
+    if sh == sw == 1:  # every offset is ONE contiguous slice of the row-flattened padded map
+        wp = int(x.shape[3]) + 2 * pw
+        extra = -(-(kw - 1) * dw // wp)  # rows so that the last offset's slice stays inside
+        xf = torch.nn.functional.pad(x, [pw, pw, ph, ph + extra]).flatten(2)
+        # gradient on the same row pitch; the zero columns meet wrapped-around inputs
+        gq = torch.nn.functional.pad(grad_out, [0, wp - wo]).flatten(2)
+        q = ho * wp
+        for i in range(kh):
+            for j in range(kw):
+                off = i * dh * wp + j * dw
+                sums.append((xf[:, :, off : off + q] * gq).sum(dim=(0, 2)))
+        return torch.stack(sums, dim=1).reshape(c, 1, kh, kw)
+    xp = torch.nn.functional.pad(x, [pw, pw, ph, ph]) if ph or pw else x
+    for i in range(kh):
+        for j in range(kw):
+            h0, w0 = i * dh, j * dw
+            patch = xp[:, :, h0 : h0 + sh * (ho - 1) + 1 : sh, w0 : w0 + sw * (wo - 1) + 1 : sw]
+            sums.append((patch * grad_out).sum(dim=(0, 2, 3)))
+    return torch.stack(sums, dim=1).reshape(c, 1, kh, kw)
+
+
+def hardtanh_backward(grad_out: Tensor, x: Tensor, min_val: float, max_val: float) -> Tensor:
+    """ReLU6 / Hardtanh backward as a 0/1 mask multiply (torch's reference uses Where with a
+    scalar branch: 5 ms vs ~1.5 ms on a 32x64x16x16 map in onnxruntime, 1 thread)."""
+    keep = torch.logical_and(x > min_val, x < max_val)
+    return grad_out * keep.to(grad_out.dtype)
+
+
+def hardswish_backward(grad_out: Tensor, x: Tensor) -> Tensor:
+    """0 below -3, x/3 + 1/2 inside (-3, 3), 1 from 3 on (torch's values), as masks."""
+    above = (x > -3.0).to(grad_out.dtype)
+    inside = (x < 3.0).to(grad_out.dtype)
+    return grad_out * (above * (inside * (x / 3.0 - 0.5) + 1.0))
+
+
+def hardsigmoid_backward(grad_out: Tensor, x: Tensor) -> Tensor:
+    keep = torch.logical_and(x > -3.0, x < 3.0)
+    return grad_out * (keep.to(grad_out.dtype) * (1.0 / 6.0))
+
+
 def threshold_backward(grad_out: Tensor, x: Tensor, threshold: float) -> Tensor:
     """ReLU's backward as a multiply by a 0/1 mask instead of torch's Where.
 
@@ -206,7 +270,11 @@ def decomposition_table(training: bool = True) -> dict[Any, Callable[..., Any]]:
     table[aten.convolution_backward.default] = convolution_backward
     table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
     table[aten.threshold_backward.default] = threshold_backward
+    table[aten.hardtanh_backward.default] = hardtanh_backward
+    table[aten.hardswish_backward.default] = hardswish_backward
+    table[aten.hardsigmoid_backward.default] = hardsigmoid_backward
     table.update(index_grads.table())
+    table.update(batch_norm.table())
     # Non-overlapping max pooling goes through pool_ops (the exporter's MaxPool-with-indices
     # is 14x slower in onnxruntime); other windows keep torch's reference backward.
     ref_backward = table[aten.max_pool2d_with_indices_backward.default]

@@ -51,6 +51,7 @@ from .fusion import (
     relu_mask_before_unpool,
     transposed_linear_forward,
 )
+from .mutations import remove_inplace
 from .optimizers import SGD, Optimizer
 from .verify import BATCHES, verify_inference, verify_step
 
@@ -198,6 +199,7 @@ def _trace_and_export(
         gm = make_fx(
             fn, decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True
         )(*fakes)
+    remove_inplace(gm)  # else torch.onnx re-traces the whole program to functionalize
     fuse_momentum_into_gemm(gm)
     fuse_sgd_into_gemm(gm)
     relu_mask_before_unpool(gm)

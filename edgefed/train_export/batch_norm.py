@@ -1,0 +1,198 @@
+"""Train-mode BatchNorm forward and backward with fewer passes over the activation map.
+
+Why: onnxruntime runs each elementwise node as one pass over the whole map (no fusion of
+arbitrary chains), so on MobileNet-style nets BatchNorm's pass count is a large share of
+the step. torch's reference decompositions compute ``x - mean`` three times (inside
+var_mean, for the output, again in the backward), scale by rstd and by the weight in two
+passes, and build the input gradient in five. Here: forward = mean, centre, square-mean,
+one per-channel scale (rstd * weight), bias (6 passes, was 9); backward = centre, the two
+channel sums, ``g * a + xc * b + c`` with per-channel a, b, c (8 passes, was 9-10).
+Same formulas (no ``E[x^2] - E[x]^2`` shortcut: it cancels badly when |mean| >> std).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch._decomp import decompositions as ref
+
+aten = torch.ops.aten
+
+
+def _shape(x: Tensor) -> tuple[list[int], list[int]]:
+    """(reduction dims, broadcast shape of a per-channel vector)."""
+    dims = [0, *range(2, x.dim())]
+    return dims, [1, int(x.shape[1])] + [1] * (x.dim() - 2)
+
+
+def _train_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dims, bshape = _shape(x)
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dims, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else rstd * weight.reshape(bshape)
+    out = xc * scale
+    if bias is not None:
+        out = out + bias.reshape(bshape)
+    c = int(x.shape[1])
+    save_mean, save_rstd = mean.reshape(c), rstd.reshape(c)
+    n = x.numel() / c
+    new_rm = momentum * save_mean + (1 - momentum) * running_mean
+    new_rv = momentum * (var.reshape(c) * (n / (n - 1))) + (1 - momentum) * running_var
+    return out, save_mean, save_rstd, new_rm, new_rv
+
+
+def batch_norm_with_update(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out, save_mean, save_rstd, new_rm, new_rv = _train_forward(
+        x, weight, bias, running_mean, running_var, momentum, eps
+    )
+    running_mean.copy_(new_rm)
+    running_var.copy_(new_rv)
+    reserve = ref._get_batch_norm_reserve_tensor(
+        x, weight, bias, running_mean, running_var, eps, training=True
+    )
+    return out, save_mean, save_rstd, reserve
+
+
+def batch_norm_with_update_functional(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out, save_mean, save_rstd, new_rm, new_rv = _train_forward(
+        x, weight, bias, running_mean, running_var, momentum, eps
+    )
+    reserve = ref._get_batch_norm_reserve_tensor(
+        x, weight, bias, running_mean, running_var, eps, training=True
+    )
+    return out, save_mean, save_rstd, reserve, new_rm, new_rv
+
+
+def native_batch_norm_legit(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Any:
+    """``_native_batch_norm_legit`` / ``native_batch_norm`` (what ``F.batch_norm`` reaches)."""
+    if not training or running_mean is None or running_var is None:
+        return ref.native_batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+    out, save_mean, save_rstd, new_rm, new_rv = _train_forward(
+        x, weight, bias, running_mean, running_var, momentum, eps
+    )
+    running_mean.copy_(new_rm)
+    running_var.copy_(new_rv)
+    return out, save_mean, save_rstd
+
+
+def native_batch_norm_legit_functional(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Any:
+    if not training:
+        return ref._native_batch_norm_legit_functional(
+            x, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+    return _train_forward(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def native_batch_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    save_mean: Tensor | None,
+    save_invstd: Tensor | None,
+    train: bool,
+    eps: float,
+    output_mask: list[bool],
+) -> Any:
+    if not train or save_mean is None or save_invstd is None or x.dtype != torch.float32:
+        return ref.native_batch_norm_backward(
+            grad_out, x, weight, running_mean, running_var, save_mean, save_invstd,
+            train, eps, output_mask,
+        )  # fmt: skip
+    dims, bshape = _shape(x)
+    n = x.numel() / int(x.shape[1])
+    xc = x - save_mean.reshape(bshape)
+    sum_g = grad_out.sum(dims)
+    dot = (grad_out * xc).sum(dims)
+    w = save_invstd if weight is None else save_invstd * weight
+    # grad_input = w * (g - sum_g / n - xc * dot * invstd^2 / n)
+    a = w.reshape(bshape)
+    b = (-(dot / n) * save_invstd * save_invstd * w).reshape(bshape)
+    c = (-(sum_g / n) * w).reshape(bshape)
+    grad_input = grad_out * a + (xc * b + c) if output_mask[0] else None
+    grad_weight = dot * save_invstd if output_mask[1] else None
+    grad_bias = sum_g if output_mask[2] else None
+    return grad_input, grad_weight, grad_bias
+
+
+def batch_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    save_mean: Tensor | None,
+    save_invstd: Tensor | None,
+    train: bool,
+    eps: float,
+    output_mask: list[bool],
+    reserve: Tensor,
+) -> Any:
+    return native_batch_norm_backward(
+        grad_out, x, weight, running_mean, running_var, save_mean, save_invstd,
+        train, eps, output_mask,
+    )  # fmt: skip
+
+
+def table() -> dict[Any, Any]:
+    return {
+        aten._batch_norm_with_update.default: batch_norm_with_update,
+        aten._batch_norm_with_update_functional.default: batch_norm_with_update_functional,
+        aten._native_batch_norm_legit.default: native_batch_norm_legit,
+        aten.native_batch_norm.default: native_batch_norm_legit,
+        aten._native_batch_norm_legit_functional.default: native_batch_norm_legit_functional,
+        aten.native_batch_norm_backward.default: native_batch_norm_backward,
+        aten.batch_norm_backward.default: batch_norm_backward,
+    }
+
+
+__all__ = ["table"]
