@@ -117,7 +117,14 @@ def convolution_backward(
             grad_out, weight, None, list(stride), list(padding), list(dilation), True, op, groups
         )
     depthwise = groups > 1 and groups == int(x.shape[1]) == int(weight.shape[0])
-    if output_mask[1] and depthwise:
+    pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)
+    if output_mask[1] and pointwise:
+        # per-sample products summed over the batch: no channel-major copies of x and grad
+        n = x.shape[0]
+        go = grad_out.reshape(n, int(grad_out.shape[1]), ho * wo)
+        xs = x.reshape(n, int(x.shape[1]), h * w_)
+        gw = torch.bmm(go, xs.transpose(1, 2)).sum(0).reshape(weight.shape)
+    elif output_mask[1] and depthwise:
         gw = _depthwise_weight_grad(grad_out, x, weight.shape, stride, padding, dilation)
     elif output_mask[1]:
         gw = _im2col_weight_grad(grad_out, x, weight.shape, stride, padding, dilation, groups)
