@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     args = ap.parse_args()
     steps, repeats = (10, 3) if args.quick else (30, 5)
+    load_start = os.getloadavg()[0]  # the machine is shared: record how busy it was
+    print(f"load average at the start {load_start:.1f}", flush=True)
     rows = []
     for name in args.models:
         model, g, export_s = _export(name)
@@ -150,7 +152,14 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"machine: {machine()}; load average at the end {load:.1f}")
     write_json(
-        "train_zoo", {"machine": machine(), "batch": BATCH, "load_avg_end": load, "rows": rows}
+        "train_zoo",
+        {
+            "machine": machine(),
+            "batch": BATCH,
+            "load_avg_start": load_start,
+            "load_avg_end": load,
+            "rows": rows,
+        },
     )
 
 

@@ -53,65 +53,11 @@ def _train_forward(
     return out, save_mean, save_rstd, new_rm, new_rv
 
 
-def batch_norm_with_update(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    momentum: float,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    out, save_mean, save_rstd, new_rm, new_rv = _train_forward(
-        x, weight, bias, running_mean, running_var, momentum, eps
-    )
-    running_mean.copy_(new_rm)
-    running_var.copy_(new_rv)
-    reserve = ref._get_batch_norm_reserve_tensor(
-        x, weight, bias, running_mean, running_var, eps, training=True
-    )
-    return out, save_mean, save_rstd, reserve
-
-
-def batch_norm_with_update_functional(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    momentum: float,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out, save_mean, save_rstd, new_rm, new_rv = _train_forward(
-        x, weight, bias, running_mean, running_var, momentum, eps
-    )
-    reserve = ref._get_batch_norm_reserve_tensor(
-        x, weight, bias, running_mean, running_var, eps, training=True
-    )
+def batch_norm_with_update_functional(*args: Any) -> Any:
+    """``(x, weight, bias, running_mean, running_var, momentum, eps)``; train mode always."""
+    out, save_mean, save_rstd, new_rm, new_rv = _train_forward(*args)
+    reserve = ref._get_batch_norm_reserve_tensor(*args[:5], args[6], training=True)
     return out, save_mean, save_rstd, reserve, new_rm, new_rv
-
-
-def native_batch_norm_legit(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> Any:
-    """``_native_batch_norm_legit`` / ``native_batch_norm`` (what ``F.batch_norm`` reaches)."""
-    if not training or running_mean is None or running_var is None:
-        return ref.native_batch_norm(
-            x, weight, bias, running_mean, running_var, training, momentum, eps
-        )
-    out, save_mean, save_rstd, new_rm, new_rv = _train_forward(
-        x, weight, bias, running_mean, running_var, momentum, eps
-    )
-    running_mean.copy_(new_rm)
-    running_var.copy_(new_rv)
-    return out, save_mean, save_rstd
 
 
 def native_batch_norm_legit_functional(
@@ -129,6 +75,25 @@ def native_batch_norm_legit_functional(
             x, weight, bias, running_mean, running_var, training, momentum, eps
         )
     return _train_forward(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def batch_norm_with_update(*args: Any) -> Any:
+    """In-place running statistics: the functional variant, then the writes."""
+    out, save_mean, save_rstd, reserve, new_rm, new_rv = batch_norm_with_update_functional(*args)
+    args[3].copy_(new_rm)
+    args[4].copy_(new_rv)
+    return out, save_mean, save_rstd, reserve
+
+
+def native_batch_norm_legit(*args: Any) -> Any:
+    """``_native_batch_norm_legit`` / ``native_batch_norm`` (what ``F.batch_norm`` reaches)."""
+    running_mean, running_var, training = args[3], args[4], args[5]
+    if not training or running_mean is None or running_var is None:
+        return ref.native_batch_norm(*args)
+    out, save_mean, save_rstd, new_rm, new_rv = native_batch_norm_legit_functional(*args)
+    running_mean.copy_(new_rm)
+    running_var.copy_(new_rv)
+    return out, save_mean, save_rstd
 
 
 def native_batch_norm_backward(
@@ -164,23 +129,9 @@ def native_batch_norm_backward(
     return grad_input, grad_weight, grad_bias
 
 
-def batch_norm_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    save_mean: Tensor | None,
-    save_invstd: Tensor | None,
-    train: bool,
-    eps: float,
-    output_mask: list[bool],
-    reserve: Tensor,
-) -> Any:
-    return native_batch_norm_backward(
-        grad_out, x, weight, running_mean, running_var, save_mean, save_invstd,
-        train, eps, output_mask,
-    )  # fmt: skip
+def batch_norm_backward(*args: Any) -> Any:
+    """``native_batch_norm_backward`` plus a trailing reserve tensor (unused on CPU)."""
+    return native_batch_norm_backward(*args[:10])
 
 
 def table() -> dict[Any, Any]:

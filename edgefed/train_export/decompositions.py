@@ -185,14 +185,7 @@ def avg_pool2d_backward(
     return full[:, :, ph : ph + h, pw : pw + w]
 
 
-def _depthwise_weight_grad(
-    grad_out: Tensor,
-    x: Tensor,
-    w_shape: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def _depthwise_weight_grad(grad_out: Tensor, x: Tensor, w_shape: Any, *conv: Any) -> Tensor:
     """Depthwise (one filter per channel) weight gradient: per kernel offset, one slice of
     the padded input times the gradient, summed over batch and space.
 
@@ -200,6 +193,7 @@ def _depthwise_weight_grad(
     the whole k*k-times-larger map again) and transposes both operands for a batched
     MatMul whose rows are single filters: 18 -> 9 ms on a 32x64x16x16 map (1 thread).
     """
+    stride, padding, dilation = conv
     c, _, kh, kw = (int(s) for s in w_shape)
     ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
     sh, sw = stride
