@@ -109,7 +109,7 @@ class RoundEngine:
         self._sampled: dict[str, str] = {}  # device -> graph id
         self._ctx: RoundContext | None = None
         self._answered: dict[str, tuple[str, int, str]] = {}  # device -> counted key
-        self._records: dict[str, tuple[int, float | None]] = {}  # device -> (samples, loss)
+        self._records: dict[tuple[str, int, str], tuple[int, float | None]] = {}  # key -> (n, loss)
         self.aggregator: Aggregator | None = None  # the open round's
         self._drops: list[Drop] = []
         self._bytes_up = 0
@@ -388,7 +388,7 @@ class RoundEngine:
         self.seen.check_and_add(u.key)
         self.aggregator.add(u)
         self._answered[u.device] = u.key
-        self._records[u.device] = (u.num_samples, u.header.loss)
+        self._records[u.key] = (u.num_samples, u.header.loss)
         self._payload_up += u.payload_bytes
         st = self.device(u.device)
         st.accepted += 1
@@ -475,7 +475,7 @@ class RoundEngine:
             if dev in self._sampled and rnd == self._open:
                 self.seen.check_and_add((dev, rnd, uid))
                 self._answered[dev] = (dev, rnd, uid)
-                self._records[dev] = (0, None)
+                self._records[(dev, rnd, uid)] = (0, None)
                 self.device(dev).accepted += 1
         agg.add_sums(res.sums, res.weights, len(res.keys))  # type: ignore[union-attr]
         for drop in res.worker_drops:

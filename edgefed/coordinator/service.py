@@ -160,7 +160,7 @@ class MqttCollector(Collector):
         return sorted(self.online)
 
     def online_now(self) -> list[str]:
-        self.pump(time.monotonic() + 0.02)  # what already arrived (presence, updates)
+        self.pump(time.monotonic() + 0.02, self.engine.buffer_full)  # what already arrived
         return sorted(self.online)
 
     def send(self, tasks: Mapping[str, bytes]) -> None:
