@@ -216,6 +216,7 @@ class RoundEngine:
         self._bytes_up = 0
         self._payload_up = 0
         self._bytes_down = 0
+        self._dev_bytes = Counter()
         self._started = time.monotonic()
         return self._tasks(rnd, self._sampled)
 
@@ -247,8 +248,7 @@ class RoundEngine:
         if self._open is not None:
             return
         self._open = self.round + 1
-        self._answered, self._records, self._staleness = {}, {}, []
-        self._specs, self._dev_bytes = {}, Counter()
+        self._answered, self._records = {}, {}
         self.aggregator = make_aggregator(self.strategy, self.schema, self.threads)
         self._ctx = RoundContext(
             self._open, self.model_version, self.schema, self._out_allowed, {}, self.seen,
@@ -256,6 +256,7 @@ class RoundEngine:
         )  # fmt: skip
         self._sampled = {}
         self._bytes_up = self._payload_up = self._bytes_down = 0
+        self._dev_bytes = Counter()
         self._started = time.monotonic()
 
     @property
@@ -366,7 +367,9 @@ class RoundEngine:
         self._dev_bytes[topic_device] += len(data)
         res = accept(topic_device, data, self._context())
         if isinstance(res, Drop):
-            if res.reason is DropReason.DEVICE_ERROR and topic_device in self._sampled:
+            if res.reason is DropReason.DEVICE_ERROR and (
+                topic_device in self._sampled or topic_device in self._out
+            ):
                 self.device(topic_device).graphs = []  # resend the graph next time
                 self._release(topic_device)  # async: it may take a new task
             return self._drop(res)
@@ -463,8 +466,7 @@ class RoundEngine:
         )
         self.history.append(m.to_dict())
         self._drops = []  # drops between rounds (late copies) land in the next round's metrics
-        self._specs, self._dev_bytes, self._staleness = {}, Counter(), []
-        self._bytes_up = self._bytes_down = 0
+        self._specs, self._staleness = {}, []
         return m
 
     def _take_merged(self, res: Any) -> None:
