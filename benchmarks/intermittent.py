@@ -63,10 +63,29 @@ def _model(seed: int) -> Any:
 
 
 def _first_reaching(h: list[dict[str, Any]], target: float) -> float | None:
+    r = _record_reaching(h, target)
+    return None if r is None else float(r["clock_s"])
+
+
+def _record_reaching(h: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     for r in h:
         if r["accuracy"] is not None and r["accuracy"] >= target - 1e-9:
-            return float(r["clock_s"])
+            return r
     return None
+
+
+def _work_to(h: list[dict[str, Any]], target: float) -> dict[str, int] | None:
+    """Device work and uplink until ``target`` was first reached: updates accepted (and
+    received, dropped ones included) and update bytes."""
+    r = _record_reaching(h, target)
+    if r is None:
+        return None
+    upto = h[: h.index(r) + 1]
+    return {
+        "accepted_updates": sum(x["participants"] for x in upto),
+        "dropped_updates": sum(sum(x["dropped"].values()) for x in upto),
+        "bytes_up": int(r["cum_bytes_up"]),
+    }
 
 
 def speed_spread(
@@ -131,6 +150,8 @@ def speed_spread(
         "async_mean_staleness": statistics.mean(
             r["staleness_mean"] for r in asy if r["staleness_mean"] is not None
         ),
+        "sync_work_to_final": _work_to(sync, target),
+        "async_work_to_sync_final": _work_to(asy, target),
         "time_ratio": (async_t / sync_t) if async_t is not None and sync_t else None,
         "time_ratio_vs_deadline": (
             async_dl_t / sync_dl_t if async_dl_t is not None and sync_dl_t else None
@@ -213,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             "async t to it", "async/sync-deadline", "real s sync/deadline/async",
             "stale drops"]  # fmt: skip
     print(table(head, rows))
+    rows = [
+        [r["seed"], *(f"{w['accepted_updates']} / {w['bytes_up'] / 1e6:.2f} MB" if w else "n/a"
+                      for w in (r["sync_work_to_final"], r["async_work_to_sync_final"]))]
+        for r in spread
+    ]  # fmt: skip
+    print("\nDevice work to reach the sync final accuracy (accepted updates / uplink bytes)")
+    print(table(["seed", "sync", "async"], rows))
     ratios = [r["time_ratio"] for r in spread if r["time_ratio"] is not None]
     ratios_dl = [r["time_ratio_vs_deadline"] for r in spread]
     gaps = [r["async_accuracy_at_sync_total"] - r["sync_final_accuracy"] for r in spread]
