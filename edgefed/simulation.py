@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
+from edgefed.coordinator.metrics import MetricsWriter
 from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.strategies import Strategy, make_strategy
 
@@ -216,8 +216,9 @@ def simulate(
             )  # fmt: skip
         else:
             hist = _run_mqtt(
-                engine, ids, datasets, weak, Path(work_dir), rounds, writer, broker, verbose
-            )
+                engine, ids, datasets, weak, Path(work_dir), rounds, writer, broker, verbose,
+                checkpoint=checkpoint,
+            )  # fmt: skip
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -267,6 +268,7 @@ def _run_mqtt(
     broker: str,
     verbose: bool,
     fleet: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> History:
     from device_agent.agent import AgentService, DeviceWorker
     from edgefed.coordinator.service import CoordinatorService
@@ -290,14 +292,14 @@ def _run_mqtt(
         engine,
         tc,
         rounds,
-        checkpoint=work / "coordinator.ckpt.npz",
+        checkpoint=checkpoint or work / "coordinator.ckpt.npz",
         metrics=writer,
         wait_timeout=120.0,
     )
     threads = []
     try:
         threads = [a.start_thread() for a in agents]
-        out: list[RoundMetrics] = svc.run()
+        svc.run()
     finally:
         for a in agents:
             a.stop()
@@ -305,4 +307,4 @@ def _run_mqtt(
             t.join(timeout=15)
         if emb:
             emb.stop()
-    return History(m.to_dict() for m in out)
+    return History(engine.history)  # with a resumed checkpoint, the earlier rounds too
