@@ -156,6 +156,7 @@ def _digits_like(user_dir: Path, n: int) -> tuple[list[tuple[np.ndarray, np.ndar
     return [task_data(60, 100 + i) for i in range(n)], task_data(400, 99)
 
 
+@pytest.mark.system  # a federated simulation end to end
 def test_simulate_async_on_a_slow_intermittent_fleet(user_dir: Path, tmp_path: Path) -> None:
     import torch
 
@@ -181,6 +182,7 @@ def test_simulate_async_on_a_slow_intermittent_fleet(user_dir: Path, tmp_path: P
     assert [x["round"] for x in lines] == list(range(1, 17))  # one line per model version
 
 
+@pytest.mark.system  # a federated simulation end to end
 def test_simulate_async_fedadam_dp_and_checkpoint_resume(user_dir: Path, tmp_path: Path) -> None:
     """FedAdam steps once per buffer; DP-FedAvg spends privacy once per buffer; a run
     stopped after 3 versions resumes from its checkpoint to 6 with later task rounds."""
@@ -250,6 +252,7 @@ def test_adaptive_uplink_per_device_spec_recorded(
     assert unpack(eng.start_round(["dev-0"])["dev-0"])[0]["uplink"] == "int8"
 
 
+@pytest.mark.system  # a federated simulation end to end
 def test_simulate_adaptive_links(wide_model: FederatedModel) -> None:
     """A simulated fleet with one 10 kB/s link: adaptive keeps its rounds near the others'
     (its upload time is bytes / rate on the simulated clock); a fixed int8 spec does not."""
