@@ -360,34 +360,30 @@ def test_async_signed_downlink_in_process_agents(
     """Signed downlink in async mode: every task is signed with its own task round (the
     agents' anti-replay sequence grows per task though the model version may not) and the
     final model one above the last task, so the agents refuse nothing and store it."""
-    from device_agent.agent import AgentService
+    from harness.inproc import InProcFleet
+
     from edgefed.bundle.signing import generate_keypair
-    from edgefed.coordinator.service import CoordinatorService
     from edgefed.security.downlink import DownlinkSigner, DownlinkVerifier
-    from edgefed.transport import TransportConfig
 
     sk, vk = generate_keypair()
-    t = TransportConfig(url=mosquitto.url, fleet="async-signed", backoff_min=0.2, backoff_max=2.0)
-    eng = _engine(user_dir, mode="async", buffer_size=2, min_devices=2, round_timeout=30.0)
-    svc = CoordinatorService(eng, t, 4, wait_timeout=60, signer=DownlinkSigner(sk))
-    agents = [
-        AgentService(w, t, verifier=DownlinkVerifier(vk))
-        for w in _workers(user_dir, tmp_path, 2).values()
-    ]
-    threads = [a.start_thread() for a in agents]
+    fleet = InProcFleet(
+        tmp_path, user_dir, mosquitto.url, ["dev-0", "dev-1"], rounds=4, mode="async",
+        buffer_size=2, round_timeout=30.0,
+    )  # fmt: skip
+    fleet.service.collector.signer = DownlinkSigner(sk)
+    for a in fleet.agents.values():
+        a.verifier = DownlinkVerifier(vk)
+    eng = fleet.engine
     try:
-        svc.start_thread()
-        assert svc.finished.wait(120) and svc.error is None, svc.error
+        fleet.start_agents()
+        fleet.start_coordinator()
+        fleet.wait_finished(120)
         assert [h["round"] for h in eng.history] == [1, 2, 3, 4]
         assert all(h["participants"] == 2 for h in eng.history), eng.history
-        for a in agents:
+        for a in fleet.agents.values():
             st = a.worker.state
             wait_until(lambda st=st: st.model_version == "r4", 30, "the final model")
             assert a.refused == [], a.refused
             assert st.last_round >= 4  # one task round per dispatch, growing
     finally:
-        svc.stop()
-        for a in agents:
-            a.stop()
-        for th in threads:
-            th.join(timeout=10)
+        fleet.stop()
