@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
+from edgefed.coordinator.metrics import MetricsWriter
 from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.strategies import Strategy, make_strategy
 
@@ -54,6 +54,11 @@ class History(list):
     @property
     def final_accuracy(self) -> float | None:
         return self[-1]["accuracy"] if self else None
+
+    @property
+    def clock_s(self) -> list[float]:
+        """Seconds from the start to each model version (simulated with ``speeds``)."""
+        return [h["clock_s"] for h in self]
 
 
 def _numpy(a: Any, dtype: Any) -> np.ndarray:
@@ -97,6 +102,19 @@ def simulate(
     verbose: bool = False,
     loss: str = "cross_entropy",
     federated_model: Any = None,
+    mode: str = RoundConfig.mode,
+    buffer_size: int = RoundConfig.buffer_size,
+    max_staleness: int = RoundConfig.max_staleness,
+    max_concurrent: int = RoundConfig.max_concurrent,
+    staleness_weight: str = RoundConfig.staleness_weight,
+    speeds: Sequence[float] | None = None,
+    step_time: float = 1.0,
+    offline_fraction: float = 0.0,
+    offline_period: float = 5.0,
+    links: Sequence[float] | None = None,
+    upload_budget_s: float = 0.0,
+    ladder: Sequence[str] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> History:
     """Federate ``model`` over ``device_datasets`` (one (x, y) per device) for ``rounds``.
 
@@ -104,6 +122,17 @@ def simulate(
     ``downlink`` the spec of the global weights sent down. ``head`` ("last" or names) plus
     ``weak_devices`` (indices) gives those devices a head-only step graph (mixed fleet).
     Returns a :class:`History` (list of per-round dicts; accuracy needs ``test_data``).
+
+    ``mode="async"``: buffered asynchronous aggregation (FedBuff): ``rounds`` model versions
+    of ``buffer_size`` accepted updates each, updates more than ``max_staleness`` versions
+    behind dropped, the others weighted by ``staleness_weight``.
+
+    A simulated fleet (in-process runs): ``speeds`` (one multiplier per device) makes a task
+    take ``step_time * speed`` simulated seconds, ``offline_fraction`` of the time each device
+    is offline (spells of ``offline_period`` s on average), ``links`` (bytes/s per device)
+    add each update's upload time and are reported as the devices' measured uplink, which
+    ``upload_budget_s`` and ``ladder`` turn into a per-device spec. ``History.clock_s`` is then
+    the simulated time of every model version. ``checkpoint``: resume from / save to it.
     """
     from edgefed.coordinator.model import build_federated_model
 
@@ -151,8 +180,27 @@ def simulate(
         error_feedback=error_feedback,
         round_timeout=round_timeout,
         seed=seed,
+        mode=mode,
+        buffer_size=buffer_size,
+        max_staleness=max_staleness,
+        max_concurrent=max_concurrent,
+        staleness_weight=staleness_weight,
+        upload_budget_s=upload_budget_s,
+        ladder=list(ladder) if ladder is not None else RoundConfig().ladder,
     )
     engine = RoundEngine(fm, strat, cfg, evaluate)
+    profile = None
+    if broker is not None and (speeds is not None or offline_fraction or links is not None):
+        raise ValueError("speeds, offline_fraction and links simulate time: in-process only")
+    if speeds is not None or offline_fraction or links is not None:
+        from edgefed.coordinator.loop import FleetProfile
+
+        n = len(datasets)
+        profile = FleetProfile(
+            list(speeds) if speeds is not None else [1.0] * n,
+            step_time, offline_fraction, offline_period,
+            list(links) if links is not None else None, seed,
+        )  # fmt: skip
     writer = MetricsWriter(metrics_path, None)
     tmp = None
     if work_dir is None:
@@ -163,12 +211,14 @@ def simulate(
         weak = set(weak_devices)
         if broker is None:
             hist = _run_inprocess(
-                engine, ids, datasets, weak, Path(work_dir), rounds, writer, verbose
-            )
+                engine, ids, datasets, weak, Path(work_dir), rounds, writer, verbose, profile,
+                checkpoint,
+            )  # fmt: skip
         else:
             hist = _run_mqtt(
-                engine, ids, datasets, weak, Path(work_dir), rounds, writer, broker, verbose
-            )
+                engine, ids, datasets, weak, Path(work_dir), rounds, writer, broker, verbose,
+                checkpoint=checkpoint,
+            )  # fmt: skip
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -184,8 +234,11 @@ def _run_inprocess(
     rounds: int,
     writer: MetricsWriter,
     verbose: bool,
+    profile: Any = None,  # coordinator.loop.FleetProfile
+    checkpoint: str | Path | None = None,
 ) -> History:
     from device_agent.agent import DeviceWorker
+    from edgefed.coordinator.adaptive import AdaptiveUplink
     from edgefed.coordinator.loop import InProcessCollector, run_rounds
 
     workers = {
@@ -193,11 +246,15 @@ def _run_inprocess(
         for d, (x, y) in zip(ids, datasets, strict=True)
     }
     for i, d in enumerate(ids):
-        engine.register(d, {"profile": "weak"} if i in weak else {}, [])
+        caps: dict[str, Any] = {"profile": "weak"} if i in weak else {}
+        if profile is not None and profile.links is not None:  # what its agent would measure
+            caps[AdaptiveUplink.RATE_KEY] = profile.links[i]
+        engine.register(d, caps, [])
     if verbose:
         writer.progress = sys.stdout
-    out = run_rounds(engine, InProcessCollector(engine, workers), rounds, metrics=writer)
-    return History(m.to_dict() for m in out)
+    collector = InProcessCollector(engine, workers, profile)
+    run_rounds(engine, collector, rounds, checkpoint, metrics=writer)
+    return History(engine.history)
 
 
 def _run_mqtt(
@@ -211,6 +268,7 @@ def _run_mqtt(
     broker: str,
     verbose: bool,
     fleet: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> History:
     from device_agent.agent import AgentService, DeviceWorker
     from edgefed.coordinator.service import CoordinatorService
@@ -234,14 +292,14 @@ def _run_mqtt(
         engine,
         tc,
         rounds,
-        checkpoint=work / "coordinator.ckpt.npz",
+        checkpoint=checkpoint or work / "coordinator.ckpt.npz",
         metrics=writer,
         wait_timeout=120.0,
     )
     threads = []
     try:
         threads = [a.start_thread() for a in agents]
-        out: list[RoundMetrics] = svc.run()
+        svc.run()
     finally:
         for a in agents:
             a.stop()
@@ -249,4 +307,4 @@ def _run_mqtt(
             t.join(timeout=15)
         if emb:
             emb.stop()
-    return History(m.to_dict() for m in out)
+    return History(engine.history)  # with a resumed checkpoint, the earlier rounds too

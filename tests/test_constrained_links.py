@@ -73,7 +73,13 @@ class LinkFleet:
     """Coordinator (hub namespace) + agents (one namespace each) on a NetLab."""
 
     def __init__(
-        self, lab: NetLab, model: Path, n: int, agent_transport: str = "", **coord: object
+        self,
+        lab: NetLab,
+        model: Path,
+        n: int,
+        agent_transport: str = "",
+        compression: str = "",  # extra [compression] lines
+        **coord: object,
     ) -> None:
         self.lab, self.model = lab, model
         self.devices = [f"dev-{i}" for i in range(n)]
@@ -91,7 +97,7 @@ class LinkFleet:
             "wait_timeout = 120",
             "[model]", f'dir = "{model / "model"}"',
             "[training]", "lr = 0.1",
-            "[compression]", 'uplink = "int8"',
+            "[compression]", 'uplink = "int8"', compression,
             "[evaluation]", f'dataset = "{model / "eval.npz"}"',
             "[transport]", 'url = "mqtt://127.0.0.1:1883"', f'fleet = "{FLEET}"',
             "backoff_min = 0.2", "backoff_max = 2.0", "keepalive = 5",
@@ -280,3 +286,27 @@ def test_thirty_percent_offline_cycling(netlab: NetLab, user_model: Path) -> Non
     accepted = {d: devs.get(d, {}).get("accepted", 0) for d in fleet.devices}
     assert all(a >= 1 for a in accepted.values()), accepted
     assert sum(accepted.values()) == sum(int(r["participants"]) for r in rounds), accepted
+
+
+def test_adaptive_uplink_gives_the_10kbps_device_a_lighter_spec(
+    netlab: NetLab, user_model: Path
+) -> None:
+    """[compression] upload_budget_s = 1: dev-0 behind 10 kB/s starts with int8 (its rate is
+    unknown; 28 kB, ~3 s), reports the uplink it measured, and from then on is sent a top-k
+    spec whose real update fits the budget on its link; the unthrottled devices keep int8.
+    The metrics record each device's spec and bytes every round."""
+    limit = 10_000
+    fleet = LinkFleet(netlab, user_model, 3, compression="upload_budget_s = 1.0", rounds=4)
+    netlab.links["dev-0"].throttle(limit)
+    fleet.start()
+    rounds = fleet.wait_rounds(4, 300)
+    for r in rounds:
+        assert r["participants"] == 3 and not r["dropped"], r
+        assert set(r["uplink"]) == set(fleet.devices), r["uplink"]  # type: ignore[arg-type]
+    up = [r["uplink"] for r in rounds]
+    assert up[0]["dev-0"]["spec"] == "int8"  # type: ignore[index]
+    last = up[-1]
+    assert last["dev-0"]["spec"].startswith("topk:"), up  # type: ignore[index]
+    assert {last[d]["spec"] for d in ("dev-1", "dev-2")} == {"int8"}, up  # type: ignore[index]
+    slow, fast = last["dev-0"]["bytes"], last["dev-1"]["bytes"]  # type: ignore[index]
+    assert slow / limit <= 1.0 and slow < fast / 3, up

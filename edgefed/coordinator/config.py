@@ -228,6 +228,27 @@ _R = {  # RoundConfig is defined with the round engine; its ranges and docs live
     "error_feedback": Rule("devices keep what compression dropped for the next round"),
     "weak_ram_mb": Rule("devices reporting less RAM train the head only (0: never)", min=0),
     "weak_cores": Rule("...or fewer cores (0: never)", min=0),
+    "mode": Rule(
+        '"sync" rounds, or "async": buffered asynchronous aggregation (FedBuff); rounds then '
+        "counts model versions",
+        choices=("sync", "async"),
+    ),
+    "buffer_size": Rule("async: accepted updates per model version (K)", 1, 1_000_000),
+    "max_staleness": Rule(
+        "async: updates trained on a model more versions behind are dropped", min=0
+    ),
+    "max_concurrent": Rule("async: tasks out at once (0: every online device)", min=0),
+    "staleness_weight": Rule(
+        'async: weight of an update s versions behind: "poly:A" = 1/(1+s)^A, "constant", '
+        '"hinge:A,B" = 1 up to B, then 1/(A(s-B)+1)'
+    ),
+    "upload_budget_s": Rule(
+        "adaptive uplink: each device gets the first ladder spec whose upload fits this many "
+        "seconds at its reported rate (0: off, every device uses uplink)",
+        min=0,
+        max=86400,
+    ),
+    "ladder": Rule("adaptive uplink: specs from least to most compressed"),
 }
 
 
@@ -237,10 +258,22 @@ def _round(table: str, *keys: str) -> Section:
 
 COORDINATOR_FILE = (
     Section("coordinator", CoordinatorConfig, ("rounds", "wait_timeout", "checkpoint", "metrics")),
-    _round("coordinator", "min_devices", "fraction", "min_sampled", "round_timeout", "seed"),
+    _round(
+        "coordinator",
+        "min_devices",
+        "fraction",
+        "min_sampled",
+        "round_timeout",
+        "seed",
+        "mode",
+        "buffer_size",
+        "max_staleness",
+        "max_concurrent",
+        "staleness_weight",
+    ),
     Section("model", ModelConfig, doc="the federated network"),
     _round("training", "local_epochs", "batch_size", "lr"),
-    _round("compression", "uplink", "downlink", "error_feedback"),
+    _round("compression", "uplink", "downlink", "error_feedback", "upload_budget_s", "ladder"),
     _round("fleet", "weak_ram_mb", "weak_cores"),
     Section("evaluation", EvaluationConfig),
     Section("security", CoordinatorConfig, ("signing_key",)),
@@ -390,6 +423,17 @@ def _cross_checks(src: ConfigFile, cfg: CoordinatorConfig) -> None:
                 k,
                 f'expected a spec like "int8" or "topk:0.1+int8", found "{found}" ({e})',
             ) from None
+    from edgefed.coordinator.adaptive import parse_ladder
+    from edgefed.coordinator.staleness import parse_staleness_weight
+
+    try:
+        parse_staleness_weight(cfg.round.staleness_weight)
+    except ValueError as e:
+        raise src.error("coordinator", "staleness_weight", str(e).split(": ", 1)[1]) from None
+    try:
+        parse_ladder(cfg.round.ladder)
+    except ValueError as e:
+        raise src.error("compression", "ladder", str(e).split(": ", 1)[1]) from None
     st = cfg.strategy
     if st.name == "dp-fedavg" and st.params["sample_rate"] < cfg.round.fraction:
         raise src.error(
@@ -399,6 +443,12 @@ def _cross_checks(src: ConfigFile, cfg: CoordinatorConfig) -> None:
         )  # fmt: skip
     if cfg.sharding is None:
         return
+    if cfg.round.mode == "async":
+        raise src.error(
+            "coordinator", "mode",
+            'expected "sync" with [sharding] (workers sum one announced round at a time), '
+            'found "async": remove one',
+        )  # fmt: skip
     # Workers only sum (weight * delta) as updates stream in: they never see the other
     # updates, so neither a robust strategy nor a norm bound (fixed, adaptive or DP's
     # clipping) can run on their sums.

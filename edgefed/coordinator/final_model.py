@@ -19,15 +19,14 @@ from edgefed.protocol import ModelHeader, pack
 def final_model_messages(engine: Any) -> Iterator[tuple[str, bytes]]:
     """(device, message) for every device the engine knows: the weights are encoded once and
     shared; a device's graph travels along only when it may lack it."""
-    meta = UpdateMeta(engine.round, "coordinator", 0, engine.model_version, kind="weights")
+    rnd = engine.downlink_seq  # above every task round the devices saw (async: task_seq)
+    meta = UpdateMeta(rnd, "coordinator", 0, engine.model_version, kind="weights")
     weights = encode_update(engine.params, meta, CompressionSpec.parse(engine.cfg.downlink))
     schema = {k: list(v) for k, v in engine.model.shapes.items()}
     for device in sorted(engine.devices):
         gid = engine.graph_for(device)
         g = engine.model.graphs[gid]
-        header = ModelHeader(
-            engine.round, engine.model_version, gid, g.sha, schema, engine.run_id
-        )
+        header = ModelHeader(rnd, engine.model_version, gid, g.sha, schema, engine.run_id)
         parts = {"weights": weights}
         if g.sha not in engine.device(device).graphs:
             parts.update(graph_parts(g))

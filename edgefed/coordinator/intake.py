@@ -8,7 +8,9 @@ payload is decoded:
    device's error report is a ``device error`` drop;
 2. the header's device equals the topic's device;
 3. the round: none open or an earlier one is ``late``; a later one is ``invalid`` with
-   ``retry`` set (a worker holds it until the announcement arrives);
+   ``retry`` set (a worker holds it until the announcement arrives). Asynchronous mode
+   (``ctx.tasks``): the round must be the task the device holds (an earlier one is
+   ``late``), and the model version is that task's;
 4. the device was sampled (``not sampled this round``);
 5. the update was not counted before (``duplicate``; an identical key is marked as a
    redelivery), and the device has not already answered this round;
@@ -73,6 +75,9 @@ class RoundContext:
     answered: Mapping[str, Key] = field(default_factory=dict)  # device -> counted key
     seen: Container[Key] = frozenset()  # keys counted in earlier rounds (and restarts)
     closed: bool = False  # the round stopped taking updates (a worker after the close)
+    # Asynchronous (FedBuff) mode: device -> (task round, model version) of the task it
+    # holds; each device answers its own task, whatever buffer is open (``round`` unused).
+    tasks: Mapping[str, tuple[int, str]] | None = None
 
 
 def _drop(device: str, reason: DropReason, detail: str = "", **kw: bool) -> Drop:
@@ -92,9 +97,19 @@ def accept(device: str, data: bytes, ctx: RoundContext) -> AcceptedUpdate | Drop
     dev, rnd = h.device_id, h.round
     if dev != device:
         return _drop(device, bad, f"header device {dev!r} != topic device")
-    if ctx.round is None or rnd < ctx.round or (rnd == ctx.round and ctx.closed):
+    want_version = ctx.model_version
+    if ctx.tasks is not None:
+        if h.key in ctx.seen:
+            return _drop(dev, DropReason.DUPLICATE, "update already counted", redelivery=True)
+        held = ctx.tasks.get(dev)
+        if held is None or rnd < held[0]:
+            return _drop(dev, DropReason.LATE, f"update for task {rnd}, no longer outstanding")
+        if rnd > held[0]:
+            return _drop(dev, bad, f"update for task {rnd}, which was never sent")
+        want_version = held[1]
+    elif ctx.round is None or rnd < ctx.round or (rnd == ctx.round and ctx.closed):
         return _drop(dev, DropReason.LATE, f"update for round {rnd}", retry=ctx.round is None)
-    if rnd > ctx.round:
+    elif rnd > ctx.round:
         return _drop(dev, bad, f"update for future round {rnd}", retry=True)
     if dev not in ctx.allowed:
         return _drop(dev, DropReason.NOT_SAMPLED)
@@ -114,9 +129,8 @@ def accept(device: str, data: bytes, ctx: RoundContext) -> AcceptedUpdate | Drop
     m = upd.meta
     if (m.round, m.device_id, m.num_samples, m.kind) != (rnd, dev, h.num_samples, "delta"):
         return _drop(dev, bad, "codec metadata disagrees with the header")
-    if m.model_version != ctx.model_version:
-        want = ctx.model_version
-        return _drop(dev, bad, f"model version {m.model_version!r}, round has {want!r}")
+    if m.model_version != want_version:
+        return _drop(dev, bad, f"model version {m.model_version!r}, task had {want_version!r}")
     if not upd.tensors:
         return _drop(dev, bad, "update carries no tensors")
     extra = set(upd.tensors) - ctx.allowed[dev]

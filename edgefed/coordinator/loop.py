@@ -7,18 +7,30 @@ device answered or the deadline passed (each update goes through the engine's in
 sharded, through the aggregator workers' same intake), the engine closes the round, the
 checkpoint is written atomically and the metrics line appended.
 
+Asynchronous mode (FedBuff, ``[coordinator] mode = "async"``) is the same loop with another
+step: instead of one round, :func:`_fill_buffer` keeps up to ``max_concurrent`` tasks out
+(each idle online device gets one on the current model as soon as it is idle) and feeds
+every update through the same intake and aggregation until ``buffer_size`` were accepted;
+then the engine closes the buffer like a round (one model version, one checkpoint, one
+metrics line). ``rounds`` then counts model versions.
+
 Collectors: :class:`InProcessCollector` (``edgefed.simulate``, tests, benchmarks: device
-workers called in this process), ``coordinator.service.MqttCollector`` (a fleet over MQTT)
-and ``sharding.collector.ShardedCollector`` (MQTT with aggregator workers). An asynchronous
-mode (FedBuff) will be another collector feeding ``RoundEngine.add_accepted``.
+workers called in this process, optionally on a simulated clock with per-device speed,
+availability and link rate: :class:`FleetProfile`), ``coordinator.service.MqttCollector``
+(a fleet over MQTT) and ``sharding.collector.ShardedCollector`` (MQTT with aggregator
+workers; sync rounds only).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
+import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +39,7 @@ from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
 
-__all__ = ["Collector", "InProcessCollector", "run_rounds"]
+__all__ = ["Collector", "FleetProfile", "InProcessCollector", "run_rounds"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,14 @@ class Collector(ABC):
     @property
     def stopped(self) -> bool:
         return False
+
+    def clock(self) -> float:
+        """Seconds on the collector's clock (simulated fleets: simulated time)."""
+        return time.monotonic()
+
+    def online_now(self) -> list[str]:
+        """The devices online now, without waiting (asynchronous dispatch)."""
+        return self.wait_online(1)
 
     @abstractmethod
     def wait_online(self, need: int) -> list[str]:
@@ -79,25 +99,26 @@ def run_rounds(
     checkpoint: str | Path | None = None,
     metrics: MetricsWriter | None = None,
 ) -> list[RoundMetrics]:
-    """Run until ``engine.round == rounds`` (resuming from ``checkpoint`` if it exists)."""
+    """Run until ``engine.round == rounds`` (resuming from ``checkpoint`` if it exists);
+    in asynchronous mode a "round" is a model version (one buffer of updates)."""
     ck = Path(checkpoint) if checkpoint else None
     if ck is not None and ck.exists():
         saved = load_checkpoint(ck)
         engine.restore(saved)
         log.info("resumed from %s after round %d", ck, saved.round)
+    if engine.asynchronous and collector.sharded:
+        raise RuntimeError("asynchronous mode does not run with [sharding] (sync rounds only)")
+    step = _fill_buffer if engine.asynchronous else _one_round
     out: list[RoundMetrics] = []
     try:
         collector.start()
+        t0 = collector.clock()
+        before = engine.history[-1].get("clock_s", 0.0) if engine.history else 0.0
         while not collector.stopped and engine.round < rounds:
-            online = collector.wait_online(engine.cfg.min_devices)
+            merged = step(engine, collector)
             if collector.stopped:
                 break
-            tasks = engine.start_round(online, sharded=collector.sharded)
-            collector.send(tasks)
-            merged = collector.collect(time.monotonic() + engine.cfg.round_timeout)
-            if collector.stopped:
-                break
-            m = engine.finish_round(merged)
+            m = engine.finish_round(merged, clock_s=before + collector.clock() - t0)
             if ck is not None:
                 save_checkpoint(ck, engine.checkpoint())
                 write_engine_artifact(artifact_dir_for(ck), engine)
@@ -112,26 +133,177 @@ def run_rounds(
     return out
 
 
+def _one_round(engine: RoundEngine, collector: Collector) -> Any:
+    """A synchronous round: sample the online devices, send, collect until all answered or
+    the deadline (returns the sharded collectors' merged sums)."""
+    online = collector.wait_online(engine.cfg.min_devices)
+    if collector.stopped:
+        return None
+    tasks = engine.start_round(online, sharded=collector.sharded)
+    collector.send(tasks)
+    return collector.collect(collector.clock() + engine.cfg.round_timeout)
+
+
+def _fill_buffer(engine: RoundEngine, collector: Collector) -> None:
+    """One asynchronous model version: keep idle online devices busy with tasks on the
+    current model and collect until ``buffer_size`` updates were accepted."""
+    engine.open_buffer(collector.clock())
+    while not collector.stopped and not engine.buffer_full():
+        engine.expire(collector.clock())
+        if engine.outstanding:
+            online = collector.online_now()
+        else:  # nothing out: wait until the fleet is there
+            online = collector.wait_online(engine.cfg.min_devices)
+        if collector.stopped:
+            break
+        tasks = engine.dispatch(online, collector.clock())
+        if tasks:
+            collector.send(tasks)
+        collector.collect(engine.next_deadline(collector.clock()))
+
+
+@dataclass
+class FleetProfile:
+    """A simulated clock for an in-process fleet (``edgefed.simulate``, benchmarks).
+
+    A task takes ``step_time * speeds[i]`` simulated seconds of device ``i``'s online time,
+    plus its update's bytes / ``links[i]`` (bytes/s) when links are given. Each device is
+    offline ``offline_fraction`` of the time, in spells of ``offline_period`` simulated
+    seconds on average (exponential on and off spells, seeded), and trains only while
+    online: a device that drops out mid-task finishes later. Updates reach the coordinator
+    in simulated-time order, so staleness and round times are those of such a fleet while
+    every update is still real (trained in onnxruntime, compressed, checked, aggregated)."""
+
+    speeds: Sequence[float]
+    step_time: float = 1.0
+    offline_fraction: float = 0.0
+    offline_period: float = 5.0
+    links: Sequence[float] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.offline_fraction < 1:
+            raise ValueError(f"offline_fraction must be in [0, 1), got {self.offline_fraction}")
+        if any(not (s > 0 and math.isfinite(s)) for s in self.speeds):
+            raise ValueError("speeds must be positive numbers")
+        if self.links is not None and any(not r > 0 for r in self.links):
+            raise ValueError("links must be positive rates (bytes/s)")
+        if not (self.step_time >= 0 and self.offline_period > 0):
+            raise ValueError("step_time must be >= 0 and offline_period > 0")
+
+
+class _Availability:
+    """One device's offline spells, generated lazily: [(start, end), ...]."""
+
+    def __init__(self, rng: random.Random, fraction: float, period: float) -> None:
+        self.rng, self.fraction, self.off_mean = rng, fraction, period
+        self.on_mean = period * (1 - fraction) / fraction if fraction > 0 else math.inf
+        self.spells: list[tuple[float, float]] = []
+        self.until = 0.0
+        if fraction > 0 and rng.random() < fraction:  # starts inside an offline spell
+            self.until = rng.expovariate(1 / period)
+            self.spells.append((0.0, self.until))
+
+    def _extend(self, t: float) -> None:
+        while self.fraction > 0 and self.until <= t:
+            a = self.until + self.rng.expovariate(1 / self.on_mean)
+            self.until = a + self.rng.expovariate(1 / self.off_mean)
+            self.spells.append((a, self.until))
+
+    def online(self, t: float) -> bool:
+        self._extend(t)
+        return not any(a <= t < b for a, b in self.spells)
+
+    def finish(self, start: float, work: float) -> float:
+        """When ``work`` seconds of online time, counted from ``start``, are done."""
+        t, left = start, work
+        for a, b in self._spells_after(start):
+            if b <= t:
+                continue
+            if a > t and left <= a - t:
+                return t + left
+            if a > t:
+                left -= a - t
+            t = b
+        return t + left
+
+    def _spells_after(self, start: float) -> Any:
+        i = 0
+        while True:
+            self._extend(start + (i + 1) * self.off_mean * 8)
+            while i < len(self.spells):
+                yield self.spells[i]
+                i += 1
+            if self.fraction == 0:
+                return
+
+
 class InProcessCollector(Collector):
     """Device workers called in this process (no network): the same task and update bytes
-    as over MQTT. ``workers``: device id -> object with ``handle_task(bytes) -> bytes|None``."""
+    as over MQTT. ``workers``: device id -> object with ``handle_task(bytes) -> bytes|None``.
+    A device trains when its task is sent; with a :class:`FleetProfile` its update arrives
+    when its simulated time says (``clock`` is then simulated seconds)."""
 
-    def __init__(self, engine: RoundEngine, workers: Mapping[str, Any]) -> None:
+    def __init__(
+        self, engine: RoundEngine, workers: Mapping[str, Any], profile: FleetProfile | None = None
+    ) -> None:
         self.engine = engine
         self.workers = dict(workers)
-        self._tasks: Mapping[str, bytes] = {}
+        self.profile = profile
+        self._now = 0.0
+        self._events: list[tuple[float, int, str, bytes]] = []  # (arrival, n, device, update)
+        self._n = 0
+        self._index = {d: i for i, d in enumerate(self.workers)}
+        self._avail: dict[str, _Availability] = {}
+        if profile is not None:
+            if len(profile.speeds) != len(self.workers):
+                raise ValueError(f"{len(profile.speeds)} speeds for {len(self.workers)} devices")
+            rng = random.Random(profile.seed)
+            self._avail = {
+                d: _Availability(random.Random(rng.random()), profile.offline_fraction,
+                                 profile.offline_period)
+                for d in self.workers
+            }  # fmt: skip
+
+    def clock(self) -> float:
+        return self._now if self.profile is not None else time.monotonic()
+
+    def online_now(self) -> list[str]:
+        avail = self._avail
+        return sorted(d for d in self.workers if not avail or avail[d].online(self._now))
 
     def wait_online(self, need: int) -> list[str]:
         if len(self.workers) < need:
             raise TimeoutError(f"only {len(self.workers)} of {need} devices exist")
-        return sorted(self.workers)
+        step = (self.profile.offline_period / 10) if self.profile else 0.0
+        while len(online := self.online_now()) < need:
+            self._now += step  # simulated time passes until enough devices are back
+        return online
 
     def send(self, tasks: Mapping[str, bytes]) -> None:
-        self._tasks = tasks
+        for d, task in tasks.items():
+            out = self.workers[d].handle_task(task)
+            if out is None:
+                continue
+            at = self._now
+            if self.profile is not None:
+                i = self._index[d]
+                work = self.profile.step_time * self.profile.speeds[i]
+                if self.profile.links is not None:
+                    work += len(out) / self.profile.links[i]
+                at = self._avail[d].finish(self._now, work)
+            self._n += 1
+            heapq.heappush(self._events, (at, self._n, d, out))
 
     def collect(self, deadline: float) -> None:
-        for d, task in self._tasks.items():
-            out = self.workers[d].handle_task(task)
-            if out is not None:
-                self.engine.handle_update(d, out)
-        self._tasks = {}
+        """Deliver updates in arrival order until the engine needs nothing more now; on a
+        simulated clock, none after ``deadline`` (the clock then stands at the deadline)."""
+        while self._events and not self.engine.collect_done(self.online_now()):
+            at, _, d, out = self._events[0]
+            if self.profile is not None and at > deadline:
+                break
+            heapq.heappop(self._events)
+            self._now = max(self._now, at)
+            self.engine.handle_update(d, out)
+        if self.profile is not None and not self.engine.collect_done(self.online_now()):
+            self._now = max(self._now, deadline)

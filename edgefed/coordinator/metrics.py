@@ -28,6 +28,11 @@ class RoundMetrics:
     eval_loss: float | None = None
     wall_seconds: float = 0.0
     aggregate_seconds: float = 0.0
+    mode: str = "sync"  # "async": one line per model version (a buffer of K updates)
+    clock_s: float = 0.0  # since the run (re)started; simulated time in simulated fleets
+    staleness_mean: float | None = None  # async: of the accepted updates in this version
+    staleness_max: int | None = None
+    uplink: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> spec, bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

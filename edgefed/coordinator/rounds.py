@@ -22,17 +22,19 @@ import random
 import secrets
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from edgefed.codec import CompressionSpec, ModelSchema
+from edgefed.coordinator.adaptive import DEFAULT_LADDER, AdaptiveUplink
 from edgefed.coordinator.aggregation import Aggregator, make_aggregator
 from edgefed.coordinator.checkpoint import Checkpoint
 from edgefed.coordinator.intake import AcceptedUpdate, RoundContext, accept
 from edgefed.coordinator.metrics import RoundMetrics
 from edgefed.coordinator.model import FederatedModel
+from edgefed.coordinator.staleness import parse_staleness_weight
 from edgefed.coordinator.tasks import LazyTasks, build_tasks
 from edgefed.protocol import Drop, DropReason, RoundAnnouncement
 from edgefed.strategies import Strategy
@@ -56,6 +58,16 @@ class RoundConfig:
     weak_ram_mb: int = 0  # devices reporting less RAM get the head-only graph (0: never)
     weak_cores: int = 0  # ...or fewer cores
     seed: int = 0
+    # Asynchronous buffered aggregation (FedBuff; docs/asynchronous.md): "sync" rounds, or
+    # "async": a new model version every ``buffer_size`` accepted updates.
+    mode: str = "sync"
+    buffer_size: int = 10  # K: accepted updates per model version (async)
+    max_staleness: int = 10  # updates trained on an older version are dropped ("stale")
+    max_concurrent: int = 0  # tasks out at once (async; 0: every online device)
+    staleness_weight: str = "poly:0.5"  # see coordinator/staleness.py
+    # Adaptive per-device uplink (coordinator/adaptive.py): 0 = every device uses ``uplink``
+    upload_budget_s: float = 0.0
+    ladder: list[str] = field(default_factory=lambda: list(DEFAULT_LADDER))
 
 
 @dataclass
@@ -66,6 +78,7 @@ class DeviceStats:
     accepted: int = 0
     dropped: int = 0
     bytes_up: int = 0
+    last_round: int = 0  # the last task round the device reported (presence)
 
 
 class RoundEngine:
@@ -96,7 +109,7 @@ class RoundEngine:
         self._sampled: dict[str, str] = {}  # device -> graph id
         self._ctx: RoundContext | None = None
         self._answered: dict[str, tuple[str, int, str]] = {}  # device -> counted key
-        self._records: dict[str, tuple[int, float | None]] = {}  # device -> (samples, loss)
+        self._records: dict[tuple[str, int, str], tuple[int, float | None]] = {}  # key -> (n, loss)
         self.aggregator: Aggregator | None = None  # the open round's
         self._drops: list[Drop] = []
         self._bytes_up = 0
@@ -105,10 +118,34 @@ class RoundEngine:
         self._started = 0.0
         for spec in (config.uplink, config.downlink):
             CompressionSpec.parse(spec)  # fail at start-up, not in round 1
+        if config.mode not in ("sync", "async"):
+            found = config.mode
+            raise ValueError(f'[coordinator] mode: expected "sync" or "async", found {found!r}')
+        self.asynchronous = config.mode == "async"
+        self.staleness_weight = parse_staleness_weight(config.staleness_weight)
+        # async: device -> (task round, model version it was built on, issued at clock)
+        self._out: dict[str, tuple[int, int, float]] = {}
+        self._out_ctx: dict[str, tuple[int, str]] = {}  # the intake's view of ``_out``
+        self._out_allowed: dict[str, frozenset[str]] = {}
+        self.task_seq = 0  # async: the round field of the last dispatched tasks
+        self._staleness: list[int] = []
+        self.adaptive = (
+            AdaptiveUplink(model.shapes, config.upload_budget_s, config.ladder)
+            if config.upload_budget_s > 0
+            else None
+        )
+        self._specs: dict[str, str] = {}  # device -> uplink spec of its latest task
+        self._dev_bytes: Counter[str] = Counter()  # device -> update bytes this round
 
     @property
     def model_version(self) -> str:
         return f"r{self.round}"
+
+    @property
+    def downlink_seq(self) -> int:
+        """The round (and signing sequence) of the final-model message: sync, the last
+        round; async, one above the last task round (agents refuse anything lower)."""
+        return self.task_seq + 1 if self.asynchronous else self.round
 
     @property
     def open_round(self) -> int | None:
@@ -118,10 +155,27 @@ class RoundEngine:
     def device(self, device_id: str) -> DeviceStats:
         return self.devices.setdefault(device_id, DeviceStats())
 
-    def register(self, device_id: str, capabilities: dict[str, Any], graphs: list[str]) -> None:
+    def register(
+        self,
+        device_id: str,
+        capabilities: dict[str, Any],
+        graphs: list[str],
+        last_round: Any = None,  # the device's last task round (presence); async seq floor
+    ) -> None:
         st = self.device(device_id)
         st.capabilities = dict(capabilities)
         st.graphs = [g for g in graphs if isinstance(g, str)][:16]
+        if isinstance(last_round, int) and not isinstance(last_round, bool):
+            st.last_round = max(st.last_round, last_round)
+
+    def uplink_for(self, device_id: str) -> str:
+        """The device's update spec: ``uplink``, or with ``upload_budget_s`` the ladder rung
+        its reported uplink rate fits (recorded for the metrics)."""
+        spec = self.cfg.uplink
+        if self.adaptive is not None:
+            spec = self.adaptive.spec_for(self.device(device_id).capabilities).spec
+        self._specs[device_id] = spec
+        return spec
 
     def graph_for(self, device_id: str) -> str:
         """``head`` for weak devices when the model has a head graph, else ``full``."""
@@ -162,23 +216,121 @@ class RoundEngine:
         self._bytes_up = 0
         self._payload_up = 0
         self._bytes_down = 0
+        self._dev_bytes = Counter()
         self._started = time.monotonic()
-        for d in self._sampled:
+        return self._tasks(rnd, self._sampled)
+
+    def _tasks(self, rnd: int, assignment: dict[str, str]) -> LazyTasks:
+        """The tasks of round (async: task round) ``rnd`` for ``assignment``, counted."""
+        for d in assignment:
             self.device(d).sampled += 1
+            self.device(d).last_round = max(self.device(d).last_round, rnd)
         tasks = build_tasks(
             rnd,
             self.model_version,
             self.model,
             self.params,
             self.cfg,
-            self.strategy.configure_round(rnd),
-            self._sampled,
-            {d: self.device(d) for d in self._sampled},
+            self.strategy.configure_round(self.round + 1),
+            assignment,
+            {d: self.device(d) for d in assignment},
             lambda: self.rng.randrange(2**31),
             self.run_id,
+            {d: self.uplink_for(d) for d in assignment},
         )
-        self._bytes_down = tasks.bytes
+        self._bytes_down += tasks.bytes
         return tasks
+
+    # ---- asynchronous buffers (FedBuff) ------------------------------------------------
+    def open_buffer(self, now: float) -> None:
+        """Async: start collecting the next model version's ``buffer_size`` updates. Tasks
+        already out stay out: their updates land in whatever buffer is open."""
+        if self._open is not None:
+            return
+        self._open = self.round + 1
+        self._answered, self._records = {}, {}
+        self.aggregator = make_aggregator(self.strategy, self.schema, self.threads)
+        self._ctx = RoundContext(
+            self._open, self.model_version, self.schema, self._out_allowed, {}, self.seen,
+            tasks=self._out_ctx,
+        )  # fmt: skip
+        self._sampled = {}
+        self._bytes_up = self._payload_up = self._bytes_down = 0
+        self._dev_bytes = Counter()
+        self._started = time.monotonic()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._out)
+
+    def buffer_full(self) -> bool:
+        return self.aggregator is not None and self.aggregator.count >= self.cfg.buffer_size
+
+    def _free(self, online: list[str]) -> tuple[int, list[str]]:
+        cap = self.cfg.max_concurrent or len(online)
+        return cap - len(self._out), [d for d in sorted(online) if d not in self._out]
+
+    def idle(self, online: list[str]) -> list[str]:
+        """Online devices without a task, at most as many as free ``max_concurrent`` slots
+        (a random choice when more are idle)."""
+        free, idle = self._free(online)
+        if free <= 0 or not idle:
+            return []
+        return sorted(self.rng.sample(idle, min(free, len(idle))))
+
+    def dispatch(self, online: list[str], now: float) -> LazyTasks:
+        """Async: tasks on the current model for idle online devices (see :meth:`idle`).
+
+        The round field of a task is a dispatch sequence number (shared by the tasks sent
+        together, above every round the devices reported): agents refuse a round at or
+        below their last one and signatures use it as anti-replay sequence, so it must grow
+        per device even while the model version stays. The version a task was built on is
+        its ``model_version`` (``r<version>``); staleness = current version - that."""
+        chosen = self.idle(online)
+        if not chosen:
+            return LazyTasks({})
+        seq = max([self.task_seq, *(self.device(d).last_round for d in chosen)]) + 1
+        self.task_seq = seq
+        assignment = {d: self.graph_for(d) for d in chosen}
+        for d, gid in assignment.items():
+            self._out[d] = (seq, self.round, now)
+            self._out_ctx[d] = (seq, self.model_version)
+            self._out_allowed[d] = frozenset(self.model.graphs[gid].updated)
+            self._sampled[d] = gid
+        return self._tasks(seq, assignment)
+
+    def task_round(self, device: str) -> int | None:
+        """The round field of the task ``device`` holds (async), or of the open round."""
+        if self.asynchronous:
+            held = self._out.get(device)
+            return held[0] if held else None
+        return self._open
+
+    def _release(self, device: str) -> tuple[int, int, float] | None:
+        self._out_ctx.pop(device, None)
+        self._out_allowed.pop(device, None)
+        return self._out.pop(device, None)
+
+    def expire(self, now: float) -> None:
+        """Async: tasks out longer than ``round_timeout`` are dropped ("deadline") and their
+        devices may get a new task."""
+        for d, (_, _, issued) in sorted(self._out.items()):
+            if now - issued > self.cfg.round_timeout:
+                self._release(d)
+                self._drop(Drop(d, DropReason.DEADLINE, "task outstanding past round_timeout"))
+
+    def next_deadline(self, now: float) -> float:
+        """When the oldest task expires (async), at most ``round_timeout`` from ``now``."""
+        issued = [t for _, _, t in self._out.values()]
+        return min([now + self.cfg.round_timeout, *(t + self.cfg.round_timeout for t in issued)])
+
+    def collect_done(self, online: Any = ()) -> bool:
+        """Whether a collector may stop reading updates: sync, every sampled device answered;
+        async, the buffer is full or an online device is idle with a slot free."""
+        if not self.asynchronous:
+            return self.all_answered()
+        free, idle = self._free(sorted(online))
+        return self.buffer_full() or (free > 0 and bool(idle))
 
     def announcement(self, for_workers: bool = False) -> RoundAnnouncement:
         """The open round as announced: to devices (round, version, sampled) or, with
@@ -212,11 +364,24 @@ class RoundEngine:
         """Check one update message with the intake and add it to the round's aggregation;
         False (reason logged and counted) if dropped."""
         self._bytes_up += len(data)
+        self._dev_bytes[topic_device] += len(data)
         res = accept(topic_device, data, self._context())
         if isinstance(res, Drop):
-            if res.reason is DropReason.DEVICE_ERROR and topic_device in self._sampled:
+            if res.reason is DropReason.DEVICE_ERROR and (
+                topic_device in self._sampled or topic_device in self._out
+            ):
                 self.device(topic_device).graphs = []  # resend the graph next time
+                self._release(topic_device)  # async: it may take a new task
             return self._drop(res)
+        if self.asynchronous:
+            _, version, _ = self._release(res.device) or (0, self.round, 0.0)
+            stale = self.round - version
+            if stale > self.cfg.max_staleness:
+                self.seen.check_and_add(res.key)  # a copy of it is a duplicate, not stale again
+                why = f"{stale} versions behind (max_staleness {self.cfg.max_staleness})"
+                return self._drop(Drop(res.device, DropReason.STALE, why))
+            self._staleness.append(stale)
+            res = replace(res, scale=res.scale * self.staleness_weight(stale))
         self.add_accepted(res)
         return True
 
@@ -226,7 +391,7 @@ class RoundEngine:
         self.seen.check_and_add(u.key)
         self.aggregator.add(u)
         self._answered[u.device] = u.key
-        self._records[u.device] = (u.num_samples, u.header.loss)
+        self._records[u.key] = (u.num_samples, u.header.loss)
         self._payload_up += u.payload_bytes
         st = self.device(u.device)
         st.accepted += 1
@@ -236,9 +401,12 @@ class RoundEngine:
         return bool(self._sampled) and set(self._answered) == set(self._sampled)
 
     def pending(self) -> list[str]:
+        """Devices whose update is awaited (async: those holding a task)."""
+        if self.asynchronous:
+            return sorted(self._out)
         return sorted(set(self._sampled) - set(self._answered))
 
-    def finish_round(self, merged: Any = None) -> RoundMetrics:
+    def finish_round(self, merged: Any = None, clock_s: float = 0.0) -> RoundMetrics:
         """Close the open round: missing devices are dropped as "deadline", the accepted
         updates are aggregated, the model is evaluated and the round counter advances.
 
@@ -251,7 +419,7 @@ class RoundEngine:
         if merged is not None:
             self._take_merged(merged)
             reported = set(merged.dropped)
-        for d in self.pending():
+        for d in [] if self.asynchronous else self.pending():
             if d not in reported:
                 self._drop(Drop(d, DropReason.DEADLINE, "no update before the round closed"))
         t0 = time.monotonic()
@@ -286,9 +454,19 @@ class RoundEngine:
             eval_loss=eloss,
             wall_seconds=time.monotonic() - self._started,
             aggregate_seconds=agg_s,
+            mode=self.cfg.mode,
+            clock_s=float(clock_s),
+            staleness_mean=sum(self._staleness) / len(self._staleness) if self._staleness else None,
+            staleness_max=max(self._staleness, default=None),
+            uplink={
+                d: {"spec": self._specs.get(d, self.cfg.uplink), "bytes": self._dev_bytes[d]}
+                for d in sorted(set(self._specs) | set(self._dev_bytes))
+                if d in self.devices
+            },
         )
         self.history.append(m.to_dict())
         self._drops = []  # drops between rounds (late copies) land in the next round's metrics
+        self._specs, self._staleness = {}, []
         return m
 
     def _take_merged(self, res: Any) -> None:
@@ -299,7 +477,7 @@ class RoundEngine:
             if dev in self._sampled and rnd == self._open:
                 self.seen.check_and_add((dev, rnd, uid))
                 self._answered[dev] = (dev, rnd, uid)
-                self._records[dev] = (0, None)
+                self._records[(dev, rnd, uid)] = (0, None)
                 self.device(dev).accepted += 1
         agg.add_sums(res.sums, res.weights, len(res.keys))  # type: ignore[union-attr]
         for drop in res.worker_drops:
@@ -326,6 +504,7 @@ class RoundEngine:
                 "rng": list(self.rng.getstate()[1]),
                 "seen": [list(k) for k in self.seen.keys()[-10000:]],
                 "run_id": self.run_id,
+                "task_seq": self.task_seq,
                 **self._norm_bound_meta(),
             },
         )
@@ -348,6 +527,7 @@ class RoundEngine:
         self.round = ck.round
         meta = ck.meta
         self.run_id = str(meta.get("run_id") or self.run_id)
+        self.task_seq = int(meta.get("task_seq", 0))  # tasks out at the crash are lost
         nb = self.strategy.norm_bound
         if nb is not None and "norm_bound" in meta:
             nb.load_state(meta["norm_bound"])  # NormBoundError names a malformed history

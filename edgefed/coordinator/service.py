@@ -24,6 +24,7 @@ from pathlib import Path
 from edgefed.coordinator.loop import Collector, run_rounds
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
+from edgefed.coordinator.tasks import LazyTasks
 from edgefed.protocol import Topics
 from edgefed.security.downlink import DownlinkSigner
 from edgefed.sharding.config import ShardingConfig
@@ -113,6 +114,7 @@ class MqttCollector(Collector):
             device,
             caps if isinstance(caps, dict) else {},
             graphs if isinstance(graphs, list) else [],
+            msg.get("last_round"),
         )
         if device not in self.online:
             log.info("device %s online (%s)", device, caps.get("arch", "?"))
@@ -157,13 +159,26 @@ class MqttCollector(Collector):
             )
         return sorted(self.online)
 
+    def online_now(self) -> list[str]:
+        self.pump(time.monotonic() + 0.02, self.engine.buffer_full)  # what already arrived
+        return sorted(self.online)
+
     def send(self, tasks: Mapping[str, bytes]) -> None:
         rnd = self.engine.open_round
         assert rnd is not None
         if self.signer is not None:  # signed when published (Ed25519 is deterministic)
             tasks = tasks.map(  # type: ignore[attr-defined]
-                lambda d, t, s=self.signer, r=rnd: s.sign(self.topics.task(d), t, r)
+                lambda d, t, s=self.signer: s.sign(
+                    self.topics.task(d), t, self.engine.task_round(d) or 0
+                )
             )
+        if self.engine.asynchronous:  # tasks go out one by one; no round to announce
+            if not isinstance(self._tasks, LazyTasks):
+                self._tasks = LazyTasks({})
+            self._tasks.update(tasks)  # type: ignore[arg-type]
+            for dev in tasks:
+                self.client.publish(self.topics.task(dev), tasks[dev])
+            return
         self._tasks = tasks
         announce = self.engine.announcement().to_json()
         if self.signer is not None:
@@ -173,7 +188,7 @@ class MqttCollector(Collector):
             self.client.publish(self.topics.task(dev), data)
 
     def collect(self, deadline: float) -> None:
-        self.pump(deadline, self.engine.all_answered)
+        self.pump(deadline, lambda: self.engine.collect_done(self.online))
 
     def published(self, m: RoundMetrics) -> None:
         self.client.publish(self.topics.metrics, json.dumps(m.to_dict()).encode())
@@ -185,7 +200,7 @@ class MqttCollector(Collector):
 
         for d, msg in final_model_messages(self.engine):
             if self.signer is not None:
-                msg = self.signer.sign(self.topics.task(d), msg, self.engine.round)
+                msg = self.signer.sign(self.topics.task(d), msg, self.engine.downlink_seq)
             self.client.publish(self.topics.task(d), msg)
         log.info(
             "final model %s sent to %d devices", self.engine.model_version, len(self.engine.devices)

@@ -31,6 +31,10 @@ class LazyTasks(Mapping[str, bytes]):
     def __len__(self) -> int:
         return len(self._builders)
 
+    def update(self, other: LazyTasks) -> None:
+        """Add (or replace) devices' tasks: asynchronous mode keeps each device's latest."""
+        self._builders.update(other._builders)
+
     def map(self, fn: Callable[[str, bytes], bytes]) -> LazyTasks:
         """Tasks transformed per device on read (e.g. signed for their topic)."""
         return LazyTasks({d: (lambda d=d: fn(d, self[d])) for d in self._builders}, self.bytes)
@@ -56,6 +60,7 @@ def build_tasks(
     devices: Mapping[str, Any],  # device -> DeviceStats (its ``graphs`` are updated)
     seed: Callable[[], int],
     run_id: str | None = None,
+    uplinks: Mapping[str, str] | None = None,  # device -> its update spec (adaptive)
 ) -> LazyTasks:
     """Every sampled device's task: the global weights (encoded once, shared), its graph's
     header and, only when the device does not hold that graph yet, the graph itself."""
@@ -69,7 +74,8 @@ def build_tasks(
         g = model.graphs[gid]
         st = devices[d]
         header = TaskHeader(
-            rnd, model_version, gid, g.sha, {**hyper, "seed": seed()}, cfg.uplink, schema,
+            rnd, model_version, gid, g.sha, {**hyper, "seed": seed()},
+            (uplinks or {}).get(d, cfg.uplink), schema,
             cfg.error_feedback, cfg.round_timeout, run_id,
         )  # fmt: skip
         parts = {"weights": weights}

@@ -19,6 +19,7 @@ class DropReason(StrEnum):
     DEADLINE = "deadline"  # no update before the round closed
     DEVICE_ERROR = "device error"  # the device reported it could not train
     WORKER_LOST = "worker lost"  # the aggregator worker holding the update died
+    STALE = "stale"  # asynchronous mode: trained on a model more than max_staleness behind
 
 
 @dataclass(frozen=True)
