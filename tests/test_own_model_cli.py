@@ -178,7 +178,8 @@ def life(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Life]:
                 f'[agent]\ndevice_id = "{d}"\ndata = "{d}.npz"\nstate_dir = "state-{d}"\n'
                 f'coordinator_key = "keys/coordinator.key.pub"\n'
                 f'bundle_key = "keys/coordinator.key.pub"\n{group}'
-                + account[d] + "backoff_min = 0.2\nkeepalive = 5\n"
+                + account[d]
+                + "backoff_min = 0.2\nkeepalive = 5\n"
             )
 
         # 3. federate: `edgefed-agent` x 3 + `edgefed coordinator` (until its last round)
@@ -187,8 +188,11 @@ def life(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Life]:
                 life.agents.append(
                     subprocess.Popen(
                         [sys.executable, "-m", "device_agent.cli", "--config", f"{d}.toml"],
-                        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=ENV,
-                    )  # fmt: skip
+                        cwd=root,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=ENV,
+                    )
                 )
         p = edgefed("coordinator", "--config", "coordinator.toml", cwd=root, timeout=400)
         life.coordinator_log = p.stdout + p.stderr
@@ -198,6 +202,7 @@ def life(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Life]:
         life.export = edgefed(
             "export", "--run", "coordinator.toml", "-o", "model.efb",
             "--key", "keys/coordinator.key", "--json", "export.json", "--threads", "1",
+            "--model-version", "user-v1",
             "--distill-epochs", "3", "--finetune-epochs", "3", cwd=root, timeout=600,
         )  # fmt: skip
         assert life.export.returncode == 0, _fail("export", life.export)
@@ -228,12 +233,12 @@ def test_user_model_federated_exported_canaried_promoted_and_predicted(life: Lif
     assert names[0] == "teacher fp32" and any("int8" in n for n in names), names
     p = edgefed("bundle", "inspect", "model.efb", cwd=root)
     assert p.returncode == 0, _fail("bundle inspect", p)
-    assert "r4" in p.stdout and "float32" in p.stdout, p.stdout
+    assert "user-v1" in p.stdout and "float32" in p.stdout, p.stdout
 
     # canary: dev-0 and dev-1 evaluate the bundle against the federated model r4, promoted
     p = life.publish("model.efb", "--group", "canary", "--promote", "--wait", *CANARIES)
     assert p.returncode == 0, _fail("publish --promote", p)
-    assert "PROMOTED r4" in p.stdout, p.stdout
+    assert "PROMOTED user-v1" in p.stdout, p.stdout
     reps = reports(p.stdout)
     assert sorted(r["device"] for r in reps) == CANARIES, p.stdout
     for r in reps:
@@ -242,15 +247,14 @@ def test_user_model_federated_exported_canaried_promoted_and_predicted(life: Lif
         assert r["accuracy"] >= r["baseline_accuracy"] - 0.01, r
         assert r["latency_ms_b1"] > 0, r
 
-    # predict on every device (dev-2 got it by the promotion): the bundle answers correctly
+    # predict on every device (dev-2 got it by the promotion): the bundle (not the federated
+    # model r4, the fallback) answers, and correctly
     labels = np.load(root / "test-labels.npy")
     for d in DEVICES:
-        wait_until(lambda d=d: life.predict(d).stdout.startswith("model r4:"), 60, f"{d} on r4")
+        wait_until(lambda d=d: life.predict(d).stdout.startswith("model user-v1:"), 60, d)
         q = life.predict(d)
         assert q.returncode == 0, _fail(f"predict on {d}", q)
-        head, classes = q.stdout.strip().split(":", 1)
-        # the bundle, not the federated model, answers: the installed bundle is named
-        assert (root / f"state-{d}" / "bundles").is_dir()
+        classes = q.stdout.strip().split(":", 1)[1]
         got = np.array([int(c) for c in classes.split()])
         assert got.shape == labels.shape and (got == labels).mean() > 0.85, (d, q.stdout)
     assert all(a.poll() is None for a in life.agents)
