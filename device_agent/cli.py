@@ -24,10 +24,15 @@ def _run(args: argparse.Namespace) -> int:
             x, y = z["x"], z["y"]
             # optional held-out split: what canary roll-outs are evaluated on
             holdout = (z["x_val"], z["y_val"]) if {"x_val", "y_val"} <= set(z.files) else None
-        worker = DeviceWorker(cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads)
+        worker = DeviceWorker(
+            cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads, data_file=cfg.data
+        )
     except (OSError, ValueError, KeyError, TrainerError) as e:
         print(f"edgefed-agent: {e}", file=sys.stderr)
         return 2
+    mismatch = worker.contract_mismatch()  # the contract of the last model received, if any
+    if mismatch is not None:  # keep serving: each task is refused with this reason
+        print(f"edgefed-agent: {mismatch}", file=sys.stderr)
     verifier = None
     if cfg.coordinator_key:
         from edgefed.bundle.format import BundleError

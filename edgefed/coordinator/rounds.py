@@ -99,6 +99,7 @@ class RoundEngine:
         self._records: dict[str, tuple[int, float | None]] = {}  # device -> (samples, loss)
         self.aggregator: Aggregator | None = None  # the open round's
         self._drops: list[Drop] = []
+        self._declined: set[str] = set()  # sampled devices that refused the open round
         self._bytes_up = 0
         self._payload_up = 0
         self._bytes_down = 0
@@ -149,7 +150,7 @@ class RoundEngine:
         chosen = self.sample(online)
         self._open = rnd
         self._sampled = {d: self.graph_for(d) for d in chosen}
-        self._answered, self._records = {}, {}
+        self._answered, self._records, self._declined = {}, {}, set()
         self.aggregator = make_aggregator(self.strategy, self.schema, self.threads, sharded)
         self._ctx = RoundContext(
             rnd,
@@ -216,6 +217,8 @@ class RoundEngine:
         if isinstance(res, Drop):
             if res.reason is DropReason.DEVICE_ERROR and topic_device in self._sampled:
                 self.device(topic_device).graphs = []  # resend the graph next time
+                if res.answered:  # refused or failed this round: no update will come
+                    self._declined.add(topic_device)
             return self._drop(res)
         self.add_accepted(res)
         return True
@@ -233,10 +236,10 @@ class RoundEngine:
         st.bytes_up += u.message_bytes
 
     def all_answered(self) -> bool:
-        return bool(self._sampled) and set(self._answered) == set(self._sampled)
+        return bool(self._sampled) and set(self._answered) | self._declined >= set(self._sampled)
 
     def pending(self) -> list[str]:
-        return sorted(set(self._sampled) - set(self._answered))
+        return sorted(set(self._sampled) - set(self._answered) - self._declined)
 
     def finish_round(self, merged: Any = None) -> RoundMetrics:
         """Close the open round: missing devices are dropped as "deadline", the accepted
