@@ -102,15 +102,12 @@ class _Fleet:
         self.fleet = f"demo-{int(time.time() * 1000) % 10**9}"
         tc = TransportConfig(url=self.url, fleet=self.fleet, backoff_min=0.2, backoff_max=5.0)
         g = fm.graphs["full"]
-        engine = RoundEngine(
-            fm,
-            make_strategy(args.strategy),
-            RoundConfig(
-                min_devices=args.devices, lr=args.lr, uplink=args.compression, downlink="int8",
-                round_timeout=120.0, seed=args.seed,
-            ),  # fmt: skip
-            make_evaluator(g.inference_onnx, g.manifest, *self.test),
-        )
+        cfg = RoundConfig(
+            min_devices=args.devices, lr=args.lr, uplink=args.compression, downlink="int8",
+            round_timeout=120.0, seed=args.seed,
+        )  # fmt: skip
+        evaluate = make_evaluator(g.inference_onnx, g.manifest, *self.test)
+        engine = RoundEngine(fm, make_strategy(args.strategy), cfg, evaluate)
         self.state = out / "state"
         self.metrics = out / f"metrics-{args.compression.replace(':', '_').replace('+', '_')}.jsonl"
         self.metrics.unlink(missing_ok=True)
@@ -130,14 +127,13 @@ class _Fleet:
             cut = max(1, len(x) * 3 // 4)  # a quarter held out: what a canary evaluates on
             self.holdout[d] = (x[cut:], y[cut:])
             w = DeviceWorker(d, x[:cut], y[:cut], self.state / d, persist_model=True)
-            self.agents.append(
-                AgentService(
-                    w, tc, profile="weak" if i < args.weak else None,
-                    verifier=DownlinkVerifier(vk), bundle_key=f"{key}.pub",
-                    groups=("all", "canary") if d in self.canaries else ("all",),
-                    holdout=self.holdout[d] if len(x) > cut else None,
-                )  # fmt: skip
-            )
+            agent = AgentService(
+                w, tc, profile="weak" if i < args.weak else None,
+                verifier=DownlinkVerifier(vk), bundle_key=f"{key}.pub",
+                groups=("all", "canary") if d in self.canaries else ("all",),
+                holdout=self.holdout[d] if len(x) > cut else None,
+            )  # fmt: skip
+            self.agents.append(agent)
         self.threads = [a.start_thread() for a in self.agents]
 
     def federate(self) -> list[dict[str, Any]]:
