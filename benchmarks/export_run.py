@@ -100,6 +100,9 @@ def one_model(kind: str, work: Path, args: argparse.Namespace, data) -> dict:
         str(work / f"{kind}.json"), "--data", str(extra), "--save-candidates", str(cand),
         "--threads", str(args.threads), "--budget", "1.0",
     ]  # fmt: skip
+    for flag in ("distill_epochs", "finetune_epochs"):  # default: export's own (>= 3)
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True)
     res["export_s"] = round(time.monotonic() - t0, 1)
@@ -164,6 +167,8 @@ def main() -> int:
     ap.add_argument("--extra", type=int, default=6000, help="unlabelled transfer samples")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--distill-epochs", type=int, default=None, help="passed to export")
+    ap.add_argument("--finetune-epochs", type=int, default=None, help="passed to export")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--json", default="benchmarks/out/export_run.json")

@@ -75,6 +75,7 @@ class DeviceWorker:
         threads: int = 1,
         persist_model: bool = True,
         durable: bool = True,
+        data_file: str | Path | None = None,
     ) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"{device_id}: need matching, non-empty x and y")
@@ -84,6 +85,8 @@ class DeviceWorker:
         self.threads = threads
         self.persist_model = persist_model
         self._trainers: dict[str, Any] = {}
+        self._contract: dict[str, str | None] = {}  # graph sha -> data contract mismatch
+        self.data_file = str(data_file) if data_file is not None else f"{device_id}'s data"
         self._ef: ErrorFeedback | None = None
         self.last_loss: float | None = None
         self.train_seconds = 0.0
@@ -124,6 +127,26 @@ class DeviceWorker:
             return None
         model = InferenceModel(inference, manifest)
         return version, lambda x: model.predict(x, params)
+
+    def contract_mismatch(self, sha: str | None = None) -> str | None:
+        """Why this device's data do not fit the data contract of graph ``sha`` (default:
+        the graph of the last model received, what a restarted agent checks at start-up),
+        or None (fits, or no contract known yet)."""
+        from device_agent.contract import contract_mismatch
+
+        if sha is None:
+            try:
+                sha = self.state.load_model()[1]
+            except (OSError, ValueError, KeyError):
+                return None
+        if sha not in self._contract:
+            if not self.state.has_graph(sha):
+                return None
+            manifest = json.loads((self.state.graph_dir(sha) / "manifest.json").read_text())
+            self._contract[sha] = contract_mismatch(
+                manifest.get("data_contract"), self.x, self.y, self.data_file
+            )
+        return self._contract[sha]
 
     def _error(self, rnd: int, msg: str, refused: bool = False) -> bytes:
         """An answer without an update: the coordinator counts it as a drop with ``msg``
@@ -176,7 +199,6 @@ class DeviceWorker:
         if rnd < st.last_round:
             of_run = f" of run {st.run_id}" if st.run_id else ""
             return self._refuse(rnd, f"stale task for round {rnd} (done {st.last_round}{of_run})")
-        log.info("%s: round %d: training on %d samples", self.device_id, rnd, self.num_samples)
         if "graph" in parts:
             try:
                 json.loads(parts["manifest"])
@@ -186,6 +208,11 @@ class DeviceWorker:
             st.save_graph(sha, parts["graph"], parts["manifest"], parts.get("inference", b""))
         if not st.has_graph(sha):
             return self._error(rnd, f"missing graph {sha}")
+        mismatch = self.contract_mismatch(sha)
+        if mismatch is not None:  # before any training: refused, the reason reported
+            log.error("%s: %s", self.device_id, mismatch)
+            return self._refuse(rnd, mismatch)
+        log.info("%s: round %d: training on %d samples", self.device_id, rnd, self.num_samples)
         try:
             wupd = decode_update(parts.get("weights", b""), schema)
             if wupd.meta.kind != "weights" or wupd.meta.round != rnd:

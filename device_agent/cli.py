@@ -24,10 +24,15 @@ def _run(args: argparse.Namespace) -> int:
             x, y = z["x"], z["y"]
             # optional held-out split: what canary roll-outs are evaluated on
             holdout = (z["x_val"], z["y_val"]) if {"x_val", "y_val"} <= set(z.files) else None
-        worker = DeviceWorker(cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads)
+        worker = DeviceWorker(
+            cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads, data_file=cfg.data
+        )
     except (OSError, ValueError, KeyError, TrainerError) as e:
         print(f"edgefed-agent: {e}", file=sys.stderr)
         return 2
+    mismatch = worker.contract_mismatch()  # the contract of the last model received, if any
+    if mismatch is not None:  # keep serving: each task is refused with this reason
+        print(f"edgefed-agent: {mismatch}", file=sys.stderr)
     verifier = None
     if cfg.coordinator_key:
         from edgefed.bundle.format import BundleError
@@ -117,25 +122,41 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgefed-agent predict", description="run the deployed model with onnxruntime"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="agent TOML (its state_dir holds the model)")
+    src.add_argument("--state-dir", help="agent state directory")
+    p.add_argument("--input", required=True, help=".npy array or .npz with 'x'")
+    p.add_argument("--output", help="write logits to this .npy (default: print classes)")
+    return p
+
+
+def agent_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgefed-agent",
+        usage="edgefed-agent [-h] --config CONFIG [--log-level LEVEL]\n"
+        "       edgefed-agent predict (--config CONFIG | --state-dir DIR) --input X",
+        description="edgefed device agent: trains on its data when the coordinator asks, "
+        "installs signed bundles.",
+        epilog="commands:\n  predict   run the deployed model (the installed bundle, else the "
+        "last\n            federated model) on an .npy/.npz: 'edgefed-agent predict --help'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="agent TOML (see examples/agent.toml)")
+    p.add_argument(
+        "--log-level", default="INFO", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR"
+    )
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
-        p = argparse.ArgumentParser(
-            prog="edgefed-agent predict", description="run the deployed model with onnxruntime"
-        )
-        src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--config", help="agent TOML (its state_dir holds the model)")
-        src.add_argument("--state-dir", help="agent state directory")
-        p.add_argument("--input", required=True, help=".npy array or .npz with 'x'")
-        p.add_argument("--output", help="write logits to this .npy (default: print classes)")
-        return _predict(p.parse_args(argv[1:]))
-    p = argparse.ArgumentParser(
-        prog="edgefed-agent",
-        description="edgefed device agent (subcommand 'predict' runs the deployed model)",
-    )
-    p.add_argument("--config", required=True, help="agent TOML (see examples/agent.toml)")
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
+        return _predict(predict_parser().parse_args(argv[1:]))
+    args = agent_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

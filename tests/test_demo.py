@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -143,11 +142,12 @@ def test_hostile_messages_duplicates_and_resume(mosquitto, fm, tmp_path: Path) -
 
 
 def test_demo_command_end_to_end(embedded_broker, tmp_path: Path, capsys) -> None:
+    """The whole life: federate -> export -> sign -> canary -> promote -> predict."""
     from edgefed.apps import demo as cli_demo
 
     args = argparse.Namespace(
         devices=3,
-        rounds=2,
+        rounds=4,
         alpha=0.5,
         model="mlp",
         compression="int8",
@@ -157,14 +157,40 @@ def test_demo_command_end_to_end(embedded_broker, tmp_path: Path, capsys) -> Non
         broker=embedded_broker.url,
         seed=0,
         out=str(tmp_path / "demo"),
+        canaries=2,
+        budget=100.0,  # 4 rounds: the gate is not what this test is about (see test_rollout_*)
+        no_rollout=False,
     )
-    t0 = time.time()
     assert cli_demo.run(args) == 0
-    out = capsys.readouterr().out
-    assert "round   2/2" in out and "final accuracy" in out
+    cap = capsys.readouterr()
+    out = cap.out
+    assert "round   4/4" in out and "final accuracy" in out
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 1000
     rows = read_metrics(tmp_path / "demo" / "metrics-int8.jsonl")
-    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["participants"] == 3
-    assert time.time() - t0 < 120
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and rows[-1]["participants"] == 3
+    # export: the candidates table, signed with the ephemeral key, verified
+    assert "| teacher fp32 |" in out and "int8 static |" in out, out
+    assert "model.efb" in out and ", signed)" in out and "OK: " in out, out
+    from edgefed.bundle import verify_bundle
+
+    demo = tmp_path / "demo"
+    m = verify_bundle(demo / "model.efb", demo / "keys" / "demo.key.pub")
+    assert m.model_version == "r4-edge"
+    # canary on dev-000 and dev-001, promoted; dev-002 predicts with the bundle
+    assert "PROMOTED r4-edge" in out, out
+    reps = [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]
+    assert sorted(r["device"] for r in reps) == ["dev-000", "dev-001"], reps
+    assert all(r["mode"] == "canary" and r["baseline_version"] == "r4" for r in reps), reps
+    assert "dev-002 runs r4-edge:" in out, out
+    logits = np.load(demo / "predict-logits.npy")
+    assert logits.shape[1] == 10 and len(logits) > 0
+    assert "federated fp32 ONNX" in out and "bundle: " in out, out
+    timings = json.loads((demo / "timings.json").read_text())
+    assert list(timings) == [
+        "federate", "export", "sign+verify", "canary+promote", "predict", "total",
+    ]  # fmt: skip
+    # signed downlink, no export chatter
+    noise = ("UNSIGNED", "NOT signed", "torchvision is not installed", "Warning")
+    assert not any(n in cap.out + cap.err for n in noise), cap.err[-2000:]
     bad = argparse.Namespace(**{**vars(args), "broker": "http://nope"})
     assert cli_demo.run(bad) == 2

@@ -20,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=16_000_000, help="float32 elements")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
-    parser.add_argument("--isa", default="auto", choices=["auto", *quant.available_isas()])
+    parser.add_argument(
+        "--isa", default="auto", choices=["auto", *quant.available_isas()],
+        help="C++ kernel instruction set (default: the best available)",
+    )  # fmt: skip
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:

@@ -14,25 +14,28 @@ from edgefed.coordinator.rounds import RoundConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--devices", type=int, default=10, help="simulated devices")
+    p.add_argument("--rounds", type=int, default=20, help="federated rounds")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha")
-    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="built-in model")
     p.add_argument(
         "--compression",
         action="append",
         help="uplink spec (repeatable): none, int8, topk:0.1+int8, ... (default int8)",
     )
-    p.add_argument("--downlink", default="int8")
-    p.add_argument("--strategy", default="fedavg")
-    p.add_argument("--strategy-param", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-error-feedback", action="store_true")
+    p.add_argument("--downlink", default="int8", help="downlink compression spec")
+    p.add_argument("--strategy", default="fedavg", help="aggregation strategy name")
+    p.add_argument(
+        "--strategy-param", action="append", default=[], metavar="KEY=VALUE",
+        help="strategy parameter, e.g. mu=0.01 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--no-error-feedback", action="store_true", help="no uplink error feedback")
     p.add_argument("--lr", type=float, default=RoundConfig.lr, help="device learning rate")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--fraction", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--batch-size", type=int, default=16, help="local batch size")
+    p.add_argument("--fraction", type=float, default=1.0, help="devices sampled per round")
     p.add_argument("--weak", type=int, default=0, help="devices that train the head only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds data split, model, sampling")
     p.add_argument(
         "--broker", default=None, help="'embedded' or mqtt://host:port (default: in-process)"
     )

@@ -22,13 +22,13 @@ from edgefed.bundle.unpack import inspect_bundle, read_bundle_file, verify_bundl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("inspect", help="show the manifest (signature NOT checked)")
-    p.add_argument("file")
+    p.add_argument("file", help="the bundle (.efb)")
     p.add_argument("--json", action="store_true", help="print the full manifest as JSON")
     p = sub.add_parser("verify", help="check signature and every member hash")
-    p.add_argument("file")
+    p.add_argument("file", help="the bundle (.efb)")
     p.add_argument("--key", required=True, help="public key file (.pub) or its hex text")
     p = sub.add_parser("sign", help="sign (or re-sign) a bundle")
-    p.add_argument("file")
+    p.add_argument("file", help="the bundle (.efb)")
     p.add_argument("--key", required=True, help="private key file")
     p.add_argument("-o", "--output", help="write here instead of replacing FILE")
     p = sub.add_parser(

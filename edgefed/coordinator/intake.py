@@ -93,7 +93,8 @@ def accept(device: str, data: bytes, ctx: RoundContext) -> AcceptedUpdate | Drop
     except MessageError as e:
         return _drop(device, bad, e.reason)
     if h.error is not None:
-        return _drop(device, DropReason.DEVICE_ERROR, h.error)
+        now = ctx.round is not None and h.round == ctx.round and h.device_id == device
+        return _drop(device, DropReason.DEVICE_ERROR, h.error, answered=now)
     dev, rnd = h.device_id, h.round
     if dev != device:
         return _drop(device, bad, f"header device {dev!r} != topic device")

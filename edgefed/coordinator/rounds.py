@@ -112,6 +112,7 @@ class RoundEngine:
         self._records: dict[tuple[str, int, str], tuple[int, float | None]] = {}  # key -> (n, loss)
         self.aggregator: Aggregator | None = None  # the open round's
         self._drops: list[Drop] = []
+        self._declined: set[str] = set()  # sampled devices that refused the open round
         self._bytes_up = 0
         self._payload_up = 0
         self._bytes_down = 0
@@ -203,7 +204,7 @@ class RoundEngine:
         chosen = self.sample(online)
         self._open = rnd
         self._sampled = {d: self.graph_for(d) for d in chosen}
-        self._answered, self._records = {}, {}
+        self._answered, self._records, self._declined = {}, {}, set()
         self.aggregator = make_aggregator(self.strategy, self.schema, self.threads, sharded)
         self._ctx = RoundContext(
             rnd,
@@ -372,6 +373,8 @@ class RoundEngine:
             ):
                 self.device(topic_device).graphs = []  # resend the graph next time
                 self._release(topic_device)  # async: it may take a new task
+                if res.answered:  # refused or failed this round: no update will come
+                    self._declined.add(topic_device)
             return self._drop(res)
         if self.asynchronous:
             _, version, _ = self._release(res.device) or (0, self.round, 0.0)
@@ -398,13 +401,13 @@ class RoundEngine:
         st.bytes_up += u.message_bytes
 
     def all_answered(self) -> bool:
-        return bool(self._sampled) and set(self._answered) == set(self._sampled)
+        return bool(self._sampled) and set(self._answered) | self._declined >= set(self._sampled)
 
     def pending(self) -> list[str]:
         """Devices whose update is awaited (async: those holding a task)."""
         if self.asynchronous:
             return sorted(self._out)
-        return sorted(set(self._sampled) - set(self._answered))
+        return sorted(set(self._sampled) - set(self._answered) - self._declined)
 
     def finish_round(self, merged: Any = None, clock_s: float = 0.0) -> RoundMetrics:
         """Close the open round: missing devices are dropped as "deadline", the accepted

@@ -29,6 +29,8 @@ class Drop:
     ``retry``: the update names a round not announced yet; a sharded worker holds it until
     the announcement arrives instead of dropping it. ``redelivery``: an exact copy of an
     update already counted here (a QoS 1 redelivery), which a worker ignores quietly.
+    ``answered``: the device's refusal or error for the open round: it will send no update,
+    so the round does not wait for it (and does not count it as "deadline" as well).
     """
 
     device: str
@@ -36,6 +38,7 @@ class Drop:
     detail: str = ""
     retry: bool = False
     redelivery: bool = False
+    answered: bool = False
 
     @property
     def text(self) -> str:

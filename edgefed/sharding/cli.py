@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="worker TOML (see edgefed.sharding.config)")
     parser.add_argument("--id", dest="worker_id", help="override [worker] id")
     parser.add_argument("--broker", help="override [transport] url, e.g. mqtt://host:1883")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def run(args: argparse.Namespace) -> int:
