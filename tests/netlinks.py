@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from harness.wait import wait_until
 
 PREFIX = "efl"  # namespace names: efl<pid>-<tag>-hub / -d<i>
 BROKER_PORT = 1883  # inside the hub namespace only
@@ -194,18 +195,20 @@ class NetLab:
         return w
 
     def wait(self, cond: Callable[[], object], timeout: float, what: str) -> object:
-        """Poll ``cond`` until truthy; on timeout fail naming ``what``, and with the logs."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            v = cond()
-            if v:
-                return v
-            for name, p in self.procs.items():
-                if name == "mosquitto" and p.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited:\n{self.log('mosquitto')}")
-            time.sleep(0.1)
-        logs = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
-        raise TimeoutError(f"{what}: not after {timeout}s\n{logs}")
+        """:func:`harness.wait.wait_until` on ``cond``, failing at once if mosquitto died and
+        with every process's log on timeout."""
+
+        def ready() -> object:
+            broker = self.procs.get("mosquitto")
+            if broker is not None and broker.poll() is not None:
+                raise RuntimeError(f"mosquitto exited:\n{self.log('mosquitto')}")
+            return cond()
+
+        try:
+            return wait_until(ready, timeout, what, interval=0.1)
+        except TimeoutError as e:
+            logs = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
+            raise TimeoutError(f"{e}\n{logs}") from None
 
     def close(self) -> None:
         for p in self.procs.values():
