@@ -2,7 +2,7 @@
 synchronous FedAvg, and per-device adaptive uplink vs one fixed spec, on simulated time.
 
 Both parts run ``edgefed.simulate`` in process with a simulated fleet
-(``edgefed.coordinator.loop.FleetProfile``): every update is real (the exported step graph
+(``edgefed.coordinator.fleet_clock.FleetProfile``): every update is real (the exported step graph
 trained in onnxruntime on the device's digits shard, compressed, checked by the intake,
 aggregated), only the clock is simulated: a task takes ``step_time * speed`` seconds of the
 device's online time (plus bytes / link rate with links), devices are offline a given

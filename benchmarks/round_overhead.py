@@ -33,7 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def _rss_mb() -> float:
     """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():

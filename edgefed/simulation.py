@@ -193,7 +193,7 @@ def simulate(
     if broker is not None and (speeds is not None or offline_fraction or links is not None):
         raise ValueError("speeds, offline_fraction and links simulate time: in-process only")
     if speeds is not None or offline_fraction or links is not None:
-        from edgefed.coordinator.loop import FleetProfile
+        from edgefed.coordinator.fleet_clock import FleetProfile
 
         n = len(datasets)
         profile = FleetProfile(
@@ -234,7 +234,7 @@ def _run_inprocess(
     rounds: int,
     writer: MetricsWriter,
     verbose: bool,
-    profile: Any = None,  # coordinator.loop.FleetProfile
+    profile: Any = None,  # coordinator.fleet_clock.FleetProfile
     checkpoint: str | Path | None = None,
 ) -> History:
     from device_agent.agent import DeviceWorker
