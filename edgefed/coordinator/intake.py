@@ -37,7 +37,7 @@ from edgefed.protocol import Drop, DropReason, MessageError, UpdateHeader, unpac
 
 Key = tuple[str, int, str]
 
-__all__ = ["AcceptedUpdate", "Key", "RoundContext", "accept", "check_decoded"]
+__all__ = ["AcceptedUpdate", "HeldTask", "Key", "RoundContext", "accept", "check_decoded"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,22 @@ class AcceptedUpdate:
         return self.header.key
 
 
+@dataclass(frozen=True)
+class HeldTask:
+    """An asynchronous (FedBuff) task a device holds: everything its update is checked
+    against, and what a restarted coordinator needs to accept it (checkpointed, journaled)."""
+
+    round: int  # the task's round field: its dispatch sequence number
+    version: int  # the model version it was built on (staleness = current - this)
+    graph: str  # the graph id it trains ("full" / "head")
+    allowed: frozenset[str]  # tensors its update may carry
+    issued: float = 0.0  # collector clock when it went out (expiry after round_timeout)
+
+    @property
+    def model_version(self) -> str:
+        return f"r{self.version}"
+
+
 @dataclass
 class RoundContext:
     """What the checker needs to know about the open round (built by its owner)."""
@@ -75,9 +91,9 @@ class RoundContext:
     answered: Mapping[str, Key] = field(default_factory=dict)  # device -> counted key
     seen: Container[Key] = frozenset()  # keys counted in earlier rounds (and restarts)
     closed: bool = False  # the round stopped taking updates (a worker after the close)
-    # Asynchronous (FedBuff) mode: device -> (task round, model version) of the task it
-    # holds; each device answers its own task, whatever buffer is open (``round`` unused).
-    tasks: Mapping[str, tuple[int, str]] | None = None
+    # Asynchronous (FedBuff) mode: device -> the task it holds; each device answers its
+    # own task, whatever buffer is open (``round`` and ``allowed`` unused).
+    tasks: Mapping[str, HeldTask] | None = None
 
 
 def _drop(device: str, reason: DropReason, detail: str = "", **kw: bool) -> Drop:
@@ -99,20 +115,21 @@ def accept(device: str, data: bytes, ctx: RoundContext) -> AcceptedUpdate | Drop
     if dev != device:
         return _drop(device, bad, f"header device {dev!r} != topic device")
     want_version = ctx.model_version
+    allowed = ctx.allowed.get(dev)
     if ctx.tasks is not None:
         if h.key in ctx.seen:
             return _drop(dev, DropReason.DUPLICATE, "update already counted", redelivery=True)
         held = ctx.tasks.get(dev)
-        if held is None or rnd < held[0]:
+        if held is None or rnd < held.round:
             return _drop(dev, DropReason.LATE, f"update for task {rnd}, no longer outstanding")
-        if rnd > held[0]:
+        if rnd > held.round:
             return _drop(dev, bad, f"update for task {rnd}, which was never sent")
-        want_version = held[1]
+        want_version, allowed = held.model_version, held.allowed
     elif ctx.round is None or rnd < ctx.round or (rnd == ctx.round and ctx.closed):
         return _drop(dev, DropReason.LATE, f"update for round {rnd}", retry=ctx.round is None)
     elif rnd > ctx.round:
         return _drop(dev, bad, f"update for future round {rnd}", retry=True)
-    if dev not in ctx.allowed:
+    if allowed is None:
         return _drop(dev, DropReason.NOT_SAMPLED)
     if h.key in ctx.seen or ctx.answered.get(dev) == h.key:
         return _drop(dev, DropReason.DUPLICATE, "update already counted", redelivery=True)
@@ -134,7 +151,7 @@ def accept(device: str, data: bytes, ctx: RoundContext) -> AcceptedUpdate | Drop
         return _drop(dev, bad, f"model version {m.model_version!r}, task had {want_version!r}")
     if not upd.tensors:
         return _drop(dev, bad, "update carries no tensors")
-    extra = set(upd.tensors) - ctx.allowed[dev]
+    extra = set(upd.tensors) - allowed
     if extra:
         return _drop(dev, bad, f"tensors outside its graph: {sorted(extra)[:3]}")
     problem = check_decoded(upd, ctx.schema)

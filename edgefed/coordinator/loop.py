@@ -35,6 +35,7 @@ from typing import Any
 from edgefed.coordinator.artifact import artifact_dir_for, write_engine_artifact
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from edgefed.coordinator.fleet_clock import Availability, FleetProfile
+from edgefed.coordinator.journal import Journal, journal_path
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
 
@@ -108,10 +109,16 @@ def run_rounds(
     if engine.asynchronous and collector.sharded:
         raise RuntimeError("asynchronous mode does not run with [sharding] (sync rounds only)")
     step = _fill_buffer if engine.asynchronous else _one_round
+    # async: tasks out and updates buffered since the checkpoint (coordinator/journal.py)
+    journal = Journal(journal_path(ck)) if ck is not None and engine.asynchronous else None
     out: list[RoundMetrics] = []
     try:
         collector.start()
         t0 = collector.clock()
+        if journal is not None and ck is not None:
+            if not ck.exists():  # the journal's anchor: version 0 of this run
+                save_checkpoint(ck, engine.checkpoint())
+            engine.resume(journal, t0)
         before = engine.history[-1].get("clock_s", 0.0) if engine.history else 0.0
         while not collector.stopped and engine.round < rounds:
             merged = step(engine, collector)
@@ -120,6 +127,8 @@ def run_rounds(
             m = engine.finish_round(merged, clock_s=before + collector.clock() - t0)
             if ck is not None:
                 save_checkpoint(ck, engine.checkpoint())
+                if journal is not None:  # after the checkpoint: a crash between keeps both
+                    journal.start(engine.round, engine.run_id)
                 write_engine_artifact(artifact_dir_for(ck), engine)
             if metrics is not None:
                 metrics.write(m, rounds)
@@ -129,6 +138,9 @@ def run_rounds(
             collector.deliver_final_model()
     finally:
         collector.close()
+        if journal is not None:
+            journal.close()
+            engine.journal = None
     return out
 
 

@@ -31,7 +31,8 @@ from edgefed.codec import CompressionSpec, ModelSchema
 from edgefed.coordinator.adaptive import DEFAULT_LADDER, AdaptiveUplink
 from edgefed.coordinator.aggregation import Aggregator, make_aggregator
 from edgefed.coordinator.checkpoint import Checkpoint
-from edgefed.coordinator.intake import AcceptedUpdate, RoundContext, accept
+from edgefed.coordinator.intake import AcceptedUpdate, HeldTask, RoundContext, accept
+from edgefed.coordinator.journal import Journal, decode_update
 from edgefed.coordinator.metrics import RoundMetrics
 from edgefed.coordinator.model import FederatedModel
 from edgefed.coordinator.staleness import parse_staleness_weight
@@ -124,10 +125,9 @@ class RoundEngine:
             raise ValueError(f'[coordinator] mode: expected "sync" or "async", found {found!r}')
         self.asynchronous = config.mode == "async"
         self.staleness_weight = parse_staleness_weight(config.staleness_weight)
-        # async: device -> (task round, model version it was built on, issued at clock)
-        self._out: dict[str, tuple[int, int, float]] = {}
-        self._out_ctx: dict[str, tuple[int, str]] = {}  # the intake's view of ``_out``
-        self._out_allowed: dict[str, frozenset[str]] = {}
+        self._out: dict[str, HeldTask] = {}  # async: device -> the task it holds
+        # async: the write-ahead journal of the open buffer (coordinator/journal.py)
+        self.journal: Journal | None = None
         self.task_seq = 0  # async: the round field of the last dispatched tasks
         self._staleness: list[int] = []
         self.adaptive = (
@@ -252,9 +252,8 @@ class RoundEngine:
         self._answered, self._records = {}, {}
         self.aggregator = make_aggregator(self.strategy, self.schema, self.threads)
         self._ctx = RoundContext(
-            self._open, self.model_version, self.schema, self._out_allowed, {}, self.seen,
-            tasks=self._out_ctx,
-        )  # fmt: skip
+            self._open, self.model_version, self.schema, {}, {}, self.seen, tasks=self._out
+        )
         self._sampled = {}
         self._bytes_up = self._payload_up = self._bytes_down = 0
         self._dev_bytes = Counter()
@@ -291,38 +290,41 @@ class RoundEngine:
         if not chosen:
             return LazyTasks({})
         seq = max([self.task_seq, *(self.device(d).last_round for d in chosen)]) + 1
-        self.task_seq = seq
         assignment = {d: self.graph_for(d) for d in chosen}
-        for d, gid in assignment.items():
-            self._out[d] = (seq, self.round, now)
-            self._out_ctx[d] = (seq, self.model_version)
-            self._out_allowed[d] = frozenset(self.model.graphs[gid].updated)
-            self._sampled[d] = gid
+        if self.journal is not None:  # before the tasks exist outside this process
+            self.journal.dispatched(seq, self.round, assignment)
+        self._hold(seq, self.round, assignment, now)
         return self._tasks(seq, assignment)
+
+    def _hold(self, seq: int, version: int, assignment: dict[str, str], now: float) -> None:
+        """Record tasks ``device -> graph`` of dispatch ``seq`` on model ``version`` as out."""
+        self.task_seq = max(self.task_seq, seq)
+        for d, gid in assignment.items():
+            allowed = frozenset(self.model.graphs[gid].updated)
+            self._out[d] = HeldTask(seq, version, gid, allowed, now)
+            self._sampled[d] = gid
 
     def task_round(self, device: str) -> int | None:
         """The round field of the task ``device`` holds (async), or of the open round."""
         if self.asynchronous:
             held = self._out.get(device)
-            return held[0] if held else None
+            return held.round if held else None
         return self._open
 
-    def _release(self, device: str) -> tuple[int, int, float] | None:
-        self._out_ctx.pop(device, None)
-        self._out_allowed.pop(device, None)
+    def _release(self, device: str) -> HeldTask | None:
         return self._out.pop(device, None)
 
     def expire(self, now: float) -> None:
         """Async: tasks out longer than ``round_timeout`` are dropped ("deadline") and their
         devices may get a new task."""
-        for d, (_, _, issued) in sorted(self._out.items()):
-            if now - issued > self.cfg.round_timeout:
+        for d, held in sorted(self._out.items()):
+            if now - held.issued > self.cfg.round_timeout:
                 self._release(d)
                 self._drop(Drop(d, DropReason.DEADLINE, "task outstanding past round_timeout"))
 
     def next_deadline(self, now: float) -> float:
         """When the oldest task expires (async), at most ``round_timeout`` from ``now``."""
-        issued = [t for _, _, t in self._out.values()]
+        issued = [t.issued for t in self._out.values()]
         return min([now + self.cfg.round_timeout, *(t + self.cfg.round_timeout for t in issued)])
 
     def collect_done(self, online: Any = ()) -> bool:
@@ -364,6 +366,13 @@ class RoundEngine:
     def handle_update(self, topic_device: str, data: bytes) -> bool:
         """Check one update message with the intake and add it to the round's aggregation;
         False (reason logged and counted) if dropped."""
+        held = self._out.get(topic_device)
+        ok = self._handle_update(topic_device, data)
+        if self.journal is not None and held and self._out.get(topic_device) is not held:
+            self.journal.update(topic_device, data)  # it answered its task: replay it
+        return ok
+
+    def _handle_update(self, topic_device: str, data: bytes) -> bool:
         self._bytes_up += len(data)
         self._dev_bytes[topic_device] += len(data)
         res = accept(topic_device, data, self._context())
@@ -377,8 +386,8 @@ class RoundEngine:
                     self._declined.add(topic_device)
             return self._drop(res)
         if self.asynchronous:
-            _, version, _ = self._release(res.device) or (0, self.round, 0.0)
-            stale = self.round - version
+            held = self._release(res.device)
+            stale = self.round - (held.version if held is not None else self.round)
             if stale > self.cfg.max_staleness:
                 self.seen.check_and_add(res.key)  # a copy of it is a duplicate, not stale again
                 why = f"{stale} versions behind (max_staleness {self.cfg.max_staleness})"
@@ -508,6 +517,9 @@ class RoundEngine:
                 "seen": [list(k) for k in self.seen.keys()[-10000:]],
                 "run_id": self.run_id,
                 "task_seq": self.task_seq,
+                # async: the tasks out when this version closed (their updates are accepted
+                # after a restart; coordinator/journal.py has what came after)
+                "outstanding": {d: [t.round, t.version, t.graph] for d, t in self._out.items()},
                 **self._norm_bound_meta(),
             },
         )
@@ -530,7 +542,12 @@ class RoundEngine:
         self.round = ck.round
         meta = ck.meta
         self.run_id = str(meta.get("run_id") or self.run_id)
-        self.task_seq = int(meta.get("task_seq", 0))  # tasks out at the crash are lost
+        self.task_seq = int(meta.get("task_seq", 0))
+        self._out = {}
+        for d, (seq, version, gid) in sorted(meta.get("outstanding", {}).items()):
+            if gid not in self.model.graphs:
+                raise ValueError(f"checkpoint: outstanding task of {d!r} trains graph {gid!r}")
+            self._hold(int(seq), int(version), {d: gid}, 0.0)  # re-stamped by resume()
         nb = self.strategy.norm_bound
         if nb is not None and "norm_bound" in meta:
             nb.load_state(meta["norm_bound"])  # NormBoundError names a malformed history
@@ -544,3 +561,32 @@ class RoundEngine:
             self.rng.setstate((3, tuple(meta["rng"]), None))
         for k in meta.get("seen", []):
             self.seen.check_and_add(tuple(k))
+
+    # ---- restart of an asynchronous buffer ----------------------------------------------
+    def resume(self, journal: Journal, now: float) -> None:
+        """Async, after :meth:`restore` (or on a fresh start): take the tasks restored from
+        the checkpoint as issued ``now`` (a fresh ``round_timeout``: the old clock is gone),
+        replay what ``journal`` recorded since that checkpoint (the dispatches and the
+        update messages, through the same intake: the partially filled buffer comes back
+        with the same keys and staleness), then keep journaling into it."""
+        self._out = {d: replace(t, issued=now) for d, t in self._out.items()}
+        events = journal.read(self.round, self.run_id)
+        restored, replayed = len(self._out), 0
+        if events:
+            self.open_buffer(now)
+            for ev in events:
+                if "dispatch" in ev:
+                    d = ev["dispatch"]
+                    self._hold(int(d["seq"]), int(d["version"]), dict(d["tasks"]), now)
+                else:
+                    self.handle_update(*decode_update(ev))
+                    replayed += 1
+        journal.start(self.round, self.run_id, events)
+        self.journal = journal
+        if restored or events:
+            log.info(
+                "resumed version %d: %d tasks outstanding at the checkpoint, %d journal events "
+                "(%d update messages replayed, %d in the open buffer), %d tasks out now",
+                self.round, restored, len(events), replayed,
+                self.aggregator.count if self.aggregator else 0, len(self._out),
+            )  # fmt: skip
