@@ -1,19 +1,129 @@
 """``edgefed simulate``: federated digits with options; several ``--compression`` values run
-side by side (same split, same initial model) and land in one plot."""
+side by side (same split, same initial model) and land in one plot.
+
+The options are ``edgefed.simulate``'s: asynchronous buffered aggregation (``--mode async``,
+``--buffer-size``, ``--max-staleness``...), a simulated fleet clock (``--speeds``,
+``--offline-fraction``, ``--links``...) and the adaptive uplink (``--upload-budget-s``,
+``--ladder``). Every bad value is one line on stderr naming the option (exit status 2).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from edgefed.coordinator.rounds import RoundConfig
 
+PROG = "edgefed simulate"
+
+
+def _one_line_error(message: str) -> NoReturn:
+    """argparse's error without the usage block: one line naming the option."""
+    print(f"{PROG}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _number(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable:
+    """An argparse type: ``kind`` within [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    lo_txt = f"> {lo:g}" if lo_open else f">= {lo:g}"
+    want = f"{'an integer' if kind is int else 'a number'} {lo_txt}" + (
+        f" and <= {hi:g}" if hi < math.inf else ""
+    )
+
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, found {text!r}") from None
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, found {text!r}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _fraction(text: str) -> float:
+    v = _number(float, 0.0)(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 and < 1, found {text!r}")
+    return float(v)
+
+
+def _staleness_weight(text: str) -> str:
+    from edgefed.coordinator.staleness import parse_staleness_weight
+
+    try:
+        parse_staleness_weight(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return text
+
+
+def _ladder(text: str) -> list[str]:
+    from edgefed.coordinator.adaptive import parse_ladder
+
+    try:
+        return list(parse_ladder([x.strip() for x in text.split(",") if x.strip()]))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
+def _rates(text: str) -> list[float]:
+    """Comma-separated positive numbers (``1e4,1e6``)."""
+    out = []
+    for x in text.split(","):
+        try:
+            v = float(x)
+        except ValueError:
+            v = math.nan
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated positive numbers, found {x.strip()!r} in {text!r}"
+            )
+        out.append(v)
+    return out
+
+
+def _speeds(text: str) -> str:
+    """``spread:R`` or a comma list; expanded per device by :func:`per_device`."""
+    if text.startswith("spread:"):
+        _number(float, 1.0)(text[7:])
+    else:
+        _rates(text)
+    return text
+
+
+def _links(text: str) -> str:
+    _rates(text)
+    return text
+
+
+def per_device(option: str, text: str | None, n: int) -> list[float] | None:
+    """``--speeds`` / ``--links`` for ``n`` devices: one value per device, one value for all,
+    or (speeds) ``spread:R``, multipliers geometric from 1 to R."""
+    if text is None:
+        return None
+    if text.startswith("spread:"):
+        r = float(text[7:])
+        return [r ** (i / (n - 1)) if n > 1 else 1.0 for i in range(n)]
+    vals = _rates(text)
+    if len(vals) == 1:
+        return vals * n
+    if len(vals) != n:
+        raise ValueError(f"{option}: expected 1 or {n} values (--devices), found {len(vals)}")
+    return vals
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.error = _one_line_error  # type: ignore[method-assign]
     p.add_argument("--devices", type=int, default=10, help="simulated devices")
     p.add_argument("--rounds", type=int, default=20, help="federated rounds")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha")
@@ -39,6 +149,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--broker", default=None, help="'embedded' or mqtt://host:port (default: in-process)"
     )
+    a = p.add_argument_group("asynchronous buffered aggregation (docs/asynchronous.md)")
+    a.add_argument(
+        "--mode", choices=["sync", "async"], default=RoundConfig.mode,
+        help="sync rounds, or async (FedBuff): a model version per --buffer-size updates",
+    )  # fmt: skip
+    a.add_argument(
+        "--buffer-size", type=_number(int, 1), default=RoundConfig.buffer_size,
+        help="async: accepted updates per model version (--rounds counts versions)",
+    )  # fmt: skip
+    a.add_argument(
+        "--max-staleness", type=_number(int, 0), default=RoundConfig.max_staleness,
+        help="async: updates more model versions behind than this are dropped as stale",
+    )  # fmt: skip
+    a.add_argument(
+        "--max-concurrent", type=_number(int, 0), default=RoundConfig.max_concurrent,
+        help="async: tasks out at once (0: every online device)",
+    )  # fmt: skip
+    a.add_argument(
+        "--staleness-weight", type=_staleness_weight, default=RoundConfig.staleness_weight,
+        help='async: weight of an update s versions behind: "poly:A", "constant", "hinge:A,B"',
+    )  # fmt: skip
+    f = p.add_argument_group("simulated fleet clock (in-process only)")
+    f.add_argument(
+        "--speeds",
+        type=_speeds,
+        default=None,
+        metavar="R,R,...|spread:R",
+        help="per-device slowness: a task takes --step-time * speed simulated seconds; one "
+        "value per device, one for all, or spread:R (geometric from 1 to R)",
+    )
+    f.add_argument(
+        "--step-time", type=_number(float, 0.0), default=1.0,
+        help="simulated seconds of a task on a device of speed 1",
+    )  # fmt: skip
+    f.add_argument(
+        "--offline-fraction", type=_fraction, default=0.0,
+        help="share of the time each device is offline, in [0, 1)",
+    )  # fmt: skip
+    f.add_argument(
+        "--offline-period", type=_number(float, 0.0, lo_open=True), default=5.0,
+        help="mean length of an offline spell, simulated seconds",
+    )  # fmt: skip
+    f.add_argument(
+        "--links",
+        type=_links,
+        default=None,
+        metavar="B,B,...",
+        help="per-device uplink rate in bytes/s (one per device or one for all): an update "
+        "takes bytes / rate, and the rate is reported as the device's measured uplink",
+    )
+    u = p.add_argument_group("adaptive uplink (docs/asynchronous.md)")
+    u.add_argument(
+        "--upload-budget-s",
+        type=_number(float, 0.0, 86400.0),
+        default=0.0,
+        help="give each device the first --ladder spec whose upload fits this many seconds "
+        "at its link rate (0: off, every device uses --compression)",
+    )
+    u.add_argument(
+        "--ladder",
+        type=_ladder,
+        default=None,
+        metavar="SPEC,SPEC,...",
+        help="compression specs from largest to smallest (default int8,topk:0.1+int8,"
+        "topk:0.01+int8,topk:0.001+int8)",
+    )
     p.add_argument("--out", default="edgefed-simulate", help="output directory")
 
 
@@ -53,6 +229,10 @@ def _param(kv: str) -> tuple[str, object]:
 
 
 def run_digits(args: argparse.Namespace, specs: list[str], verbose: bool) -> dict[str, list]:
+    speeds = per_device("--speeds", args.speeds, args.devices)  # before the slow part
+    links = per_device("--links", args.links, args.devices)
+    if args.broker and (speeds or links or args.offline_fraction):
+        raise ValueError("--speeds, --links, --offline-fraction simulate time: not with --broker")
     import torch
 
     from edgefed.coordinator.model import build_federated_model
@@ -98,6 +278,18 @@ def run_digits(args: argparse.Namespace, specs: list[str], verbose: bool) -> dic
             verbose=verbose,
             federated_model=fm,
             work_dir=out / "state" / name if args.broker else None,
+            mode=args.mode,
+            buffer_size=args.buffer_size,
+            max_staleness=args.max_staleness,
+            max_concurrent=args.max_concurrent,
+            staleness_weight=args.staleness_weight,
+            speeds=speeds,
+            step_time=args.step_time,
+            offline_fraction=args.offline_fraction,
+            offline_period=args.offline_period,
+            links=links,
+            upload_budget_s=args.upload_budget_s,
+            ladder=args.ladder,
         )
     return runs
 
@@ -111,11 +303,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         runs = run_digits(args, specs, verbose=True)
     except ValueError as e:
-        print(f"edgefed simulate: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     png = plot_runs(runs, Path(args.out) / "accuracy.png", f"digits, {args.devices} devices")
-    print(f"\n{'uplink':<20} {'final acc':>9} {'uplink bytes':>13}")
+    print(f"\n{'uplink':<20} {'final acc':>9} {'uplink bytes':>13} {'clock s':>9}")
     for spec, h in runs.items():
-        print(f"{spec:<20} {100 * h[-1]['accuracy']:8.1f}% {h[-1]['cum_bytes_up']:>13,}")
+        clock = h[-1].get("clock_s") or 0.0
+        print(
+            f"{spec:<20} {100 * h[-1]['accuracy']:8.1f}% {h[-1]['cum_bytes_up']:>13,} {clock:>9.1f}"
+        )
     print(f"plot: {png}  metrics: {args.out}/metrics-*.jsonl  ({time.time() - t0:.0f}s)")
     return 0
