@@ -16,11 +16,13 @@ The federated model is the user's (``make_net`` in a ``my_models.py`` the test w
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from harness.processes import stop_processes
 from harness.wait import wait_until
 from rollout_helpers import task_data, user_models, write_device_data
 
@@ -311,8 +313,6 @@ def test_config_keys_and_their_errors(tmp_path: Path) -> None:
         ("[compression]\nupload_budget_s = -1",
          "[compression] upload_budget_s: expected a number from 0 to 86400, found the "
          "integer -1"),
-        ('[coordinator]\nmode = "async"\n[sharding]\nworkers = 2',
-         '[coordinator] mode: expected "sync" with [sharding]'),
     ]  # fmt: skip
     for body, want in cases:
         assert _config_error(tmp_path, body + "\n").startswith(want), body
@@ -446,3 +446,69 @@ def test_engine_restart_mid_buffer_replays_the_journal_exactly(
     assert eng.handle_update("dev-2", ups["dev-2"]) is False  # once, even after a restart
     eng.expire(100.0 + eng.cfg.round_timeout + 1)  # restored tasks got a fresh timeout
     assert eng.outstanding == 0
+
+
+@pytest.mark.system  # mosquitto + aggregator worker processes
+def test_async_buffers_summed_by_worker_processes_equal_unsharded(
+    mosquitto: Any, user_dir: Path, tmp_path: Path
+) -> None:
+    """Async with [sharding]: two ``edgefed aggregator`` processes sum each buffer (the
+    staleness weight applied per update where it is decoded); the model versions equal an
+    unsharded engine's fed the same update bytes, with the same staleness and the same
+    ``stale`` drop. Buffers: v1 from two fresh tasks; v2 from a version-0 task (staleness 1,
+    weight 1/sqrt(2)) and a fresh one; v3 drops a version-0 update (staleness 2 >
+    max_staleness 1) and takes a staleness-1 and a fresh one."""
+    from test_sharding_mqtt import start_workers
+
+    from edgefed.coordinator.intake import DropReason
+    from edgefed.sharding import ShardedAggregation, ShardingConfig
+    from edgefed.transport import Topics, TransportConfig
+    from edgefed.transport.client import MqttClient
+
+    cfg = dict(mode="async", buffer_size=2, max_staleness=1)
+    sharded, plain = _engine(user_dir, **cfg), _engine(user_dir, **cfg)
+    w = _workers(user_dir, tmp_path, 4)
+    procs = start_workers(mosquitto.url, tmp_path, 2)
+    tc = TransportConfig(url=mosquitto.url, fleet="shard", protocol="5")
+    sc = ShardingConfig(workers=2, heartbeat_timeout=5.0, close_timeout=20.0, group="aggs")
+    agg = ShardedAggregation(tc, sharded.schema, sc).start()
+    fleet = MqttClient(tc, "test-fleet")
+    fleet.start()
+    held: dict[str, bytes] = {}
+    try:
+        agg.wait_for_workers(timeout=60)
+        plan = [(["dev-0", "dev-1"], 0), (["dev-2", "dev-0"], 0), (["dev-3", "dev-1", "dev-2"], 1)]
+        for version, (answering, stale_drops) in enumerate(plan, 1):
+            sharded.open_buffer(0.0, sharded=True)
+            plain.open_buffer(0.0)
+            tasks = sharded.dispatch(sorted(w), now=0.0)
+            assert sorted(plain.dispatch(sorted(w), now=0.0)) == sorted(tasks)
+            held.update(tasks)
+            agg.announce(sharded.announcement(for_workers=True))
+            agg.pump(time.monotonic() + 30, lambda v=version: agg.workers_at(v))
+            assert agg.workers_at(version), agg.worker_round
+            for d in answering:
+                up = w[d].handle_task(held[d])
+                assert up is not None
+                fleet.publish(Topics("shard").update(d), up)
+                plain.handle_update(d, up)
+
+            def reported(n: int = stale_drops) -> bool:
+                stale = [x for x in agg.worker_drops if x.reason is DropReason.STALE]
+                return len(agg.reported_devices()) >= 2 and len(stale) >= n
+
+            agg.pump(time.monotonic() + 30, reported)
+            assert reported(), (agg.reported, agg.worker_drops)
+            got, want = sharded.finish_round(agg.close_round()), plain.finish_round()
+            assert (got.round, got.participants, got.dropped) == (version, 2, want.dropped)
+            assert (got.staleness_mean, got.staleness_max) == (
+                want.staleness_mean, want.staleness_max,
+            ), (got, want)  # fmt: skip
+            for k in plain.params:
+                np.testing.assert_allclose(sharded.params[k], plain.params[k], rtol=1e-5, atol=1e-7)
+        assert want.dropped == {"stale": 1} and want.staleness_max == 1
+        assert sharded.outstanding == plain.outstanding == 1  # dev-0 holds its v2 task
+    finally:
+        agg.stop()
+        fleet.stop()
+        stop_processes(procs)

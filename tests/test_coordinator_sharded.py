@@ -78,6 +78,30 @@ def test_sharded_coordinator_equals_unsharded(mosquitto, fleet_factory) -> None:
     assert counted == {1: 3, 2: 3}, counted
 
 
+def test_async_coordinator_process_with_aggregator_workers(mosquitto, fleet_factory) -> None:
+    """``mode = "async"`` with ``[sharding]``: a coordinator process, 2 aggregator worker
+    processes and 3 agent processes; every model version is one merge of the workers'
+    buffer partials (>= buffer_size updates each), each update counted once."""
+    fleet = fleet_factory(
+        mosquitto.url, 3, rounds=2, mode="async", buffer_size=2, max_staleness=4,
+        round_timeout=30.0,
+    )  # fmt: skip
+    got = _run(fleet, "asyncsh", 2)
+    assert fleet.procs["coordinator"].returncode == 0, fleet.log("coordinator")[-3000:]
+    assert [r["round"] for r in got] == [1, 2]
+    assert all(r["mode"] == "async" and r["participants"] >= 2 for r in got), got
+    assert all(r["staleness_max"] is not None for r in got), got
+    counted = {1: 0, 2: 0}  # the workers' partials, per buffer
+    for i in range(2):
+        for rnd, n in re.findall(r"round (\d+) partial #\d+: (\d+) updates", fleet.log(f"agg-{i}")):
+            counted[int(rnd)] += int(n)
+    assert counted == {r["round"]: r["participants"] for r in got}, (counted, got)
+    ck = load_checkpoint(fleet.checkpoint)
+    assert ck.round == 2 and ck.model_version == "r2"
+    accepted = sum(s["accepted"] for s in ck.meta["devices"].values())
+    assert accepted == sum(r["participants"] for r in got)  # each counted update once
+
+
 def test_sharding_config_is_validated() -> None:
     import pytest
 

@@ -14,6 +14,7 @@ import pytest
 
 from edgefed.apps.cli import main
 
+
 @pytest.mark.system  # a federated simulation end to end
 def test_simulate_command_async_fleet_clock_and_adaptive_uplink(tmp_path: Path) -> None:
     out = tmp_path / "sim"

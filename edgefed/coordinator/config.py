@@ -443,12 +443,6 @@ def _cross_checks(src: ConfigFile, cfg: CoordinatorConfig) -> None:
         )  # fmt: skip
     if cfg.sharding is None:
         return
-    if cfg.round.mode == "async":
-        raise src.error(
-            "coordinator", "mode",
-            'expected "sync" with [sharding] (workers sum one announced round at a time), '
-            'found "async": remove one',
-        )  # fmt: skip
     # Workers only sum (weight * delta) as updates stream in: they never see the other
     # updates, so neither a robust strategy nor a norm bound (fixed, adaptive or DP's
     # clipping) can run on their sums.

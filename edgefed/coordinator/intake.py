@@ -119,11 +119,14 @@ def accept(device: str, data: bytes, ctx: RoundContext) -> AcceptedUpdate | Drop
     if ctx.tasks is not None:
         if h.key in ctx.seen:
             return _drop(dev, DropReason.DUPLICATE, "update already counted", redelivery=True)
+        if ctx.closed:  # a worker whose buffer closed: the next one takes it
+            return _drop(dev, DropReason.LATE, "buffer closed", retry=True)
         held = ctx.tasks.get(dev)
         if held is None or rnd < held.round:
             return _drop(dev, DropReason.LATE, f"update for task {rnd}, no longer outstanding")
         if rnd > held.round:
-            return _drop(dev, bad, f"update for task {rnd}, which was never sent")
+            # a worker may see the update before the announcement naming its task
+            return _drop(dev, bad, f"update for task {rnd}, which was never sent", retry=True)
         want_version, allowed = held.model_version, held.allowed
     elif ctx.round is None or rnd < ctx.round or (rnd == ctx.round and ctx.closed):
         return _drop(dev, DropReason.LATE, f"update for round {rnd}", retry=ctx.round is None)

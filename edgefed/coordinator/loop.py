@@ -18,7 +18,8 @@ Collectors: :class:`InProcessCollector` (``edgefed.simulate``, tests, benchmarks
 workers called in this process, optionally on a simulated clock with per-device speed,
 availability and link rate: ``fleet_clock.FleetProfile``),
 ``coordinator.service.MqttCollector`` (a fleet over MQTT) and
-``sharding.collector.ShardedCollector`` (MQTT with aggregator workers; sync rounds only).
+``sharding.collector.ShardedCollector`` (MQTT with aggregator workers; async buffers go
+through :func:`_sharded_buffer`: one dispatch, one worker round, one merge per version).
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def run_rounds(
         saved = load_checkpoint(ck)
         engine.restore(saved)
         log.info("resumed from %s after round %d", ck, saved.round)
-    if engine.asynchronous and collector.sharded:
-        raise RuntimeError("asynchronous mode does not run with [sharding] (sync rounds only)")
-    step = _fill_buffer if engine.asynchronous else _one_round
+    step = _one_round
+    if engine.asynchronous:
+        step = _sharded_buffer if collector.sharded else _fill_buffer
     # async: tasks out and updates buffered since the checkpoint (coordinator/journal.py)
     journal = Journal(journal_path(ck)) if ck is not None and engine.asynchronous else None
     out: list[RoundMetrics] = []
@@ -171,6 +172,24 @@ def _fill_buffer(engine: RoundEngine, collector: Collector) -> None:
         if tasks:
             collector.send(tasks)
         collector.collect(engine.next_deadline(collector.clock()))
+
+
+def _sharded_buffer(engine: RoundEngine, collector: Collector) -> Any:
+    """One asynchronous model version summed by aggregator workers: idle online devices get
+    a task on the current model (announced to the workers with every task out, before the
+    tasks are published), then the workers collect until ``buffer_size`` updates were
+    reported (or ``round_timeout``); returns their merged sums. A device gets at most one
+    task per buffer here: the coordinator learns which tasks were answered from the merge."""
+    engine.open_buffer(collector.clock(), sharded=True)
+    engine.expire(collector.clock())
+    if engine.outstanding:
+        online = collector.online_now()
+    else:
+        online = collector.wait_online(engine.cfg.min_devices)
+    if collector.stopped:
+        return None
+    collector.send(engine.dispatch(online, collector.clock()))
+    return collector.collect(collector.clock() + engine.cfg.round_timeout)
 
 
 class InProcessCollector(Collector):

@@ -243,14 +243,16 @@ class RoundEngine:
         return tasks
 
     # ---- asynchronous buffers (FedBuff) ------------------------------------------------
-    def open_buffer(self, now: float) -> None:
+    def open_buffer(self, now: float, sharded: bool = False) -> None:
         """Async: start collecting the next model version's ``buffer_size`` updates. Tasks
-        already out stay out: their updates land in whatever buffer is open."""
+        already out stay out: their updates land in whatever buffer is open. ``sharded``:
+        aggregator workers sum the buffer (staleness weights applied there); it closes
+        from their merged sums."""
         if self._open is not None:
             return
         self._open = self.round + 1
         self._answered, self._records = {}, {}
-        self.aggregator = make_aggregator(self.strategy, self.schema, self.threads)
+        self.aggregator = make_aggregator(self.strategy, self.schema, self.threads, sharded)
         self._ctx = RoundContext(
             self._open, self.model_version, self.schema, {}, {}, self.seen, tasks=self._out
         )
@@ -343,6 +345,15 @@ class RoundEngine:
         sampled = sorted(self._sampled)
         if not for_workers:
             return RoundAnnouncement(self._open, self.model_version, sampled)
+        if self.asynchronous:  # a buffer: every task out, whatever buffer it was sent in
+            cfg = self.cfg
+            return RoundAnnouncement(
+                self._open, self.model_version, sorted(self._out),
+                {k: list(v) for k, v in self.schema.items()},
+                {d: sorted(t.allowed) for d, t in self._out.items()},
+                {d: [t.round, t.version] for d, t in self._out.items()},
+                {"version": self.round, "max": cfg.max_staleness, "weight": cfg.staleness_weight},
+            )  # fmt: skip
         return RoundAnnouncement(
             self._open,
             self.model_version,
@@ -485,7 +496,9 @@ class RoundEngine:
         agg = self.aggregator
         if not hasattr(agg, "add_sums"):
             raise RuntimeError("round was not opened as sharded")
-        for dev, rnd, uid in res.keys:
+        if self.asynchronous:
+            self._take_merged_buffer(res)
+        for dev, rnd, uid in [] if self.asynchronous else res.keys:
             if dev in self._sampled and rnd == self._open:
                 self.seen.check_and_add((dev, rnd, uid))
                 self._answered[dev] = (dev, rnd, uid)
@@ -498,6 +511,21 @@ class RoundEngine:
             self._drop(Drop("(worker)", DropReason.INVALID, "rejected by an aggregator worker"))
         for _, drop in sorted(res.dropped.items()):
             self._drop(drop)
+
+    def _take_merged_buffer(self, res: Any) -> None:
+        """Async, sharded: the workers counted these updates (staleness-weighted there);
+        release their tasks and record their staleness, as :meth:`handle_update` does."""
+        for dev, rnd, uid in res.keys:
+            held = self._out.get(dev)
+            if held is not None and held.round == rnd:
+                self._release(dev)
+                self._staleness.append(self.round - held.version)
+            self.seen.check_and_add((dev, rnd, uid))
+            self._records[(dev, rnd, uid)] = (0, None)
+            self.device(dev).accepted += 1
+        for drop in res.worker_drops:  # stale, or the device's error: no update will come
+            if drop.reason in (DropReason.STALE, DropReason.DEVICE_ERROR):
+                self._release(drop.device)
 
     # ---- checkpoints -----------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:

@@ -175,6 +175,11 @@ class RoundAnnouncement:
     sampled: list[str]
     schema: dict[str, list[int]] | None = None  # aggregator workers only
     allowed: dict[str, list[str]] = field(default_factory=dict)  # device -> tensors it may send
+    # Asynchronous buffers (aggregator workers only): device -> [task round, model version]
+    # of the task it holds, and {"version", "max", "weight"}: the version the buffer folds
+    # into, ``max_staleness`` and ``staleness_weight`` (docs/asynchronous.md).
+    tasks: dict[str, list[int]] | None = None
+    staleness: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -186,6 +191,9 @@ class RoundAnnouncement:
             d["schema"] = self.schema
         if self.allowed:
             d["allowed"] = {k: sorted(v) for k, v in sorted(self.allowed.items())}
+        if self.tasks is not None:
+            d["tasks"] = {k: list(v) for k, v in sorted(self.tasks.items())}
+            d["staleness"] = dict(self.staleness or {})
         return d
 
     def to_json(self) -> bytes:
@@ -212,12 +220,28 @@ class RoundAnnouncement:
             isinstance(v, list) and all(isinstance(t, str) for t in v) for v in allowed.values()
         ):
             raise MessageError("round announcement 'allowed' must map devices to tensor names")
+        tasks, staleness = msg.get("tasks"), msg.get("staleness")
+        if tasks is not None:
+            if not isinstance(tasks, dict) or not all(
+                isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 0 for x in v)
+                for v in tasks.values()
+            ):
+                raise MessageError("round announcement 'tasks': device -> [task round, version]")
+            if (
+                not isinstance(staleness, dict)
+                or type(staleness.get("version")) is not int
+                or type(staleness.get("max")) is not int
+                or not isinstance(staleness.get("weight"), str)
+            ):
+                raise MessageError("round announcement 'staleness' needs version, max and weight")
         return cls(
             require(msg, "round", int),
             require(msg, "model_version", str),
             list(sampled),
             schema,
             {k: list(v) for k, v in allowed.items()},
+            {k: list(v) for k, v in tasks.items()} if tasks is not None else None,
+            dict(staleness) if tasks is not None else None,
         )
 
 

@@ -52,5 +52,9 @@ class ShardedCollector(MqttCollector):
 
     def collect(self, deadline: float) -> MergeResult:
         # device presence waits in the collector's own inbox meanwhile
-        self.agg.pump(deadline, lambda: self.stopped or self.agg.all_reported())
+        done = self.agg.all_reported
+        if self.engine.asynchronous:  # a buffer: K updates reported by the workers
+            k = self.engine.cfg.buffer_size
+            done = lambda: len(self.agg.reported_devices()) >= k  # noqa: E731
+        self.agg.pump(deadline, lambda: self.stopped or done())
         return self.agg.close_round()

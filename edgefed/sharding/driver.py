@@ -78,6 +78,7 @@ class ShardedAggregation:
         self.rejected_messages = 0
         self.worker_round: dict[str, int | None] = {}  # last round each worker reported
         self._closing = False
+        self.buffer = False  # the open round is an asynchronous buffer (keys: task rounds)
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self, timeout: float | None = 30.0) -> ShardedAggregation:
@@ -181,7 +182,7 @@ class ShardedAggregation:
                 isinstance(k, list)
                 and len(k) == 3
                 and isinstance(k[0], str)
-                and k[1] == self.round
+                and (k[1] == self.round or (self.buffer and type(k[1]) is int))
                 and isinstance(k[2], str)
             ):
                 rep[k[0]] = (k[0], k[1], k[2])
@@ -296,6 +297,7 @@ class ShardedAggregation:
     def announce(self, ann: RoundAnnouncement) -> None:
         """Announce a round built by the coordinator's engine (schema and allowed tensors)."""
         rnd, sampled = ann.round, ann.sampled
+        self.buffer = ann.tasks is not None
         self.round = rnd
         self.sampled = frozenset(sampled)
         self.reported = {}
@@ -313,7 +315,7 @@ class ShardedAggregation:
             raise RuntimeError("no open round")
         rnd = self.round
         self._closing = True
-        merger = self.merger = PartialMerger(self.schema, rnd, self.cfg.max_keys)
+        merger = self.merger = PartialMerger(self.schema, rnd, self.cfg.max_keys, self.buffer)
         for w, inst in self.live.items():
             merger.set_live(w, inst)
         for wi in self.dead_instances:
@@ -351,8 +353,8 @@ class ShardedAggregation:
         res = merger.merge()
         res.conflicts = conflicts
         res.worker_drops = list(self.worker_drops)
-        for dev in self.sampled - {k[0] for k in res.keys}:
-            res.dropped.setdefault(
+        for dev in set() if self.buffer else self.sampled - {k[0] for k in res.keys}:
+            res.dropped.setdefault(  # (a buffer's devices without an update keep their task)
                 dev, Drop(dev, DropReason.DEADLINE, "no update counted before the round closed")
             )
         self.round = None

@@ -61,8 +61,11 @@ class MergeResult:
 class PartialMerger:
     """Collects the partials of one round and merges them (transport-free, testable alone)."""
 
-    def __init__(self, schema: ModelSchema, rnd: int, max_keys: int = 1_000_000) -> None:
+    def __init__(
+        self, schema: ModelSchema, rnd: int, max_keys: int = 1_000_000, task_rounds: bool = False
+    ) -> None:
         self.schema = schema
+        self.task_rounds = task_rounds  # an asynchronous buffer: keys carry task rounds
         self.round = rnd
         self.max_keys = max_keys
         self.instances: dict[str, str] = {}  # live worker -> instance
@@ -88,7 +91,9 @@ class PartialMerger:
     def add(self, worker: str, payload: bytes) -> Partial | None:
         """Validate one partial; None (reason logged and kept) if rejected."""
         try:
-            p = decode_partial(payload, self.schema, max_keys=self.max_keys)
+            p = decode_partial(
+                payload, self.schema, max_keys=self.max_keys, task_rounds=self.task_rounds
+            )
         except CodecError as e:
             return self._reject(worker, f"invalid partial: {e.reason}")
         if p.worker != worker:

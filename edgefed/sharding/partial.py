@@ -130,7 +130,7 @@ def _int(d: dict, key: str, hi: int = 2**53) -> int:
     return v
 
 
-def _keys(raw: object, rnd: int, max_keys: int) -> list[Key]:
+def _keys(raw: object, rnd: int | None, max_keys: int) -> list[Key]:
     if not isinstance(raw, list) or len(raw) > max_keys:
         raise CodecError(f"partial meta.keys must be a list of at most {max_keys} keys")
     out: list[Key] = []
@@ -146,7 +146,7 @@ def _keys(raw: object, rnd: int, max_keys: int) -> list[Key]:
             or not _ID.match(k[2])
         ):
             raise CodecError(f"partial key {str(k)[:80]} is not [device, round, update_id]")
-        if k[1] != rnd:
+        if rnd is not None and k[1] != rnd:
             raise CodecError(f"partial key for device {k[0]!r} is for round {k[1]}, not {rnd}")
         if k[0] in devices:
             raise CodecError(f"partial counts device {k[0]!r} twice")
@@ -155,8 +155,12 @@ def _keys(raw: object, rnd: int, max_keys: int) -> list[Key]:
     return out
 
 
-def decode_partial(payload: bytes, schema: ModelSchema, *, max_keys: int = 1_000_000) -> Partial:
-    """Validate and decode a partial against the coordinator's schema (CodecError if bad)."""
+def decode_partial(
+    payload: bytes, schema: ModelSchema, *, max_keys: int = 1_000_000, task_rounds: bool = False
+) -> Partial:
+    """Validate and decode a partial against the coordinator's schema (CodecError if bad).
+    ``task_rounds``: an asynchronous buffer's partial, whose keys name each update's task
+    round (any), not the buffer's."""
     if not isinstance(schema, ModelSchema):
         raise CodecError("schema must be a ModelSchema")
     body_cap = sum(8 * schema.size(n) for n in schema)
@@ -185,7 +189,7 @@ def decode_partial(payload: bytes, schema: ModelSchema, *, max_keys: int = 1_000
     wt = meta["weight_total"]
     if isinstance(wt, bool) or not isinstance(wt, int | float) or not math.isfinite(wt) or wt < 0:
         raise CodecError("partial meta.weight_total must be a finite number >= 0")
-    keys = _keys(meta["keys"], rnd, max_keys)
+    keys = _keys(meta["keys"], None if task_rounds else rnd, max_keys)
     p = bytes(payload) if not isinstance(payload, bytes) else payload
     if _digest(md["meta"], [memoryview(p)[body0:]]) != md["sha256"]:
         raise CodecError("partial integrity check failed: sha256 mismatch")

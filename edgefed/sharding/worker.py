@@ -14,6 +14,12 @@ re-sent its update and the copies reached different workers) it asks all but one
 re-issue the partial without it, which the worker does by re-adding its retained
 updates minus the excluded ones.
 
+Asynchronous buffers (FedBuff with ``[sharding]``, docs/asynchronous.md): the announcement
+also carries every task out (device -> task round, model version) and the staleness rule;
+the intake checks each update against its device's task, a ``stale`` one is dropped and
+reported, the others are added with ``scale = w(staleness)`` (kept, so an amendment or a
+re-fence re-adds them with the same scale). Keys then name task rounds.
+
 "Stateless": the only state is the open round's sums, rebuilt from nothing when a new
 worker joins; a worker that crashes loses only the updates it held, which the
 coordinator handles (see :mod:`.merge`). The worker publishes a status message every
@@ -30,9 +36,11 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgefed.codec import Accumulator, CodecError, ModelSchema, decode_update
-from edgefed.coordinator.intake import RoundContext, accept
+from edgefed.coordinator.intake import HeldTask, RoundContext, accept
+from edgefed.coordinator.staleness import parse_staleness_weight
 from edgefed.protocol import Drop, DropReason, MessageError, RoundAnnouncement, ShardTopics, Topics
 from edgefed.sharding.config import WorkerConfig
 from edgefed.sharding.partial import Key, Partial, encode_partial
@@ -61,6 +69,12 @@ class _Round:
     closed: bool = False
     amendment: int = 0
     excluded: set[str] = field(default_factory=set)
+    # asynchronous buffer: device -> the task it holds; each update's staleness scale
+    tasks: dict[str, HeldTask] | None = None
+    scales: dict[str, float] = field(default_factory=dict)
+    version: int = 0  # the model version this buffer folds into
+    max_staleness: int = 0
+    weight: Any = None  # staleness -> scale (coordinator/staleness.py)
 
 
 class AggregatorWorker:
@@ -182,6 +196,19 @@ class AggregatorWorker:
         every = frozenset(schema)  # an announcement without "allowed": any model tensor
         allowed = {d: frozenset(ann.allowed.get(d, every)) for d in sampled}
         self.state = _Round(rnd, version, schema, sampled, self._new_acc(schema), allowed)
+        if ann.tasks is not None and ann.staleness is not None:  # an asynchronous buffer
+            try:
+                weight = parse_staleness_weight(ann.staleness["weight"])
+            except ValueError as e:
+                log.warning("%s: invalid buffer announcement: %s", self.cfg.worker_id, e)
+                self.state = None
+                return
+            st = self.state
+            st.version, st.max_staleness = ann.staleness["version"], ann.staleness["max"]
+            st.weight = weight
+            st.tasks = {
+                d: HeldTask(r, v, "", allowed.get(d, every)) for d, (r, v) in ann.tasks.items()
+            }
         self.new_keys = []
         self.new_drops = []
         log.info("%s: round %d open (%d devices)", self.cfg.worker_id, rnd, len(sampled))
@@ -208,8 +235,9 @@ class AggregatorWorker:
         if st is None:
             return RoundContext(None, "", _NO_SCHEMA, {})
         return RoundContext(
-            st.round, st.model_version, st.schema, st.allowed, st.keys, closed=st.closed
-        )
+            st.round, st.model_version, st.schema, st.allowed, st.keys, closed=st.closed,
+            tasks=st.tasks,
+        )  # fmt: skip
 
     def handle_update(self, topic_device: str, m: Incoming) -> bool:
         """Check one update with the coordinator's intake and add it to the open round's
@@ -228,13 +256,21 @@ class AggregatorWorker:
         st = self.state
         assert st is not None
         dev, num = res.device, float(res.num_samples)
+        scale = 1.0
+        if st.tasks is not None:  # async: the staleness weight, applied where it is decoded
+            stale = st.version - st.tasks[dev].version
+            if stale > st.max_staleness:
+                why = f"{stale} versions behind (max_staleness {st.max_staleness})"
+                return self._drop(Drop(dev, DropReason.STALE, why))
+            scale = float(st.weight(stale))
         try:
-            st.acc.add(res.update, weight=num)
+            st.acc.add(res.update, num, scale)
         except CodecError as e:
             return self._drop(Drop(dev, DropReason.INVALID, e.reason))
         key: Key = res.key
         st.keys[dev] = key
         st.weights[dev] = num
+        st.scales[dev] = scale
         st.weight_total += num
         if st.kept is not None:
             st.kept_bytes += res.payload_bytes
@@ -313,7 +349,8 @@ class AggregatorWorker:
             if dev not in st.excluded:
                 acc.add(
                     decode_update(st.kept[dev], st.schema, accept_v1=True),
-                    weight=st.weights[dev],
+                    st.weights[dev],
+                    st.scales.get(dev, 1.0),
                 )
         st.acc = acc
         st.amendment += 1
@@ -328,8 +365,9 @@ class AggregatorWorker:
         log.error("%s: fenced by the coordinator; rejoining as a new instance", self.cfg.worker_id)
         self.instance = secrets.token_hex(8)
         new = _Round(
-            st.round, st.model_version, st.schema, st.sampled, self._new_acc(st.schema), st.allowed
-        )
+            st.round, st.model_version, st.schema, st.sampled, self._new_acc(st.schema), st.allowed,
+            tasks=st.tasks, version=st.version, max_staleness=st.max_staleness, weight=st.weight,
+        )  # fmt: skip
         new.closed = st.closed
         new.rejected = st.rejected
         self.new_keys = []
@@ -339,9 +377,11 @@ class AggregatorWorker:
                     continue
                 new.acc.add(
                     decode_update(st.kept[dev], st.schema, accept_v1=True),
-                    weight=st.weights[dev],
+                    st.weights[dev],
+                    st.scales.get(dev, 1.0),
                 )
                 new.keys[dev], new.weights[dev] = key, st.weights[dev]
+                new.scales[dev] = st.scales.get(dev, 1.0)
                 new.kept[dev] = st.kept[dev]  # type: ignore[index]
                 new.kept_bytes += len(st.kept[dev])
                 new.weight_total += st.weights[dev]
