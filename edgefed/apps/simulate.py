@@ -22,6 +22,11 @@ from typing import Any, NoReturn
 from edgefed.coordinator.rounds import RoundConfig
 
 PROG = "edgefed simulate"
+# options passed to edgefed.simulate as they are (--speeds and --links are expanded first)
+ASYNC_AND_FLEET = (
+    "mode", "buffer_size", "max_staleness", "max_concurrent", "staleness_weight", "step_time",
+    "offline_fraction", "offline_period", "upload_budget_s", "ladder",
+)  # fmt: skip
 
 
 def _one_line_error(message: str) -> NoReturn:
@@ -154,22 +159,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mode", choices=["sync", "async"], default=RoundConfig.mode,
         help="sync rounds, or async (FedBuff): a model version per --buffer-size updates",
     )  # fmt: skip
-    a.add_argument(
-        "--buffer-size", type=_number(int, 1), default=RoundConfig.buffer_size,
-        help="async: accepted updates per model version (--rounds counts versions)",
-    )  # fmt: skip
-    a.add_argument(
-        "--max-staleness", type=_number(int, 0), default=RoundConfig.max_staleness,
-        help="async: updates more model versions behind than this are dropped as stale",
-    )  # fmt: skip
-    a.add_argument(
-        "--max-concurrent", type=_number(int, 0), default=RoundConfig.max_concurrent,
-        help="async: tasks out at once (0: every online device)",
-    )  # fmt: skip
-    a.add_argument(
-        "--staleness-weight", type=_staleness_weight, default=RoundConfig.staleness_weight,
-        help='async: weight of an update s versions behind: "poly:A", "constant", "hinge:A,B"',
-    )  # fmt: skip
+    for flag, kind, default, text in (
+        ("--buffer-size", _number(int, 1), RoundConfig.buffer_size,
+         "async: accepted updates per model version (--rounds counts versions)"),
+        ("--max-staleness", _number(int, 0), RoundConfig.max_staleness,
+         "async: updates more model versions behind than this are dropped as stale"),
+        ("--max-concurrent", _number(int, 0), RoundConfig.max_concurrent,
+         "async: tasks out at once (0: every online device)"),
+        ("--staleness-weight", _staleness_weight, RoundConfig.staleness_weight,
+         'async: weight of an update s versions behind: "poly:A", "constant", "hinge:A,B"'),
+    ):  # fmt: skip
+        a.add_argument(flag, type=kind, default=default, help=text)
     f = p.add_argument_group("simulated fleet clock (in-process only)")
     f.add_argument(
         "--speeds",
@@ -278,18 +278,9 @@ def run_digits(args: argparse.Namespace, specs: list[str], verbose: bool) -> dic
             verbose=verbose,
             federated_model=fm,
             work_dir=out / "state" / name if args.broker else None,
-            mode=args.mode,
-            buffer_size=args.buffer_size,
-            max_staleness=args.max_staleness,
-            max_concurrent=args.max_concurrent,
-            staleness_weight=args.staleness_weight,
             speeds=speeds,
-            step_time=args.step_time,
-            offline_fraction=args.offline_fraction,
-            offline_period=args.offline_period,
             links=links,
-            upload_budget_s=args.upload_budget_s,
-            ladder=args.ladder,
+            **{k: getattr(args, k) for k in ASYNC_AND_FLEET},
         )
     return runs
 
