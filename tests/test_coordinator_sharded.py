@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pytest
+from harness.models import slow_and_fast
 
 from edgefed.coordinator.checkpoint import load_checkpoint
 
@@ -20,6 +21,16 @@ pytestmark = pytest.mark.system  # mosquitto + aggregator worker processes
 
 def _run(fleet, name: str, workers: int) -> list[dict[str, object]]:
     """Rename the fleet (topics of the two runs never meet) and run it to the end."""
+    _configure(fleet, name, workers)
+    fleet.start_coordinator()
+    fleet.start_agents()
+    rounds = fleet.wait_rounds(2, timeout=90)
+    fleet.procs["coordinator"].wait(timeout=30)
+    return rounds
+
+
+def _configure(fleet, name: str, workers: int) -> None:
+    """Rename the fleet, add ``[sharding]`` and start the worker processes."""
     fleet.coord_config.write_text(
         fleet.coord_config.read_text().replace('fleet = "rel"', f'fleet = "{name}"')
         + (
@@ -40,11 +51,6 @@ def _run(fleet, name: str, workers: int) -> list[dict[str, object]]:
         for i in range(workers):
             fleet._spawn(f"agg-{i}", ["-m", "edgefed", "aggregator", "--config", str(wconf),
                                       "--id", f"agg-{i}"])  # fmt: skip
-    fleet.start_coordinator()
-    fleet.start_agents()
-    rounds = fleet.wait_rounds(2, timeout=90)
-    fleet.procs["coordinator"].wait(timeout=30)
-    return rounds
 
 
 def test_sharded_coordinator_equals_unsharded(mosquitto, fleet_factory) -> None:
@@ -125,3 +131,38 @@ def test_sharding_config_is_validated() -> None:
     for d, words in bad:
         with pytest.raises(ValueError, match=words):
             CoordinatorConfig.from_dict(d)
+
+
+def test_async_sharded_coordinator_sigkill_mid_buffer(
+    mosquitto, fleet_factory, fl_model_dir, tmp_path
+) -> None:
+    """Async with [sharding], the coordinator process SIGKILLed after the first version
+    while a slow agent still trains on version 0 and the workers hold the next buffer's
+    updates: restarted, it re-announces the same buffer with the tasks it restored (the
+    workers keep their sums), the slow update is accepted at its staleness, nothing is
+    dropped as late, every version is produced once, each update counted once."""
+    rounds = 8
+    fleet = fleet_factory(
+        mosquitto.url, 3, rounds=rounds, mode="async", buffer_size=2, max_staleness=rounds,
+        round_timeout=120.0,
+    )  # fmt: skip
+    slow = slow_and_fast(fleet, fl_model_dir, tmp_path)
+    _configure(fleet, "asynckill", 2)
+    fleet.start_coordinator()
+    fleet.start_agents()
+    fleet.wait_rounds(1, timeout=120)
+    fleet.kill("coordinator")
+    killed_at = len(fleet.rounds())
+    assert slow in load_checkpoint(fleet.checkpoint).meta["outstanding"]
+    fleet.start_coordinator()
+    after = fleet.wait_rounds(rounds, timeout=240)
+    assert fleet.procs["coordinator"].wait(timeout=60) == 0, fleet.log("coordinator")[-3000:]
+    assert f"resumed version {killed_at}:" in fleet.log("coordinator")
+    assert [r["round"] for r in after] == list(range(1, rounds + 1))
+    drops = [d for r in after for d in r["drop_log"]]
+    assert not [d for d in drops if d["reason"].startswith("late")], drops
+    ck = load_checkpoint(fleet.checkpoint)
+    accepted = {d: s["accepted"] for d, s in ck.meta["devices"].items()}
+    assert sum(accepted.values()) == sum(r["participants"] for r in after), (accepted, after)
+    assert accepted[slow] >= 1, accepted  # its version-0 task survived the kill
+    assert max(r["staleness_max"] or 0 for r in after[killed_at:]) >= 1

@@ -13,9 +13,8 @@ version 1..N is produced exactly once.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from harness.models import tiny_data
+from harness.models import slow_and_fast
 
 from edgefed.coordinator.checkpoint import load_checkpoint
 
@@ -30,12 +29,7 @@ def test_async_coordinator_sigkill_mid_buffer_keeps_its_tasks(
         mosquitto.url, 3, rounds=rounds, min_devices=3, mode="async", buffer_size=2,
         max_staleness=rounds, max_concurrent=3, round_timeout=120.0,
     )  # fmt: skip
-    slow = "dev-2"
-    fleet.data[slow] = fl_model_dir / "data-slow.npz"  # 150,000 rows: seconds per task
-    for i in range(2):  # the fast devices: 10x fewer rows, so the run outlasts a slow task
-        x, y = tiny_data(15_000, i)
-        fleet.data[f"dev-{i}"] = tmp_path / f"data-mid-{i}.npz"
-        np.savez(fleet.data[f"dev-{i}"], x=x, y=y)
+    slow = slow_and_fast(fleet, fl_model_dir, tmp_path)  # seconds per task vs 10x faster
     fleet.start_agents()
     fleet.start_coordinator()
     fleet.wait_rounds(1, timeout=120)

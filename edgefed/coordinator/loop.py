@@ -119,7 +119,7 @@ def run_rounds(
         if journal is not None and ck is not None:
             if not ck.exists():  # the journal's anchor: version 0 of this run
                 save_checkpoint(ck, engine.checkpoint())
-            engine.resume(journal, t0)
+            engine.resume(journal, t0, collector.sharded)
         before = engine.history[-1].get("clock_s", 0.0) if engine.history else 0.0
         while not collector.stopped and engine.round < rounds:
             merged = step(engine, collector)

@@ -591,17 +591,19 @@ class RoundEngine:
             self.seen.check_and_add(tuple(k))
 
     # ---- restart of an asynchronous buffer ----------------------------------------------
-    def resume(self, journal: Journal, now: float) -> None:
+    def resume(self, journal: Journal, now: float, sharded: bool = False) -> None:
         """Async, after :meth:`restore` (or on a fresh start): take the tasks restored from
         the checkpoint as issued ``now`` (a fresh ``round_timeout``: the old clock is gone),
         replay what ``journal`` recorded since that checkpoint (the dispatches and the
         update messages, through the same intake: the partially filled buffer comes back
-        with the same keys and staleness), then keep journaling into it."""
+        with the same keys and staleness), then keep journaling into it. ``sharded``: the
+        buffer is summed by aggregator workers (only dispatches are journaled then; the
+        workers keep the buffer's updates across the restart, see sharding/worker.py)."""
         self._out = {d: replace(t, issued=now) for d, t in self._out.items()}
         events = journal.read(self.round, self.run_id)
         restored, replayed = len(self._out), 0
         if events:
-            self.open_buffer(now)
+            self.open_buffer(now, sharded)
             for ev in events:
                 if "dispatch" in ev:
                     d = ev["dispatch"]

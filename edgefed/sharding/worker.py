@@ -77,6 +77,12 @@ class _Round:
     weight: Any = None  # staleness -> scale (coordinator/staleness.py)
 
 
+def _task_map(ann: RoundAnnouncement, allowed: dict[str, frozenset[str]]) -> dict[str, HeldTask]:
+    """An asynchronous buffer's tasks: device -> the task it holds (round, version)."""
+    every = frozenset(ann.schema or {})
+    return {d: HeldTask(r, v, "", allowed.get(d, every)) for d, (r, v) in (ann.tasks or {}).items()}
+
+
 class AggregatorWorker:
     def __init__(self, cfg: WorkerConfig, instance: str | None = None) -> None:
         self.cfg = cfg
@@ -189,12 +195,24 @@ class AggregatorWorker:
         st = self.state
         if st is not None and (rnd, version, sampled) == (st.round, st.model_version, st.sampled):
             return  # the retained copy of the round we already have
+        every = frozenset(schema)  # an announcement without "allowed": any model tensor
+        allowed = {d: frozenset(ann.allowed.get(d, every)) for d in sampled}
+        if (
+            st is not None and st.tasks is not None and ann.tasks is not None and not st.closed
+            and (rnd, version) == (st.round, st.model_version)
+        ):  # fmt: skip
+            # The same buffer with another task map: the coordinator restarted and restored
+            # the tasks it had out, plus new ones. The updates counted here answered tasks
+            # among those restored: keep their sums.
+            st.sampled, st.allowed, st.tasks = sampled, allowed, _task_map(ann, allowed)
+            log.info("%s: buffer %d re-announced (%d tasks out)", self.cfg.worker_id, rnd,
+                     len(st.tasks))  # fmt: skip
+            self._handle_pending()
+            return
         if st is not None and rnd <= st.round:
             # The coordinator is authoritative: it restarted without its checkpoint, or a
             # new coordinator took over. Follow it rather than calling its updates late.
             log.warning("%s: round %d announced after round %d", self.cfg.worker_id, rnd, st.round)
-        every = frozenset(schema)  # an announcement without "allowed": any model tensor
-        allowed = {d: frozenset(ann.allowed.get(d, every)) for d in sampled}
         self.state = _Round(rnd, version, schema, sampled, self._new_acc(schema), allowed)
         if ann.tasks is not None and ann.staleness is not None:  # an asynchronous buffer
             try:
@@ -206,12 +224,14 @@ class AggregatorWorker:
             st = self.state
             st.version, st.max_staleness = ann.staleness["version"], ann.staleness["max"]
             st.weight = weight
-            st.tasks = {
-                d: HeldTask(r, v, "", allowed.get(d, every)) for d, (r, v) in ann.tasks.items()
-            }
+            st.tasks = _task_map(ann, allowed)
         self.new_keys = []
         self.new_drops = []
         log.info("%s: round %d open (%d devices)", self.cfg.worker_id, rnd, len(sampled))
+        self._handle_pending()
+
+    def _handle_pending(self) -> None:
+        """Updates held until their round (or their task) was announced."""
         held, self.pending = self.pending, []
         for m in held:
             self.handle(m)

@@ -47,3 +47,17 @@ def build_model_dir(d: Path) -> Path:
     x, y = tiny_data(150_000, 77)
     np.savez(d / "data-slow.npz", x=x, y=y)
     return d
+
+
+def slow_and_fast(fleet: object, model_dir: Path, tmp: Path, slow: str = "dev-2") -> str:
+    """Give ``slow`` the 150,000-row set (seconds per task) and every other device of a
+    harness ``Fleet`` 15,000 rows (10x faster), so an asynchronous run outlasts one slow
+    task; returns the slow device."""
+    for d in fleet.devices:  # type: ignore[attr-defined]
+        if d == slow:
+            fleet.data[d] = model_dir / "data-slow.npz"  # type: ignore[attr-defined]
+            continue
+        x, y = tiny_data(15_000, int(d.split("-")[1]))
+        fleet.data[d] = tmp / f"data-mid-{d}.npz"  # type: ignore[attr-defined]
+        np.savez(fleet.data[d], x=x, y=y)  # type: ignore[attr-defined]
+    return slow
