@@ -336,6 +336,8 @@ def test_async_over_mosquitto_with_three_agent_processes(
         fleet.start_coordinator()
         rounds = fleet.wait_rounds(8, timeout=120)
         assert fleet.procs["coordinator"].wait(timeout=60) == 0, fleet.log("coordinator")
+        for d in fleet.devices:  # stored by every agent before the agents are stopped
+            wait_until(lambda d=d: "final model r8 of run" in fleet.log(d), 30, f"{d}: r8 stored")
     finally:
         fleet.stop_all()
     assert [r["round"] for r in rounds] == list(range(1, 9))
