@@ -25,7 +25,10 @@ Adaptive: the same plus ``upload_budget_s`` over the default ladder (int8 -> top
 from the coordinator's metrics file: round time (``wall_seconds``: tasks out -> aggregated
 and evaluated) p50 / p95 over rounds 2.. (round 1 ships the graph to every device, the
 same in both variants; reported separately), final accuracy, the 10 kB/s device's specs and
-bytes. Variants are interleaved per seed (order alternating). Needs root and iproute2.
+bytes. A third variant, "control", is the fixed run with the 10 kB/s device given 10 MB/s
+instead: the p95/p50 of rounds with no slow device at all on this machine (the noise floor
+adaptive compression can at best reach). Variants are interleaved per seed (order
+alternating). Needs root and iproute2.
 Prints a table, writes benchmarks/out/intermittent_links.json.
 
     python benchmarks/intermittent_links.py --seeds 0,1 --rounds 30
@@ -89,9 +92,9 @@ def prepare(d: Path, devices: int, seed: int) -> None:
         np.savez(d / f"data-{i}.npz", x=x, y=y)
 
 
-def rates(devices: int) -> list[int]:
-    """Device 0 at 10 kB/s, the others geometric from 100 kB/s to 10 MB/s."""
-    return [SLOW, *(int(r) for r in np.geomspace(1e5, 1e7, devices - 1))]
+def rates(devices: int, slow: int = SLOW) -> list[int]:
+    """Device 0 at ``slow`` (10 kB/s), the others geometric from 100 kB/s to 10 MB/s."""
+    return [slow, *(int(r) for r in np.geomspace(1e5, 1e7, devices - 1))]
 
 
 def run(work: Path, model: Path, variant: str, a: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -105,7 +108,8 @@ def run(work: Path, model: Path, variant: str, a: argparse.Namespace, seed: int)
             training="local_epochs = 1\nbatch_size = 16\nlr = 0.05",
             rounds=a.rounds, fraction=a.fraction, min_devices=a.devices, seed=seed,
         )  # fmt: skip
-        for dev, rate in zip(fleet.devices, rates(a.devices), strict=True):
+        slow = 10_000_000 if variant == "control" else SLOW
+        for dev, rate in zip(fleet.devices, rates(a.devices, slow), strict=True):
             lab.links[dev].throttle(rate, burst=max(4096, rate // 50))
         t0 = time.monotonic()
         fleet.start()
@@ -129,6 +133,7 @@ def run(work: Path, model: Path, variant: str, a: argparse.Namespace, seed: int)
         "bytes_up": int(hist[-1]["cum_bytes_up"]),
         "dropped": sum(sum(h["dropped"].values()) for h in hist),
         "round_s": [float(h["wall_seconds"]) for h in hist],
+        "round_uplink": [h["uplink"] for h in hist],  # device -> spec, bytes per round
         "total_s": total,
     }
 
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             model = Path(tmp) / f"model-{seed}"
             model.mkdir()
             prepare(model, a.devices, seed)
-            order = ("fixed", "adaptive") if k % 2 == 0 else ("adaptive", "fixed")
+            order = ("fixed", "adaptive", "control")[:: 1 if k % 2 == 0 else -1]
             for variant in order:  # interleaved, order alternating per seed
                 r = run(Path(tmp) / f"{variant}-{seed}", model, variant, a, seed)
                 runs.append(r)
@@ -172,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["seed"], r["variant"]): r for r in runs}
     rows = []
     for seed in seeds:
-        f, ad = by[(seed, "fixed")], by[(seed, "adaptive")]
+        f, ad, c = by[(seed, "fixed")], by[(seed, "adaptive")], by[(seed, "control")]
         rows.append([
             seed, f"{f['p50_round_s']:.2f} / {f['p95_round_s']:.2f}",
             f"{f['p95_round_s'] / f['p50_round_s']:.2f}",
             f"{ad['p50_round_s']:.2f} / {ad['p95_round_s']:.2f}",
             f"{ad['p95_round_s'] / ad['p50_round_s']:.2f}",
+            f"{c['p50_round_s']:.2f} / {c['p95_round_s']:.2f}",
+            f"{c['p95_round_s'] / c['p50_round_s']:.2f}",
             f"{100 * f['final_accuracy']:.2f}% / {100 * ad['final_accuracy']:.2f}%",
             ",".join(sorted(set(ad["slow_device_specs"]))),
         ])  # fmt: skip
@@ -194,16 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "fixed_p95_over_p50_mean": mean("fixed", ratio),
         "adaptive_p95_over_p50_mean": mean("adaptive", ratio),
+        "control_p95_over_p50_mean": mean("control", ratio),
         "accuracy_gap_pp_mean": 100 * (mean("adaptive", acc) - mean("fixed", acc)),
     }
     rows.append(["mean", "", f"{summary['fixed_p95_over_p50_mean']:.2f}", "",
-                 f"{summary['adaptive_p95_over_p50_mean']:.2f}",
+                 f"{summary['adaptive_p95_over_p50_mean']:.2f}", "",
+                 f"{summary['control_p95_over_p50_mean']:.2f}",
                  f"{summary['accuracy_gap_pp_mean']:+.2f} pp", ""])  # fmt: skip
     print(f"\n{a.devices} devices over netns + tc tbf (one at 10 kB/s, the others 100 kB/s-"
           f"10 MB/s), {a.rounds} sync rounds sampling {a.fraction:.0%}, digits MLP 64-256-10; "
           f"round time over rounds 2..{a.rounds} (coordinator metrics)")  # fmt: skip
     head = ["seed", "fixed p50/p95 s", "fixed p95/p50", "adaptive p50/p95 s", "adaptive p95/p50",
-            "acc fixed / adaptive", "10 kB/s device specs (adaptive)"]  # fmt: skip
+            "control p50/p95 s", "control p95/p50", "acc fixed / adaptive",
+            "10 kB/s device specs (adaptive)"]  # fmt: skip
     print(table(head, rows))
     met = summary["adaptive_p95_over_p50_mean"] <= 1.5 and summary["accuracy_gap_pp_mean"] >= -1
     print("summary:", json.dumps(summary), "targets", "met" if met else "NOT met")
