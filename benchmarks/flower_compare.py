@@ -1,4 +1,4 @@
-"""edgefed sync FedAvg vs Flower FedAvg on the same digits task (issue 15, item 4).
+"""edgefed sync and async (FedBuff) vs Flower FedAvg on the same digits task (issue 15, item 4).
 
 Same MLP (edgefed.zoo.models.digits_mlp, 64-128-10), same initial weights, same Dirichlet split
 (edgefed.zoo.data.digits_federated), same local training (1 epoch SGD lr 0.05 batch 16, no
@@ -10,6 +10,11 @@ Both sides run as real processes on loopback:
 * edgefed: mosquitto, ``python -m edgefed coordinator`` (its own process), and one process
   holding the N device agents as threads (``AgentService``: onnxruntime step graph, codec,
   MQTT). Uplink spec ``--spec`` (default ``topk:0.05+int8``), downlink float32.
+  Run twice: synchronous rounds, and asynchronous buffered aggregation (``[coordinator]
+  mode = "async"``, ``buffer_size`` ``--async-buffer``, ``max_staleness``
+  ``--async-staleness``, every online device holding a task) producing
+  ``rounds * devices / buffer_size`` model versions: the same number of device updates as
+  the synchronous run and Flower.
 * Flower ``flwr==1.42.0`` in its own venv (``--flwr-venv``; created with
   ``--system-site-packages`` and ``pip install flwr==1.42.0`` when missing, so torch comes
   from the system): a server process (``flwr.server.start_server``, FedAvg, server-side
@@ -21,11 +26,12 @@ Both sides run as real processes on loopback:
 
 Measured per run: final accuracy; uplink bytes per round *on the wire* (every byte the
 device side writes to its TCP connections, through a counting proxy of ours: messages,
-framing, MQTT / HTTP/2 + gRPC headers, keep-alives, connection set-up; divided by rounds);
-wall-clock per round (server/coordinator side, median over rounds: tasks out -> model
-aggregated and evaluated); peak RSS of the coordinator / server process (its VmHWM,
+framing, MQTT / HTTP/2 + gRPC headers, keep-alives, connection set-up; divided by rounds,
+or model versions in async mode; and per accepted update); wall-clock per round / model
+version (server/coordinator side, median: tasks out, or buffer opened, -> model aggregated
+and evaluated); peak RSS of the coordinator / server process (its VmHWM,
 polled); client install size (files of the client's dependency closure). Seeds are
-interleaved (edgefed, Flower, edgefed, ...). Prints a table, writes
+interleaved (edgefed sync, edgefed async, Flower per seed). Prints a table, writes
 benchmarks/out/flower_compare.json.
 
     python benchmarks/flower_compare.py --seeds 0,1,2 --rounds 50
@@ -196,7 +202,11 @@ for t in threads:
 """
 
 
-def run_edgefed(work: Path, rounds: int, devices: int, spec: str) -> dict[str, object]:
+def run_edgefed(
+    work: Path, rounds: int, devices: int, spec: str, asynchronous: dict[str, int] | None = None
+) -> dict[str, object]:
+    """One edgefed run; ``asynchronous``: ``{"buffer_size", "max_staleness"}`` for FedBuff
+    (``rounds`` then counts model versions)."""
     from _util import start_mosquitto
 
     mosq, port = start_mosquitto(work)
@@ -206,8 +216,11 @@ def run_edgefed(work: Path, rounds: int, devices: int, spec: str) -> dict[str, o
         wait_port(port)
         proxy = CountingProxy(("127.0.0.1", port))
         metrics = work / "metrics.jsonl"
+        mode = "".join(f"{k} = {v}\n" for k, v in (asynchronous or {}).items())
+        if asynchronous:
+            mode = f'mode = "async"\n{mode}'
         (work / "coordinator.toml").write_text(
-            f"[coordinator]\nrounds = {rounds}\nmin_devices = {devices}\nfraction = 1.0\n"
+            f"[coordinator]\nrounds = {rounds}\nmin_devices = {devices}\nfraction = 1.0\n{mode}"
             f'round_timeout = 120\nwait_timeout = 120\nmetrics = "{metrics}"\n'
             f'[model]\ndir = "{work / "model"}"\n'
             "[training]\nlocal_epochs = 1\nbatch_size = 16\nlr = 0.05\n"
@@ -238,9 +251,13 @@ def run_edgefed(work: Path, rounds: int, devices: int, spec: str) -> dict[str, o
         if rc != 0:
             raise RuntimeError(f"edgefed coordinator exited {rc}: see {work / 'edgefed.log'}")
         hist = [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()]
+        accepted = sum(int(h["participants"]) for h in hist)
         return {
             "accuracy": hist[-1]["accuracy"],
             "uplink_wire_per_round": proxy.up / rounds,
+            "uplink_wire_per_update": proxy.up / accepted,
+            "accepted_updates": accepted,
+            "dropped_updates": sum(sum(h["dropped"].values()) for h in hist),
             "uplink_messages_per_round": statistics.mean(h["bytes_up"] for h in hist),
             "round_s_median": statistics.median(h["wall_seconds"] for h in hist),
             "total_s": total,
@@ -398,6 +415,8 @@ def run_flower(py: Path, work: Path, rounds: int, devices: int) -> dict[str, obj
         return {
             "accuracy": curve[-1]["accuracy"],
             "uplink_wire_per_round": proxy.up / rounds,
+            "uplink_wire_per_update": proxy.up / (rounds * devices),
+            "accepted_updates": rounds * devices,
             "round_s_median": statistics.median(c["seconds"] for c in curve),
             "total_s": total,
             "server_peak_rss_mb": rss,
@@ -455,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--spec", default="topk:0.05+int8", help="edgefed uplink compression spec")
+    ap.add_argument("--async-buffer", type=int, default=10, help="edgefed async buffer_size")
+    ap.add_argument("--async-staleness", type=int, default=20, help="edgefed max_staleness")
     ap.add_argument("--flwr-venv", default=os.environ.get("FLWR_VENV", "/tmp/flwr-venv"))
     a = ap.parse_args(argv)
     if a.role == "flower-server":
@@ -469,16 +490,20 @@ def main(argv: list[str] | None = None) -> int:
 
     py = flwr_python(Path(a.flwr_venv))
     seeds = [int(s) for s in a.seeds.split(",")]
-    runs: dict[str, list[dict[str, object]]] = {"edgefed": [], "flower": []}
+    runs: dict[str, list[dict[str, object]]] = {"edgefed": [], "edgefed-async": [], "flower": []}
+    versions = a.rounds * a.devices // a.async_buffer  # as many updates as the sync rounds
+    fedbuff = {"buffer_size": a.async_buffer, "max_staleness": a.async_staleness}
     with tempfile.TemporaryDirectory(prefix="flower-cmp-") as tmp:
         for seed in seeds:
-            for system in ("edgefed", "flower"):  # interleaved
+            for system in runs:  # interleaved
                 work = Path(tmp) / f"{system}-{seed}"
                 work.mkdir()
                 prepare(work, seed, a.devices, a.alpha, a.hidden)
                 print(f"seed {seed}: {system} ...", flush=True)
                 if system == "edgefed":
                     r = run_edgefed(work, a.rounds, a.devices, a.spec)
+                elif system == "edgefed-async":
+                    r = run_edgefed(work, versions, a.devices, a.spec, fedbuff)
                 else:
                     r = run_flower(py, work, a.rounds, a.devices)
                 r["seed"] = seed
@@ -493,29 +518,38 @@ def main(argv: list[str] | None = None) -> int:
     def mean(system: str, key: str) -> float:
         return statistics.mean(float(r[key]) for r in runs[system])  # type: ignore[arg-type]
 
-    e, f = "edgefed", "flower"
+    cols = ("edgefed", "edgefed-async", "flower")
+
+    def row(label: str, key: str, fmt: str, vs: str, target: str) -> list[str]:
+        """One measure for each column, then each edgefed column against Flower."""
+        cells = [label, *(fmt.format(mean(c, key)) for c in cols)]
+        fl = mean("flower", key)
+        for c in cols[:2]:
+            v = mean(c, key)
+            cells.append({"pp": f"{100 * (v - fl):+.2f} pp", "fewer": f"{fl / v:.1f}x fewer",
+                          "x": f"{fl / v:.2f}x"}.get(vs, ""))  # fmt: skip
+        return [*cells, target]
+
     rows = [
-        ["final accuracy (mean of seeds)", f"{100 * mean(e, 'accuracy'):.2f}%",
-         f"{100 * mean(f, 'accuracy'):.2f}%",
-         f"{100 * (mean(e, 'accuracy') - mean(f, 'accuracy')):+.2f} pp", "<= 1 pp below"],
-        ["uplink bytes/round on the wire", f"{mean(e, 'uplink_wire_per_round'):,.0f}",
-         f"{mean(f, 'uplink_wire_per_round'):,.0f}",
-         f"{mean(f, 'uplink_wire_per_round') / mean(e, 'uplink_wire_per_round'):.1f}x fewer",
-         ">= 25x fewer"],
-        ["wall-clock per round (median)", f"{mean(e, 'round_s_median'):.3f} s",
-         f"{mean(f, 'round_s_median'):.3f} s",
-         f"{mean(f, 'round_s_median') / mean(e, 'round_s_median'):.2f}x", "edgefed <= Flower"],
-        ["coordinator / server peak RSS", f"{mean(e, 'server_peak_rss_mb'):.0f} MB",
-         f"{mean(f, 'server_peak_rss_mb'):.0f} MB", "", ""],
-        ["client install (dependency closure)", f"{ef_mb:.0f} MB",
-         f"{fl_mb:.0f} MB (+ torch {torch_mb:.0f} MB to train)", "", ""],
-        ["whole run (incl. start-up)", f"{mean(e, 'total_s'):.1f} s", f"{mean(f, 'total_s'):.1f} s",
-         "", ""],
+        row("final accuracy (mean of seeds)", "accuracy", "{:.2%}", "pp", "<= 1 pp below"),
+        row("uplink bytes/round (async: /version) on the wire", "uplink_wire_per_round",
+            "{:,.0f}", "fewer", ">= 25x fewer"),
+        row("uplink bytes per accepted update on the wire", "uplink_wire_per_update",
+            "{:,.0f}", "fewer", ""),
+        row("wall-clock per round / version (median)", "round_s_median", "{:.3f} s", "x",
+            "edgefed <= Flower"),
+        row("coordinator / server peak RSS", "server_peak_rss_mb", "{:.0f} MB", "", ""),
+        row("whole run (incl. start-up)", "total_s", "{:.1f} s", "", ""),
+        ["client install (dependency closure)", f"{ef_mb:.0f} MB", f"{ef_mb:.0f} MB",
+         f"{fl_mb:.0f} MB (+ torch {torch_mb:.0f} MB to train)", "", "", ""],
     ]  # fmt: skip
     print(f"\n{a.devices} devices, digits MLP 64-{a.hidden}-10, Dirichlet alpha {a.alpha}, "
-          f"{a.rounds} rounds, seeds {seeds}; edgefed uplink {a.spec}, Flower float32 "
-          f"(flwr {FLWR_VERSION}); {machine()}")  # fmt: skip
-    print(table(["measure", "edgefed sync", "Flower", "ratio", "target"], rows))
+          f"{a.rounds} rounds (async: {versions} versions of buffer {a.async_buffer}, "
+          f"max_staleness {a.async_staleness}), seeds {seeds}; edgefed uplink {a.spec}, "
+          f"Flower float32 (flwr {FLWR_VERSION}); {machine()}")  # fmt: skip
+    head = ["measure", "edgefed sync", "edgefed async", "Flower", "sync vs Flower",
+            "async vs Flower", "target"]  # fmt: skip
+    print(table(head, rows))
     path = write_json("flower_compare", {
         "machine": machine(), "flwr": FLWR_VERSION, "args": vars(a), "runs": runs,
         "install_mb": {"edgefed": ef_mb, "flwr": fl_mb, "torch": torch_mb},

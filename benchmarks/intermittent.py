@@ -22,6 +22,9 @@ fraction of the time in exponential spells and train only while online.
    adaptive (``upload_budget_s`` 0.5 over the default ladder). Measured: p50 / p95 simulated
    round time and final accuracy.
 
+The same mixed-links comparison over real links (netns + ``tc tbf``, real mosquitto,
+coordinator and agent processes): benchmarks/intermittent_links.py.
+
 Seeds interleave the variants (sync, async, fixed, adaptive per seed). Prints tables, writes
 ``benchmarks/results/intermittent.json``.
 

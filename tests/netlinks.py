@@ -41,6 +41,7 @@ from pathlib import Path
 import pytest
 from harness.wait import wait_until
 
+FLEET = "links"  # the fleet of LinkFleet
 PREFIX = "efl"  # namespace names: efl<pid>-<tag>-hub / -d<i>
 BROKER_PORT = 1883  # inside the hub namespace only
 
@@ -220,6 +221,77 @@ class NetLab:
                 p.wait(timeout=10)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+class LinkFleet:
+    """Coordinator (hub namespace) + agents (one namespace each) on a NetLab, all real
+    processes driven by config files: ``python -m edgefed coordinator --config`` and
+    ``python -m device_agent.cli --config``. ``model`` is a folder holding the exported
+    model (``model/``), the evaluation set (``eval.npz``) and one ``data-<i>.npz`` per
+    device. Shared by tests/test_constrained_links.py and benchmarks/intermittent_links.py."""
+
+    def __init__(
+        self,
+        lab: NetLab,
+        model: Path,
+        n: int,
+        agent_transport: str = "",
+        compression: str = "",  # extra [compression] lines
+        training: str = "lr = 0.1",  # the [training] lines
+        uplink: str = "int8",
+        **coord: object,
+    ) -> None:
+        self.lab, self.model = lab, model
+        self.devices = [f"dev-{i}" for i in range(n)]
+        for d in self.devices:
+            lab.add_device(d)
+        lab.start_broker()
+        self.metrics = lab.root / "metrics.jsonl"
+        c: dict[str, object] = {"rounds": 2, "min_devices": n, "fraction": 1.0}
+        c["round_timeout"] = 60.0
+        c.update(coord)
+        lines = ["[coordinator]", *(f"{k} = {json.dumps(v)}" for k, v in c.items())]
+        lines += [
+            f'checkpoint = "{lab.root / "coordinator.ckpt.npz"}"',
+            f'metrics = "{self.metrics}"',
+            "wait_timeout = 120",
+            "[model]", f'dir = "{model / "model"}"',
+            "[training]", training,
+            "[compression]", f'uplink = "{uplink}"', compression,
+            "[evaluation]", f'dataset = "{model / "eval.npz"}"',
+            "[transport]", 'url = "mqtt://127.0.0.1:1883"', f'fleet = "{FLEET}"',
+            "backoff_min = 0.2", "backoff_max = 2.0", "keepalive = 5",
+        ]  # fmt: skip
+        self.coord_config = lab.root / "coordinator.toml"
+        self.coord_config.write_text("\n".join(lines) + "\n")
+        self.agent_transport = agent_transport
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "edgefed", "coordinator", "--config", str(self.coord_config)]
+        self.lab.spawn("coordinator", self.lab.hub, cmd)
+        for i, d in enumerate(self.devices):
+            self.start_agent(i, d)
+
+    def start_agent(self, i: int, dev: str) -> None:
+        link = self.lab.links[dev]
+        cfg = self.lab.root / f"{dev}.toml"
+        cfg.write_text(
+            f'[agent]\ndevice_id = "{dev}"\ndata = "{self.model / f"data-{i}.npz"}"\n'
+            f'state_dir = "{self.lab.root / "state" / dev}"\n'
+            f'[transport]\nurl = "{link.broker_url}"\nfleet = "{FLEET}"\n'
+            f"backoff_min = 0.2\nbackoff_max = 2.0\nkeepalive = 5\n{self.agent_transport}"
+        )
+        cmd = [sys.executable, "-m", "device_agent.cli", "--config", str(cfg)]
+        self.lab.spawn(dev, link.ns, cmd)
+
+    def rounds(self) -> list[dict[str, object]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(s) for s in self.metrics.read_text().splitlines() if s.strip()]
+
+    def wait_rounds(self, k: int, timeout: float) -> list[dict[str, object]]:
+        self.lab.wait(lambda: len(self.rounds()) >= k, timeout, f"{k} finished rounds")
+        return self.rounds()
 
 
 class Watch:

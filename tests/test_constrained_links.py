@@ -9,16 +9,13 @@ Needs root and iproute2; they FAIL without them (tools/test.sh installs iproute2
 from __future__ import annotations
 
 import importlib.util
-import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from netlinks import NetLab, netlab_fixture  # noqa: F401  (the netlab fixture)
+from netlinks import FLEET, LinkFleet, NetLab, netlab_fixture  # noqa: F401  (the netlab fixture)
 
-FLEET = "links"
 USER_MODEL = '''
 """A user's model, outside the edgefed package."""
 import torch
@@ -67,71 +64,6 @@ def user_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         x, y = _data(40, i)
         np.savez(d / f"data-{i}.npz", x=x, y=y)
     return d
-
-
-class LinkFleet:
-    """Coordinator (hub namespace) + agents (one namespace each) on a NetLab."""
-
-    def __init__(
-        self,
-        lab: NetLab,
-        model: Path,
-        n: int,
-        agent_transport: str = "",
-        compression: str = "",  # extra [compression] lines
-        **coord: object,
-    ) -> None:
-        self.lab, self.model = lab, model
-        self.devices = [f"dev-{i}" for i in range(n)]
-        for d in self.devices:
-            lab.add_device(d)
-        lab.start_broker()
-        self.metrics = lab.root / "metrics.jsonl"
-        c: dict[str, object] = {"rounds": 2, "min_devices": n, "fraction": 1.0}
-        c["round_timeout"] = 60.0
-        c.update(coord)
-        lines = ["[coordinator]", *(f"{k} = {json.dumps(v)}" for k, v in c.items())]
-        lines += [
-            f'checkpoint = "{lab.root / "coordinator.ckpt.npz"}"',
-            f'metrics = "{self.metrics}"',
-            "wait_timeout = 120",
-            "[model]", f'dir = "{model / "model"}"',
-            "[training]", "lr = 0.1",
-            "[compression]", 'uplink = "int8"', compression,
-            "[evaluation]", f'dataset = "{model / "eval.npz"}"',
-            "[transport]", 'url = "mqtt://127.0.0.1:1883"', f'fleet = "{FLEET}"',
-            "backoff_min = 0.2", "backoff_max = 2.0", "keepalive = 5",
-        ]  # fmt: skip
-        self.coord_config = lab.root / "coordinator.toml"
-        self.coord_config.write_text("\n".join(lines) + "\n")
-        self.agent_transport = agent_transport
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "edgefed", "coordinator", "--config", str(self.coord_config)]
-        self.lab.spawn("coordinator", self.lab.hub, cmd)
-        for i, d in enumerate(self.devices):
-            self.start_agent(i, d)
-
-    def start_agent(self, i: int, dev: str) -> None:
-        link = self.lab.links[dev]
-        cfg = self.lab.root / f"{dev}.toml"
-        cfg.write_text(
-            f'[agent]\ndevice_id = "{dev}"\ndata = "{self.model / f"data-{i}.npz"}"\n'
-            f'state_dir = "{self.lab.root / "state" / dev}"\n'
-            f'[transport]\nurl = "{link.broker_url}"\nfleet = "{FLEET}"\n'
-            f"backoff_min = 0.2\nbackoff_max = 2.0\nkeepalive = 5\n{self.agent_transport}"
-        )
-        cmd = [sys.executable, "-m", "device_agent.cli", "--config", str(cfg)]
-        self.lab.spawn(dev, link.ns, cmd)
-
-    def rounds(self) -> list[dict[str, object]]:
-        if not self.metrics.exists():
-            return []
-        return [json.loads(s) for s in self.metrics.read_text().splitlines() if s.strip()]
-
-    def wait_rounds(self, k: int, timeout: float) -> list[dict[str, object]]:
-        self.lab.wait(lambda: len(self.rounds()) >= k, timeout, f"{k} finished rounds")
-        return self.rounds()
 
 
 def _presence(frames: list[dict[str, object]], dev: str) -> list[dict[str, object]]:
@@ -251,7 +183,21 @@ def test_thirty_percent_offline_cycling(netlab: NetLab, user_model: Path) -> Non
     deadline lost its link during that round (the coordinator sees a device offline only
     when the broker gives up on it, so it may still be sampled); the update a returning
     device finishes for an old round is dropped as late, never counted; devices that come
-    back take part again."""
+    back take part again.
+
+    A returning device may also have a copy of its update dropped as ``duplicate``, and
+    that is correct: not a broker redelivery (a QoS 1 copy of a frame carries the same
+    message id and the coordinator's transport drops it before the intake), but the
+    coordinator re-sending the open round's task when a pending device announces itself
+    (``service._presence`` -> ``resend``: "it may have lost its task"). The agent
+    re-announces after every reconnect *and* every new uplink measurement, so a device
+    that comes back, sends its late update and is sampled again announces itself
+    (the late update's PUBACKs gave a sample) while its new task is on the way; it then
+    holds that task twice and answers the copy with its stored update, same update id
+    (agent log: "task of round N redelivered: resending update"). The intake recognises
+    the key and drops the copy ("duplicate: update already counted"). Asserted: every
+    duplicate is exactly that, for a device counted in that round, and nothing is
+    counted twice (accepted updates per device add up to the participants)."""
     n, rounds_n, k = 10, 4, 3
     fleet = LinkFleet(netlab, user_model, n, rounds=rounds_n, min_devices=n - k,
                       round_timeout=15.0)  # fmt: skip
@@ -273,7 +219,13 @@ def test_thirty_percent_offline_cycling(netlab: NetLab, user_model: Path) -> Non
         drops = [(x["device"], x["reason"].split(":")[0]) for x in r["drop_log"]]
         deadline = {d for d, why in drops if why == "deadline"}
         late = {d for d, why in drops if why == "late"}
-        assert {why for _, why in drops} <= {"deadline", "late"}, r["drop_log"]
+        assert {why for _, why in drops} <= {"deadline", "late", "duplicate"}, r["drop_log"]
+        for x in r["drop_log"]:  # a copy of an update counted this round, resent on a
+            if x["reason"].startswith("duplicate"):  # repeated task (see the docstring)
+                dev = x["device"]
+                assert x["reason"] == "duplicate: update already counted", x
+                assert dev not in deadline, (rnd, x, r["drop_log"])
+                assert f"task of round {rnd} redelivered: resending update" in netlab.log(dev)
         assert r["participants"] >= n - 2 * k, r  # at most the two groups of this round
         assert r["participants"] + len(deadline) == r["sampled"], r
         assert deadline <= offline[rnd] | offline.get(rnd - 1, set()), (rnd, deadline, offline)
