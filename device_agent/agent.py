@@ -339,6 +339,7 @@ class AgentService:
         # broker uses it as the client id anyway, use_username_as_clientid).
         if not (transport.username or transport.broker.username):
             transport = replace(transport, username=dev)
+        self._process_id = secrets.token_hex(4)  # tells a restart from a re-announce
         self.client = MqttClient(
             transport,
             client_id(transport.fleet, dev),
@@ -382,6 +383,10 @@ class AgentService:
             "model_version": self.worker.state.model_version,
             "run_id": self.worker.state.run_id,  # the run (and round) it last worked on
             "last_round": self.worker.state.last_round,
+            # which connection this is (this process's random id + its connect count): the
+            # coordinator re-sends an open round's task only after a reconnect or restart,
+            # not on a re-announce that merely carries a new uplink rate
+            "connection": f"{self._process_id}-{self.client.connects}",
         }
         if self.rollout is not None:
             msg["bundle_version"] = self.rollout._version()
