@@ -1,0 +1,229 @@
+"""GRU / LSTM / RNN layers with a hand-written backward through time, for tracing the step.
+
+Why: traced through torch's own decompositions, an ``nn.LSTM`` over 32 steps became ~2,000
+tiny ONNX nodes (every gate, every step, forward and autograd's backward unrolled op by op):
+onnxruntime ran the step at 0.44x torch eager (per-node overhead, not arithmetic) and the
+export took ~30 s. Here each layer is ONE ``torch.autograd.Function`` whose
+
+* forward projects the input for ALL steps with one matmul (``x @ W_ih^T`` over ``[T*N, I]``)
+  and loops only the recurrent part (one Gemm + a few gate ops per step);
+* backward precomputes every gate derivative for all steps at once, loops only what is truly
+  sequential (``dh @ W_hh`` plus a few elementwise ops), then forms ``dW_ih``, ``dW_hh``, the
+  biases and ``dx`` as ONE matmul / sum each over the stacked steps.
+
+Per-step tensors are taken with ``select`` on a time-major ``[T, N, K]`` tensor (one Gather
+with a constant index: no shape arithmetic on the dynamic batch) and stacked with ``cat``
+along the batch axis + one reshape (no per-step Unsqueeze).
+
+Hooked in by :func:`rnn_mode` (a ``TorchFunctionMode`` catching ``torch.lstm`` / ``gru`` /
+``rnn_tanh`` / ``rnn_relu``, which ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` call) while the step
+and inference graphs are traced. Packed sequences, LSTM ``proj_size`` and inter-layer dropout in
+train mode keep torch's path. The verification gate compares the result with torch's own
+autograd like every other graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+_KINDS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "tanh", torch.rnn_relu: "relu"}
+
+
+def _cat_time(parts: Sequence[Tensor], steps: int) -> Tensor:
+    """Per-step ``[N, ...]`` tensors (time order) -> ``[T, N, ...]``: one Concat + one Reshape."""
+    return torch.cat(list(parts), 0).reshape(steps, -1, *parts[0].shape[1:])
+
+
+def _mm_sum(d: Tensor, x: Tensor) -> Tensor:
+    """``d^T @ x`` over all steps: ``[T, N, G]``, ``[T, N, K]`` -> ``[G, K]`` (one MatMul)."""
+    return d.reshape(-1, d.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+def _input_grads(dgx: Tensor, x: Tensor, w_ih: Tensor, needs: Sequence[bool]) -> tuple:
+    dx = (dgx.reshape(-1, dgx.shape[-1]) @ w_ih).reshape(x.shape) if needs[0] else None
+    dw_ih = _mm_sum(dgx, x) if needs[3] else None
+    db_ih = dgx.sum((0, 1)) if needs[5] else None
+    return dx, dw_ih, db_ih
+
+
+class _Layer(torch.autograd.Function):
+    """One direction of one layer over a time-major ``x`` ``[T, N, I]``.
+
+    Inputs ``(x, h0, c0, w_ih, w_hh, b_ih, b_hh, kind, reverse)`` (``c0`` only for LSTM,
+    biases may be None); outputs ``(out [T, N, H], h_n)`` and ``c_n`` for LSTM.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Any:
+        x, h, c, w_ih, w_hh, b_ih, b_hh, kind, reverse = args
+        steps, hid = int(x.shape[0]), int(w_hh.shape[1])
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        x2 = x.reshape(-1, x.shape[-1])
+        if kind == "gru":  # r, z biases fold into the projection; b_hn stays inside r * (.)
+            b_hn = None if b_hh is None else b_hh.narrow(0, 2 * hid, hid)
+            b = None if b_ih is None else b_ih + torch.cat([b_hh.narrow(0, 0, 2 * hid), b_hn * 0])
+            w_rz, w_n = w_hh.narrow(0, 0, 2 * hid).t(), w_hh.narrow(0, 2 * hid, hid).t()
+        else:
+            b = None if b_ih is None else b_ih + b_hh
+            w_t = w_hh.t()
+        gx = (x2 @ w_ih.t() if b is None else torch.addmm(b, x2, w_ih.t())).reshape(
+            steps, -1, w_ih.shape[0]
+        )
+        if kind == "gru":
+            gx_rz, gx_n = gx.narrow(2, 0, 2 * hid), gx.narrow(2, 2 * hid, hid)
+        hs: list[Any] = [None] * steps
+        prev: list[Any] = [None] * steps
+        saved: dict[str, list[Any]] = {}
+        for t in order:
+            prev[t] = h
+            if kind == "lstm":
+                # [N, 4, H] + select: one Reshape and a Gather per gate (a Slice costs more)
+                pre = torch.addmm(gx[t], h, w_t).reshape(-1, 4, hid)
+                s, g = torch.sigmoid(pre), torch.tanh(pre.select(1, 2))
+                saved.setdefault("c_prev", [None] * steps)[t] = c
+                c = s.select(1, 1) * c + s.select(1, 0) * g
+                h = s.select(1, 3) * torch.tanh(c)
+                step_saved = {"s": s, "g": g, "c": c}
+            elif kind == "gru":
+                rz = torch.sigmoid(torch.addmm(gx_rz[t], h, w_rz).reshape(-1, 2, hid))
+                ghn = h @ w_n if b_hn is None else torch.addmm(b_hn, h, w_n)
+                n = torch.tanh(gx_n[t] + rz.select(1, 0) * ghn)
+                h = n + rz.select(1, 1) * (h - n)
+                step_saved = {"rz": rz, "n": n, "ghn": ghn}
+            else:
+                pre = torch.addmm(gx[t], h, w_t)
+                h = torch.tanh(pre) if kind == "tanh" else torch.relu(pre)
+                step_saved = {}
+            hs[t] = h
+            for k, v in step_saved.items():
+                saved.setdefault(k, [None] * steps)[t] = v
+        out = _cat_time(hs, steps)
+        ctx.kind, ctx.reverse, ctx.hid, ctx.steps = kind, reverse, hid, steps
+        stacks = {k: _cat_time(v, steps) for k, v in saved.items()}
+        names = sorted(stacks)
+        ctx.names = names
+        ctx.save_for_backward(x, w_ih, w_hh, out, _cat_time(prev, steps), *(stacks[k] for k in names))
+        return (out, h, c) if kind == "lstm" else (out, h)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        x, w_ih, w_hh, out, hprev, *rest = ctx.saved_tensors
+        st = dict(zip(ctx.names, rest, strict=True))
+        kind, hid, steps = ctx.kind, ctx.hid, ctx.steps
+        order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)  # reverse of forward
+        dout, dh = grads[0], grads[1]
+        needs = ctx.needs_input_grad
+        per: list[Any] = [None] * steps
+        if kind == "lstm":
+            s, g, cs, cprev = st["s"], st["g"], st["c"], st["c_prev"]
+            i, f, o = s.select(2, 0), s.select(2, 1), s.select(2, 3)
+            tc = torch.tanh(cs)
+            q = torch.cat(
+                [g * i * (1 - i), cprev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], -1
+            )
+            bc = o * (1 - tc * tc)
+            dc = grads[2]
+            for t in order:
+                dh = dout[t] + dh
+                dc = dc + dh * bc[t]
+                dg = torch.cat([dc, dc, dc, dh], 1) * q[t]
+                per[t] = dg
+                dh = dg @ w_hh
+                dc = dc * f[t]
+            dgx = dgh = _cat_time(per, steps)
+            dc0 = dc
+        elif kind == "gru":
+            rz, n, ghn = st["rz"], st["n"], st["ghn"]
+            r, z = rz.select(2, 0), rz.select(2, 1)
+            pn = (1 - z) * (1 - n * n)
+            pr = pn * ghn * r * (1 - r)
+            qh = torch.cat([pr, (hprev - n) * z * (1 - z), pn * r], -1)
+            dhs: list[Any] = [None] * steps
+            for t in order:
+                dh = dout[t] + dh
+                dhs[t] = dh
+                dg = torch.cat([dh, dh, dh], 1) * qh[t]
+                per[t] = dg
+                dh = torch.addmm(dh * z[t], dg, w_hh)
+            dgh = _cat_time(per, steps)
+            dgx = torch.cat([dgh.narrow(2, 0, 2 * hid), _cat_time(dhs, steps) * pn], -1)
+            dc0 = None
+        else:
+            deriv = 1 - out * out if kind == "tanh" else (out > 0).to(out.dtype)
+            for t in order:
+                dh = dout[t] + dh
+                dp = dh * deriv[t]
+                per[t] = dp
+                dh = dp @ w_hh
+            dgx = dgh = _cat_time(per, steps)
+            dc0 = None
+        dx, dw_ih, db_ih = _input_grads(dgx, x, w_ih, needs)
+        dw_hh = _mm_sum(dgh, hprev) if needs[4] else None
+        db_hh = dgh.sum((0, 1)) if needs[6] else None
+        return dx, dh, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None
+
+
+def _run(kind: str, args: tuple[Any, ...]) -> Any:
+    """torch.{lstm,gru,rnn_*}(input, hx, weights, has_biases, layers, dropout, train, bidi,
+    batch_first) through :class:`_Layer`; None: not handled here (torch's path)."""
+    x, hx, weights, has_biases, layers, dropout, train, bidi, batch_first = args
+    dirs = 2 if bidi else 1
+    per = 4 if has_biases else 2
+    if len(weights) != per * layers * dirs or (dropout and train and layers > 1):
+        return None  # LSTM proj_size (extra weight) / inter-layer dropout: torch's path
+    h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(1)
+        h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
+    elif batch_first:
+        x = x.transpose(0, 1)
+    hn: list[Tensor] = []
+    cn: list[Tensor] = []
+    for layer in range(layers):
+        outs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            w = list(weights[k * per : (k + 1) * per]) + [None] * (4 - per)
+            res = _Layer.apply(
+                x.contiguous(), h0[k], None if c0 is None else c0[k], *w, kind, d == 1
+            )
+            outs.append(res[0])
+            hn.append(res[1])
+            if kind == "lstm":
+                cn.append(res[2])
+        x = outs[0] if dirs == 1 else torch.cat(outs, -1)
+    if unbatched:
+        out, h_n = x.squeeze(1), torch.stack(hn, 0).squeeze(1)
+        c_n = torch.stack(cn, 0).squeeze(1) if cn else None
+    else:
+        out = x.transpose(0, 1) if batch_first else x
+        h_n, c_n = torch.stack(hn, 0), torch.stack(cn, 0) if cn else None
+    return (out, h_n, c_n) if kind == "lstm" else (out, h_n)
+
+
+class _RecurrentMode(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kind = _KINDS.get(func)
+        # packed sequences call (data, batch_sizes, hx, weights, ...): weights 4th, not 3rd
+        if kind is not None and not kwargs and len(args) == 9 and isinstance(args[2], list | tuple):
+            res = _run(kind, tuple(args))
+            if res is not None:
+                return res
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def rnn_mode() -> Iterator[None]:
+    """Inside: nn.LSTM / nn.GRU / nn.RNN run through :class:`_Layer` (see module docstring)."""
+    with _RecurrentMode():
+        yield
+
+
+__all__ = ["rnn_mode"]
