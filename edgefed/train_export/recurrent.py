@@ -29,10 +29,120 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import numpy as np
+from onnxscript import FLOAT
+from onnxscript import ir as oir
+from onnxscript.onnx_opset import opset18 as op
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 _KINDS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "tanh", torch.rnn_relu: "relu"}
+
+
+# torch's gate blocks in the order ONNX expects them (ONNX LSTM: i o f c; GRU: z r h)
+_ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2], "tanh": [0], "relu": [0]}
+
+
+@torch.library.custom_op("edgefed::rnn_seq", mutates_args=())
+def rnn_seq(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+    kind: str,
+    reverse: bool,
+) -> Tensor:
+    """All hidden states ``[T, N, H]`` of one direction of one layer (``c0``: LSTM only).
+
+    Eager: torch's own kernel. Exported: one ONNX LSTM / GRU / RNN node (:func:`_rnn_seq_onnx`).
+    """
+    xs = x.flip(0) if reverse else x
+    w = [w_ih, w_hh, b_ih, b_hh]
+    rest = (True, 1, 0.0, False, False, False)
+    with torch._C.DisableTorchFunction():  # never re-enter rnn_mode
+        if kind == "lstm":
+            y = torch.lstm(xs, (h0[None], c0[None]), w, *rest)[0]
+        elif kind == "gru":
+            y = torch.gru(xs, h0[None], w, *rest)[0]
+        else:
+            y = getattr(torch, f"rnn_{kind}")(xs, h0[None], w, *rest)[0]
+    return (y.flip(0) if reverse else y).contiguous()
+
+
+@rnn_seq.register_fake
+def _(x: Tensor, h0: Tensor, *args: Any) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], h0.shape[-1])
+
+
+def _rnn_seq_onnx(
+    x: FLOAT,
+    h0: FLOAT,
+    c0: FLOAT,
+    w_ih: FLOAT,
+    w_hh: FLOAT,
+    b_ih: FLOAT,
+    b_hh: FLOAT,
+    kind: str,
+    reverse: bool,
+) -> FLOAT:
+    hid = int(w_hh.shape[1])
+    rows = np.concatenate([np.arange(k * hid, (k + 1) * hid) for k in _ONNX_GATES[kind]])
+    idx = op.Constant(value=oir.tensor(rows.astype(np.int64)))
+    axis0 = op.Constant(value=oir.tensor(np.array([0], np.int64)))
+
+    def onnx_order(t: FLOAT) -> FLOAT:
+        return op.Gather(t, idx, axis=0)
+
+    w = op.Unsqueeze(onnx_order(w_ih), axis0)
+    r = op.Unsqueeze(onnx_order(w_hh), axis0)
+    b = op.Unsqueeze(op.Concat(onnx_order(b_ih), onnx_order(b_hh), axis=0), axis0)
+    h = op.Unsqueeze(h0, axis0)
+    attrs = {"hidden_size": hid, "direction": "reverse" if reverse else "forward"}
+    if kind == "lstm":
+        y = op.LSTM(x, w, r, b, None, h, op.Unsqueeze(c0, axis0), **attrs)[0]
+    elif kind == "gru":
+        y = op.GRU(x, w, r, b, None, h, linear_before_reset=1, **attrs)[0]
+    else:
+        act = "Tanh" if kind == "tanh" else "Relu"
+        y = op.RNN(x, w, r, b, None, h, activations=[act], **attrs)[0]
+    return op.Squeeze(y, op.Constant(value=oir.tensor(np.array([1], np.int64))))
+
+
+@torch.library.custom_op("edgefed::time_steps", mutates_args=())
+def time_steps(x: Tensor) -> list[Tensor]:
+    """``[T, N, K]`` -> T tensors ``[N, K]``.
+
+    Exported as ONE Split of the ``[T*N, K]`` view. Per-step ``select`` became a Gather each,
+    which onnxruntime rewrites to Split + one Squeeze per step (6 us each, 1 ms of a 32-step
+    LSTM step).
+    """
+    return [t.clone() for t in x.unbind(0)]
+
+
+@time_steps.register_fake
+def _(x: Tensor) -> list[Tensor]:
+    return [x.new_empty(x.shape[1:]) for _ in range(int(x.shape[0]))]
+
+
+def _time_steps_onnx(x: FLOAT) -> Any:
+    steps, k = int(x.shape[0]), int(x.shape[2])
+    flat = op.Reshape(x, op.Constant(value=oir.tensor(np.array([-1, k], np.int64))))
+    return op.Split(flat, axis=0, num_outputs=steps)
+
+
+def _steps(x: Tensor) -> list[Tensor]:
+    return list(torch.ops.edgefed.time_steps.default(x.contiguous()))
+
+
+def onnx_translations() -> dict[Any, Any]:
+    """{custom op: onnxscript function} for the exporter's registry."""
+    return {
+        torch.ops.edgefed.rnn_seq.default: _rnn_seq_onnx,
+        torch.ops.edgefed.time_steps.default: _time_steps_onnx,
+    }
 
 
 def _cat_time(parts: Sequence[Tensor], steps: int) -> Tensor:
@@ -63,52 +173,48 @@ class _Layer(torch.autograd.Function):
     def forward(ctx: Any, *args: Any) -> Any:
         x, h, c, w_ih, w_hh, b_ih, b_hh, kind, reverse = args
         steps, hid = int(x.shape[0]), int(w_hh.shape[1])
-        order = range(steps - 1, -1, -1) if reverse else range(steps)
         x2 = x.reshape(-1, x.shape[-1])
-        if kind == "gru":  # r, z biases fold into the projection; b_hn stays inside r * (.)
-            b_hn = None if b_hh is None else b_hh.narrow(0, 2 * hid, hid)
-            b = None if b_ih is None else b_ih + torch.cat([b_hh.narrow(0, 0, 2 * hid), b_hn * 0])
-            w_rz, w_n = w_hh.narrow(0, 0, 2 * hid).t(), w_hh.narrow(0, 2 * hid, hid).t()
-        else:
-            b = None if b_ih is None else b_ih + b_hh
-            w_t = w_hh.t()
+        b = None if b_ih is None or kind == "gru" else b_ih + b_hh  # GRU: b_hn inside r * (.)
+        b = b_ih if kind == "gru" else b
         gx = (x2 @ w_ih.t() if b is None else torch.addmm(b, x2, w_ih.t())).reshape(
             steps, -1, w_ih.shape[0]
         )
         if kind == "gru":
             gx_rz, gx_n = gx.narrow(2, 0, 2 * hid), gx.narrow(2, 2 * hid, hid)
-        hs: list[Any] = [None] * steps
-        prev: list[Any] = [None] * steps
-        saved: dict[str, list[Any]] = {}
-        for t in order:
-            prev[t] = h
-            if kind == "lstm":
-                # [N, 4, H] + select: one Reshape and a Gather per gate (a Slice costs more)
-                pre = torch.addmm(gx[t], h, w_t).reshape(-1, 4, hid)
-                s, g = torch.sigmoid(pre), torch.tanh(pre.select(1, 2))
-                saved.setdefault("c_prev", [None] * steps)[t] = c
-                c = s.select(1, 1) * c + s.select(1, 0) * g
-                h = s.select(1, 3) * torch.tanh(c)
-                step_saved = {"s": s, "g": g, "c": c}
-            elif kind == "gru":
-                rz = torch.sigmoid(torch.addmm(gx_rz[t], h, w_rz).reshape(-1, 2, hid))
-                ghn = h @ w_n if b_hn is None else torch.addmm(b_hn, h, w_n)
-                n = torch.tanh(gx_n[t] + rz.select(1, 0) * ghn)
-                h = n + rz.select(1, 1) * (h - n)
-                step_saved = {"rz": rz, "n": n, "ghn": ghn}
-            else:
-                pre = torch.addmm(gx[t], h, w_t)
-                h = torch.tanh(pre) if kind == "tanh" else torch.relu(pre)
-                step_saved = {}
-            hs[t] = h
-            for k, v in step_saved.items():
-                saved.setdefault(k, [None] * steps)[t] = v
-        out = _cat_time(hs, steps)
+        zeros = w_hh.new_zeros(w_hh.shape[0])
+        out = torch.ops.edgefed.rnn_seq.default(
+            x, h, h if c is None else c, w_ih, w_hh,
+            zeros if b_ih is None else b_ih, zeros if b_hh is None else b_hh, kind, reverse,
+        )  # ONE ONNX LSTM / GRU / RNN node; the gates are recomputed below, batched
+        first = out.narrow(0, 0, steps - 1)
+        h0 = h.unsqueeze(0)
+        hprev = torch.cat([out.narrow(0, 1, steps - 1), h0] if reverse else [h0, first], 0)
+        h = out.select(0, 0 if reverse else steps - 1)
+        saved: dict[str, Tensor] = {}
+        if kind in ("lstm", "gru"):
+            gh = (hprev.reshape(-1, hid) @ w_hh.t()).reshape(steps, -1, w_hh.shape[0])
+        if kind == "lstm":
+            pre = (gx + gh).reshape(steps, -1, 4, hid)
+            s, g = torch.sigmoid(pre), torch.tanh(pre.select(2, 2))
+            f, u = _steps(s.select(2, 1)), _steps(s.select(2, 0) * g)
+            cs: list[Any] = [None] * steps
+            cprev: list[Any] = [None] * steps
+            for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+                cprev[t] = c
+                c = f[t] * c + u[t]  # the only sequential part left: Mul + Add a step
+                cs[t] = c
+            saved = {"s": s, "g": g, "c": _cat_time(cs, steps), "c_prev": _cat_time(cprev, steps)}
+        elif kind == "gru":
+            if b_hh is not None:
+                gh = gh + b_hh
+            rz = torch.sigmoid((gx_rz + gh.narrow(2, 0, 2 * hid)).reshape(steps, -1, 2, hid))
+            ghn = gh.narrow(2, 2 * hid, hid)
+            n = torch.tanh(gx_n + rz.select(2, 0) * ghn)
+            saved = {"rz": rz, "n": n, "ghn": ghn}
         ctx.kind, ctx.reverse, ctx.hid, ctx.steps = kind, reverse, hid, steps
-        stacks = {k: _cat_time(v, steps) for k, v in saved.items()}
-        names = sorted(stacks)
+        names = sorted(saved)
         ctx.names = names
-        ctx.save_for_backward(x, w_ih, w_hh, out, _cat_time(prev, steps), *(stacks[k] for k in names))
+        ctx.save_for_backward(x, w_ih, w_hh, out, hprev, *(saved[k] for k in names))
         return (out, h, c) if kind == "lstm" else (out, h)
 
     @staticmethod
@@ -117,7 +223,7 @@ class _Layer(torch.autograd.Function):
         st = dict(zip(ctx.names, rest, strict=True))
         kind, hid, steps = ctx.kind, ctx.hid, ctx.steps
         order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)  # reverse of forward
-        dout, dh = grads[0], grads[1]
+        dout, dh = _steps(grads[0]), grads[1]
         needs = ctx.needs_input_grad
         per: list[Any] = [None] * steps
         if kind == "lstm":
@@ -127,7 +233,7 @@ class _Layer(torch.autograd.Function):
             q = torch.cat(
                 [g * i * (1 - i), cprev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], -1
             )
-            bc = o * (1 - tc * tc)
+            bc, f, q = _steps(o * (1 - tc * tc)), _steps(f), _steps(q)
             dc = grads[2]
             for t in order:
                 dh = dout[t] + dh
@@ -143,19 +249,20 @@ class _Layer(torch.autograd.Function):
             r, z = rz.select(2, 0), rz.select(2, 1)
             pn = (1 - z) * (1 - n * n)
             pr = pn * ghn * r * (1 - r)
-            qh = torch.cat([pr, (hprev - n) * z * (1 - z), pn * r], -1)
+            qh = _steps(torch.cat([pr, (hprev - n) * z * (1 - z), pn * r], -1))
+            zs = _steps(z)
             dhs: list[Any] = [None] * steps
             for t in order:
                 dh = dout[t] + dh
                 dhs[t] = dh
                 dg = torch.cat([dh, dh, dh], 1) * qh[t]
                 per[t] = dg
-                dh = torch.addmm(dh * z[t], dg, w_hh)
+                dh = torch.addmm(dh * zs[t], dg, w_hh)
             dgh = _cat_time(per, steps)
             dgx = torch.cat([dgh.narrow(2, 0, 2 * hid), _cat_time(dhs, steps) * pn], -1)
             dc0 = None
         else:
-            deriv = 1 - out * out if kind == "tanh" else (out > 0).to(out.dtype)
+            deriv = _steps(1 - out * out if kind == "tanh" else (out > 0).to(out.dtype))
             for t in order:
                 dh = dout[t] + dh
                 dp = dh * deriv[t]
@@ -226,4 +333,4 @@ def rnn_mode() -> Iterator[None]:
         yield
 
 
-__all__ = ["rnn_mode"]
+__all__ = ["onnx_translations", "rnn_mode", "rnn_seq"]
