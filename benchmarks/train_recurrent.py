@@ -97,15 +97,19 @@ def main() -> None:
         row["runs"] = []
         for t in args.threads:
             t_ms, b_ms, a_ms = bench(name, model, graphs, t, 30, args.repeats)
-            row["runs"].append({"threads": t, "torch_ms": t_ms, "before_ms": b_ms, "after_ms": a_ms})
+            row["runs"].append(
+                {"threads": t, "torch_ms": t_ms, "before_ms": b_ms, "after_ms": a_ms}
+            )
             print(
                 f"{name:12s} thr={t} torch {t_ms:7.3f}  before {b_ms:7.3f} ({t_ms / b_ms:.2f}x)"
                 f"  after {a_ms:7.3f} ({t_ms / a_ms:.2f}x)",
                 flush=True,
             )
         rows.append(row)
-    print("\n| model | export s before -> after | nodes before -> after | threads | torch ms "
-          "| ORT ms before -> after | speedup vs torch before -> after |")
+    print(
+        "\n| model | export s before -> after | nodes before -> after | threads | torch ms "
+        "| ORT ms before -> after | speedup vs torch before -> after |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         for run in r["runs"]:
@@ -119,8 +123,13 @@ def main() -> None:
     print(f"machine: {machine()}; load average at the end {load_end}")
     write_json(
         "train_recurrent",
-        {"machine": machine(), "batch": BATCH, "load_avg_start": load_start,
-         "load_avg_end": load_end, "rows": rows},
+        {
+            "machine": machine(),
+            "batch": BATCH,
+            "load_avg_start": load_start,
+            "load_avg_end": load_end,
+            "rows": rows,
+        },
     )
 
 

@@ -28,8 +28,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 import numpy as np
+import torch
 from onnxscript import FLOAT
 from onnxscript import ir as oir
 from onnxscript.onnx_opset import opset18 as op
@@ -155,6 +155,11 @@ def _mm_sum(d: Tensor, x: Tensor) -> Tensor:
     return d.reshape(-1, d.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
 
+def _next_dh(dg: Tensor, w_hh: Tensor, dout: list[Tensor], nxt: int | None) -> Tensor:
+    """dh of the step before: ``dg @ W_hh`` plus that step's output gradient, ONE Gemm."""
+    return dg @ w_hh if nxt is None else torch.addmm(dout[nxt], dg, w_hh)
+
+
 def _input_grads(dgx: Tensor, x: Tensor, w_ih: Tensor, needs: Sequence[bool]) -> tuple:
     dx = (dgx.reshape(-1, dgx.shape[-1]) @ w_ih).reshape(x.shape) if needs[0] else None
     dw_ih = _mm_sum(dgx, x) if needs[3] else None
@@ -183,8 +188,15 @@ class _Layer(torch.autograd.Function):
             gx_rz, gx_n = gx.narrow(2, 0, 2 * hid), gx.narrow(2, 2 * hid, hid)
         zeros = w_hh.new_zeros(w_hh.shape[0])
         out = torch.ops.edgefed.rnn_seq.default(
-            x, h, h if c is None else c, w_ih, w_hh,
-            zeros if b_ih is None else b_ih, zeros if b_hh is None else b_hh, kind, reverse,
+            x,
+            h,
+            h if c is None else c,
+            w_ih,
+            w_hh,
+            zeros if b_ih is None else b_ih,
+            zeros if b_hh is None else b_hh,
+            kind,
+            reverse,
         )  # ONE ONNX LSTM / GRU / RNN node; the gates are recomputed below, batched
         first = out.narrow(0, 0, steps - 1)
         h0 = h.unsqueeze(0)
@@ -199,7 +211,7 @@ class _Layer(torch.autograd.Function):
             f, u = _steps(s.select(2, 1)), _steps(s.select(2, 0) * g)
             cs: list[Any] = [None] * steps
             cprev: list[Any] = [None] * steps
-            for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            for t in range(steps - 1, -1, -1) if reverse else range(steps):
                 cprev[t] = c
                 c = f[t] * c + u[t]  # the only sequential part left: Mul + Add a step
                 cs[t] = c
@@ -222,7 +234,7 @@ class _Layer(torch.autograd.Function):
         x, w_ih, w_hh, out, hprev, *rest = ctx.saved_tensors
         st = dict(zip(ctx.names, rest, strict=True))
         kind, hid, steps = ctx.kind, ctx.hid, ctx.steps
-        order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)  # reverse of forward
+        order = list(range(steps)) if ctx.reverse else list(range(steps - 1, -1, -1))
         dout, dh = _steps(grads[0]), grads[1]
         needs = ctx.needs_input_grad
         per: list[Any] = [None] * steps
@@ -235,12 +247,12 @@ class _Layer(torch.autograd.Function):
             )
             bc, f, q = _steps(o * (1 - tc * tc)), _steps(f), _steps(q)
             dc = grads[2]
-            for t in order:
-                dh = dout[t] + dh
+            dh = dout[order[0]] + dh
+            for t, nxt in zip(order, [*order[1:], None], strict=True):
                 dc = dc + dh * bc[t]
                 dg = torch.cat([dc, dc, dc, dh], 1) * q[t]
                 per[t] = dg
-                dh = dg @ w_hh
+                dh = _next_dh(dg, w_hh, dout, nxt)
                 dc = dc * f[t]
             dgx = dgh = _cat_time(per, steps)
             dc0 = dc
@@ -263,11 +275,11 @@ class _Layer(torch.autograd.Function):
             dc0 = None
         else:
             deriv = _steps(1 - out * out if kind == "tanh" else (out > 0).to(out.dtype))
-            for t in order:
-                dh = dout[t] + dh
+            dh = dout[order[0]] + dh
+            for t, nxt in zip(order, [*order[1:], None], strict=True):
                 dp = dh * deriv[t]
                 per[t] = dp
-                dh = dp @ w_hh
+                dh = _next_dh(dp, w_hh, dout, nxt)
             dgx = dgh = _cat_time(per, steps)
             dc0 = None
         dx, dw_ih, db_ih = _input_grads(dgx, x, w_ih, needs)
