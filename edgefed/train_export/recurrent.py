@@ -151,8 +151,12 @@ def _cat_time(parts: Sequence[Tensor], steps: int) -> Tensor:
 
 
 def _mm_sum(d: Tensor, x: Tensor) -> Tensor:
-    """``d^T @ x`` over all steps: ``[T, N, G]``, ``[T, N, K]`` -> ``[G, K]`` (one MatMul)."""
-    return d.reshape(-1, d.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    """``d^T @ x`` over all steps: ``[T, N, G]``, ``[T, N, K]`` -> ``[G, K]`` (one MatMul).
+
+    As ``(x^T @ d)^T``: the big ``[T*N, G]`` gradient is shared by ``dW_ih`` and ``dW_hh``, so
+    onnxruntime materialised its transpose; transposing the small ``[K, G]`` result is cheap.
+    """
+    return (x.reshape(-1, x.shape[-1]).t() @ d.reshape(-1, d.shape[-1])).t()
 
 
 def _next_dh(dg: Tensor, w_hh: Tensor, dout: list[Tensor], nxt: int | None) -> Tensor:
