@@ -2,8 +2,9 @@
 
 Every variant exports (the verification gate runs at two batch sizes against torch autograd
 + torch.optim), each layer direction is ONE ONNX LSTM / GRU / RNN node, and three steps in the
-torch-free trainer land where torch lands. The models are defined here (user code, outside
-the package). The node-count check on a 32-step LSTM is structural, not a timing.
+torch-free trainer land where torch lands. The models are user code outside the package (here
+and in test_train_export_coverage.py). The node count of a 32-step LSTM step is a structural
+check, not a timing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_train_export_coverage import Recurrent  # recurrent layer + linear head
 from torch import nn
 
 from device_agent.dataset import batch_order
@@ -23,22 +25,6 @@ from device_agent.trainer import StepTrainer
 from edgefed.train_export import SGD, export_training_step
 from edgefed.train_export.recurrent import rnn_mode
 from edgefed.train_export.verify import ABS_TOL, BATCHES, UPDATE_RTOL
-
-
-class Recurrent(nn.Module):
-    """A recurrent layer + linear head on the last step or on all steps."""
-
-    def __init__(self, rnn: nn.RNNBase, steps: int, last: bool) -> None:
-        super().__init__()
-        self.rnn, self.last = rnn, last
-        width = rnn.hidden_size * (2 if rnn.bidirectional else 1)
-        self.fc = nn.Linear(width if last else width * steps, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1))[0]
-        if not self.rnn.batch_first:
-            out = out.transpose(0, 1)
-        return self.fc(out[:, -1] if self.last else out.flatten(1))
 
 
 class LastState(nn.Module):
