@@ -128,6 +128,22 @@ def test_lstm_32_steps_is_a_small_graph() -> None:
     assert sum(n.op_type == "LSTM" for n in nodes) == 1
 
 
+def test_one_step_sequence_and_frozen_first_layer() -> None:
+    """T = 1 (no per-step Split) and a frozen first layer (no weight grads there) still pass
+    the gate."""
+    torch.manual_seed(1)
+    one = Recurrent(nn.LSTM(3, 4, bidirectional=True, batch_first=True), 1, True)
+    g = export_training_step(one, (torch.randn(4, 1, 3), torch.randint(0, 3, (4,))))
+    assert g.manifest["verification"]["param"] <= 1e-5
+    two = Recurrent(nn.GRU(3, 4, num_layers=2, batch_first=True), STEPS, True)
+    x, y = _data(4, 5)
+    g = export_training_step(two, (x, y), trainable=lambda n, p: not n.endswith("_l0"))
+    assert g.manifest["frozen"] == [
+        f"rnn.{k}_l0" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    ]
+    assert g.manifest["verification"]["param"] <= 1e-5
+
+
 @pytest.mark.parametrize(
     "rnn",
     [

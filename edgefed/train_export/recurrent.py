@@ -134,6 +134,8 @@ def _time_steps_onnx(x: FLOAT) -> Any:
 
 
 def _steps(x: Tensor) -> list[Tensor]:
+    if int(x.shape[0]) == 1:  # a one-output Split is translated as a sequence: plain select
+        return [x.select(0, 0)]
     return list(torch.ops.edgefed.time_steps.default(x.contiguous()))
 
 
