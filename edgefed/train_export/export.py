@@ -53,6 +53,7 @@ from .fusion import (
 )
 from .mutations import remove_inplace
 from .optimizers import SGD, Optimizer
+from .recurrent import rnn_mode
 from .verify import BATCHES, verify_inference, verify_step
 
 FORMAT = "edgefed.train_step/1"
@@ -190,10 +191,12 @@ def _trace_and_export(
     # mkldnn off: torch's LSTM decomposition otherwise picks the fused mkldnn_rnn_layer op
     # (no ONNX translation) whenever the input does not require grad (always, for data).
     # Math attention: the fused CPU flash-attention kernel's backward has no ONNX translation.
+    # rnn_mode: GRU/LSTM/RNN as one hand-written layer each (recurrent.py: fewer, bigger nodes).
     with (
         fx_config.patch(use_duck_shape=False),
         torch.backends.mkldnn.flags(enabled=False),
         sdpa_kernel(SDPBackend.MATH),
+        rnn_mode(),
     ):
         fakes = _fake_inputs(slots)
         gm = make_fx(

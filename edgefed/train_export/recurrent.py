@@ -1,0 +1,354 @@
+"""GRU / LSTM / RNN layers with a hand-written backward through time, for tracing the step.
+
+Why: traced through torch's own decompositions, an ``nn.LSTM`` over 32 steps became ~2,000
+tiny ONNX nodes (every gate, every step, forward and autograd's backward unrolled op by op):
+onnxruntime ran the step at 0.44x torch eager (per-node overhead, not arithmetic) and the
+export took ~30 s. Here each layer is ONE ``torch.autograd.Function`` whose
+
+* forward projects the input for ALL steps with one matmul (``x @ W_ih^T`` over ``[T*N, I]``)
+  and loops only the recurrent part (one Gemm + a few gate ops per step);
+* backward precomputes every gate derivative for all steps at once, loops only what is truly
+  sequential (``dh @ W_hh`` plus a few elementwise ops), then forms ``dW_ih``, ``dW_hh``, the
+  biases and ``dx`` as ONE matmul / sum each over the stacked steps.
+
+Per-step tensors are taken with ``select`` on a time-major ``[T, N, K]`` tensor (one Gather
+with a constant index: no shape arithmetic on the dynamic batch) and stacked with ``cat``
+along the batch axis + one reshape (no per-step Unsqueeze).
+
+Hooked in by :func:`rnn_mode` (a ``TorchFunctionMode`` catching ``torch.lstm`` / ``gru`` /
+``rnn_tanh`` / ``rnn_relu``, which ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` call) while the step
+and inference graphs are traced. Packed sequences, LSTM ``proj_size`` and inter-layer dropout in
+train mode keep torch's path. The verification gate compares the result with torch's own
+autograd like every other graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from onnxscript import FLOAT
+from onnxscript import ir as oir
+from onnxscript.onnx_opset import opset18 as op
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+_KINDS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "tanh", torch.rnn_relu: "relu"}
+
+
+# torch's gate blocks in the order ONNX expects them (ONNX LSTM: i o f c; GRU: z r h)
+_ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2], "tanh": [0], "relu": [0]}
+
+
+@torch.library.custom_op("edgefed::rnn_seq", mutates_args=())
+def rnn_seq(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+    kind: str,
+    reverse: bool,
+) -> Tensor:
+    """All hidden states ``[T, N, H]`` of one direction of one layer (``c0``: LSTM only).
+
+    Eager: torch's own kernel. Exported: one ONNX LSTM / GRU / RNN node (:func:`_rnn_seq_onnx`).
+    """
+    xs = x.flip(0) if reverse else x
+    w = [w_ih, w_hh, b_ih, b_hh]
+    rest = (True, 1, 0.0, False, False, False)
+    with torch._C.DisableTorchFunction():  # never re-enter rnn_mode
+        if kind == "lstm":
+            y = torch.lstm(xs, (h0[None], c0[None]), w, *rest)[0]
+        elif kind == "gru":
+            y = torch.gru(xs, h0[None], w, *rest)[0]
+        else:
+            y = getattr(torch, f"rnn_{kind}")(xs, h0[None], w, *rest)[0]
+    return (y.flip(0) if reverse else y).contiguous()
+
+
+@rnn_seq.register_fake
+def _(x: Tensor, h0: Tensor, *args: Any) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], h0.shape[-1])
+
+
+def _rnn_seq_onnx(
+    x: FLOAT,
+    h0: FLOAT,
+    c0: FLOAT,
+    w_ih: FLOAT,
+    w_hh: FLOAT,
+    b_ih: FLOAT,
+    b_hh: FLOAT,
+    kind: str,
+    reverse: bool,
+) -> FLOAT:
+    hid = int(w_hh.shape[1])
+    rows = np.concatenate([np.arange(k * hid, (k + 1) * hid) for k in _ONNX_GATES[kind]])
+    idx = op.Constant(value=oir.tensor(rows.astype(np.int64)))
+    axis0 = op.Constant(value=oir.tensor(np.array([0], np.int64)))
+
+    def onnx_order(t: FLOAT) -> FLOAT:
+        return op.Gather(t, idx, axis=0)
+
+    w = op.Unsqueeze(onnx_order(w_ih), axis0)
+    r = op.Unsqueeze(onnx_order(w_hh), axis0)
+    b = op.Unsqueeze(op.Concat(onnx_order(b_ih), onnx_order(b_hh), axis=0), axis0)
+    h = op.Unsqueeze(h0, axis0)
+    attrs = {"hidden_size": hid, "direction": "reverse" if reverse else "forward"}
+    if kind == "lstm":
+        y = op.LSTM(x, w, r, b, None, h, op.Unsqueeze(c0, axis0), **attrs)[0]
+    elif kind == "gru":
+        y = op.GRU(x, w, r, b, None, h, linear_before_reset=1, **attrs)[0]
+    else:
+        act = "Tanh" if kind == "tanh" else "Relu"
+        y = op.RNN(x, w, r, b, None, h, activations=[act], **attrs)[0]
+    return op.Squeeze(y, op.Constant(value=oir.tensor(np.array([1], np.int64))))
+
+
+@torch.library.custom_op("edgefed::time_steps", mutates_args=())
+def time_steps(x: Tensor) -> list[Tensor]:
+    """``[T, N, K]`` -> T tensors ``[N, K]``.
+
+    Exported as ONE Split of the ``[T*N, K]`` view. Per-step ``select`` became a Gather each,
+    which onnxruntime rewrites to Split + one Squeeze per step (6 us each, 1 ms of a 32-step
+    LSTM step).
+    """
+    return [t.clone() for t in x.unbind(0)]
+
+
+@time_steps.register_fake
+def _(x: Tensor) -> list[Tensor]:
+    return [x.new_empty(x.shape[1:]) for _ in range(int(x.shape[0]))]
+
+
+def _time_steps_onnx(x: FLOAT) -> Any:
+    steps, k = int(x.shape[0]), int(x.shape[2])
+    flat = op.Reshape(x, op.Constant(value=oir.tensor(np.array([-1, k], np.int64))))
+    return op.Split(flat, axis=0, num_outputs=steps)
+
+
+def _steps(x: Tensor) -> list[Tensor]:
+    if int(x.shape[0]) == 1:  # a one-output Split is translated as a sequence: plain select
+        return [x.select(0, 0)]
+    return list(torch.ops.edgefed.time_steps.default(x.contiguous()))
+
+
+def onnx_translations() -> dict[Any, Any]:
+    """{custom op: onnxscript function} for the exporter's registry."""
+    return {
+        torch.ops.edgefed.rnn_seq.default: _rnn_seq_onnx,
+        torch.ops.edgefed.time_steps.default: _time_steps_onnx,
+    }
+
+
+def _cat_time(parts: Sequence[Tensor], steps: int) -> Tensor:
+    """Per-step ``[N, ...]`` tensors (time order) -> ``[T, N, ...]``: one Concat + one Reshape."""
+    return torch.cat(list(parts), 0).reshape(steps, -1, *parts[0].shape[1:])
+
+
+def _mm_sum(d: Tensor, x: Tensor) -> Tensor:
+    """``d^T @ x`` over all steps: ``[T, N, G]``, ``[T, N, K]`` -> ``[G, K]`` (one MatMul).
+
+    As ``(x^T @ d)^T``: the big ``[T*N, G]`` gradient is shared by ``dW_ih`` and ``dW_hh``, so
+    onnxruntime materialised its transpose; transposing the small ``[K, G]`` result is cheap.
+    """
+    return (x.reshape(-1, x.shape[-1]).t() @ d.reshape(-1, d.shape[-1])).t()
+
+
+def _next_dh(dg: Tensor, w_hh: Tensor, dout: list[Tensor], nxt: int | None) -> Tensor:
+    """dh of the step before: ``dg @ W_hh`` plus that step's output gradient, ONE Gemm."""
+    return dg @ w_hh if nxt is None else torch.addmm(dout[nxt], dg, w_hh)
+
+
+def _input_grads(dgx: Tensor, x: Tensor, w_ih: Tensor, needs: Sequence[bool]) -> tuple:
+    dx = (dgx.reshape(-1, dgx.shape[-1]) @ w_ih).reshape(x.shape) if needs[0] else None
+    dw_ih = _mm_sum(dgx, x) if needs[3] else None
+    db_ih = dgx.sum((0, 1)) if needs[5] else None
+    return dx, dw_ih, db_ih
+
+
+class _Layer(torch.autograd.Function):
+    """One direction of one layer over a time-major ``x`` ``[T, N, I]``.
+
+    Inputs ``(x, h0, c0, w_ih, w_hh, b_ih, b_hh, kind, reverse)`` (``c0`` only for LSTM,
+    biases may be None); outputs ``(out [T, N, H], h_n)`` and ``c_n`` for LSTM.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> Any:
+        x, h, c, w_ih, w_hh, b_ih, b_hh, kind, reverse = args
+        steps, hid = int(x.shape[0]), int(w_hh.shape[1])
+        x2 = x.reshape(-1, x.shape[-1])
+        b = None if b_ih is None or kind == "gru" else b_ih + b_hh  # GRU: b_hn inside r * (.)
+        b = b_ih if kind == "gru" else b
+        gx = (x2 @ w_ih.t() if b is None else torch.addmm(b, x2, w_ih.t())).reshape(
+            steps, -1, w_ih.shape[0]
+        )
+        if kind == "gru":
+            gx_rz, gx_n = gx.narrow(2, 0, 2 * hid), gx.narrow(2, 2 * hid, hid)
+        zeros = w_hh.new_zeros(w_hh.shape[0])
+        out = torch.ops.edgefed.rnn_seq.default(
+            x,
+            h,
+            h if c is None else c,
+            w_ih,
+            w_hh,
+            zeros if b_ih is None else b_ih,
+            zeros if b_hh is None else b_hh,
+            kind,
+            reverse,
+        )  # ONE ONNX LSTM / GRU / RNN node; the gates are recomputed below, batched
+        first = out.narrow(0, 0, steps - 1)
+        h0 = h.unsqueeze(0)
+        hprev = torch.cat([out.narrow(0, 1, steps - 1), h0] if reverse else [h0, first], 0)
+        h = out.select(0, 0 if reverse else steps - 1)
+        saved: dict[str, Tensor] = {}
+        if kind in ("lstm", "gru"):
+            gh = (hprev.reshape(-1, hid) @ w_hh.t()).reshape(steps, -1, w_hh.shape[0])
+        if kind == "lstm":
+            pre = (gx + gh).reshape(steps, -1, 4, hid)
+            s, g = torch.sigmoid(pre), torch.tanh(pre.select(2, 2))
+            f, u = _steps(s.select(2, 1)), _steps(s.select(2, 0) * g)
+            cs: list[Any] = [None] * steps
+            cprev: list[Any] = [None] * steps
+            for t in range(steps - 1, -1, -1) if reverse else range(steps):
+                cprev[t] = c
+                c = f[t] * c + u[t]  # the only sequential part left: Mul + Add a step
+                cs[t] = c
+            saved = {"s": s, "g": g, "c": _cat_time(cs, steps), "c_prev": _cat_time(cprev, steps)}
+        elif kind == "gru":
+            if b_hh is not None:
+                gh = gh + b_hh
+            rz = torch.sigmoid((gx_rz + gh.narrow(2, 0, 2 * hid)).reshape(steps, -1, 2, hid))
+            ghn = gh.narrow(2, 2 * hid, hid)
+            n = torch.tanh(gx_n + rz.select(2, 0) * ghn)
+            saved = {"rz": rz, "n": n, "ghn": ghn}
+        ctx.kind, ctx.reverse, ctx.hid, ctx.steps = kind, reverse, hid, steps
+        names = sorted(saved)
+        ctx.names = names
+        ctx.save_for_backward(x, w_ih, w_hh, out, hprev, *(saved[k] for k in names))
+        return (out, h, c) if kind == "lstm" else (out, h)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        x, w_ih, w_hh, out, hprev, *rest = ctx.saved_tensors
+        st = dict(zip(ctx.names, rest, strict=True))
+        kind, hid, steps = ctx.kind, ctx.hid, ctx.steps
+        order = list(range(steps)) if ctx.reverse else list(range(steps - 1, -1, -1))
+        dout, dh = _steps(grads[0]), grads[1]
+        needs = ctx.needs_input_grad
+        per: list[Any] = [None] * steps
+        if kind == "lstm":
+            s, g, cs, cprev = st["s"], st["g"], st["c"], st["c_prev"]
+            i, f, o = s.select(2, 0), s.select(2, 1), s.select(2, 3)
+            tc = torch.tanh(cs)
+            q = torch.cat(
+                [g * i * (1 - i), cprev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], -1
+            )
+            bc, f, q = _steps(o * (1 - tc * tc)), _steps(f), _steps(q)
+            dc = grads[2]
+            dh = dout[order[0]] + dh
+            for t, nxt in zip(order, [*order[1:], None], strict=True):
+                dc = dc + dh * bc[t]
+                dg = torch.cat([dc, dc, dc, dh], 1) * q[t]
+                per[t] = dg
+                dh = _next_dh(dg, w_hh, dout, nxt)
+                dc = dc * f[t]
+            dgx = dgh = _cat_time(per, steps)
+            dc0 = dc
+        elif kind == "gru":
+            rz, n, ghn = st["rz"], st["n"], st["ghn"]
+            r, z = rz.select(2, 0), rz.select(2, 1)
+            pn = (1 - z) * (1 - n * n)
+            pr = pn * ghn * r * (1 - r)
+            qh = _steps(torch.cat([pr, (hprev - n) * z * (1 - z), pn * r], -1))
+            zs = _steps(z)
+            dhs: list[Any] = [None] * steps
+            for t in order:
+                dh = dout[t] + dh
+                dhs[t] = dh
+                dg = torch.cat([dh, dh, dh], 1) * qh[t]
+                per[t] = dg
+                dh = torch.addmm(dh * zs[t], dg, w_hh)
+            dgh = _cat_time(per, steps)
+            dgx = torch.cat([dgh.narrow(2, 0, 2 * hid), _cat_time(dhs, steps) * pn], -1)
+            dc0 = None
+        else:
+            deriv = _steps(1 - out * out if kind == "tanh" else (out > 0).to(out.dtype))
+            dh = dout[order[0]] + dh
+            for t, nxt in zip(order, [*order[1:], None], strict=True):
+                dp = dh * deriv[t]
+                per[t] = dp
+                dh = _next_dh(dp, w_hh, dout, nxt)
+            dgx = dgh = _cat_time(per, steps)
+            dc0 = None
+        dx, dw_ih, db_ih = _input_grads(dgx, x, w_ih, needs)
+        dw_hh = _mm_sum(dgh, hprev) if needs[4] else None
+        db_hh = dgh.sum((0, 1)) if needs[6] else None
+        return dx, dh, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None
+
+
+def _run(kind: str, args: tuple[Any, ...]) -> Any:
+    """torch.{lstm,gru,rnn_*}(input, hx, weights, has_biases, layers, dropout, train, bidi,
+    batch_first) through :class:`_Layer`; None: not handled here (torch's path)."""
+    x, hx, weights, has_biases, layers, dropout, train, bidi, batch_first = args
+    dirs = 2 if bidi else 1
+    per = 4 if has_biases else 2
+    if len(weights) != per * layers * dirs or (dropout and train and layers > 1):
+        return None  # LSTM proj_size (extra weight) / inter-layer dropout: torch's path
+    h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(1)
+        h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
+    elif batch_first:
+        x = x.transpose(0, 1)
+    hn: list[Tensor] = []
+    cn: list[Tensor] = []
+    for layer in range(layers):
+        outs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            w = list(weights[k * per : (k + 1) * per]) + [None] * (4 - per)
+            res = _Layer.apply(
+                x.contiguous(), h0[k], None if c0 is None else c0[k], *w, kind, d == 1
+            )
+            outs.append(res[0])
+            hn.append(res[1])
+            if kind == "lstm":
+                cn.append(res[2])
+        x = outs[0] if dirs == 1 else torch.cat(outs, -1)
+    if unbatched:
+        out, h_n = x.squeeze(1), torch.stack(hn, 0).squeeze(1)
+        c_n = torch.stack(cn, 0).squeeze(1) if cn else None
+    else:
+        out = x.transpose(0, 1) if batch_first else x
+        h_n, c_n = torch.stack(hn, 0), torch.stack(cn, 0) if cn else None
+    return (out, h_n, c_n) if kind == "lstm" else (out, h_n)
+
+
+class _RecurrentMode(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kind = _KINDS.get(func)
+        # packed sequences call (data, batch_sizes, hx, weights, ...): weights 4th, not 3rd
+        if kind is not None and not kwargs and len(args) == 9 and isinstance(args[2], list | tuple):
+            res = _run(kind, tuple(args))
+            if res is not None:
+                return res
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def rnn_mode() -> Iterator[None]:
+    """Inside: nn.LSTM / nn.GRU / nn.RNN run through :class:`_Layer` (see module docstring)."""
+    with _RecurrentMode():
+        yield
+
+
+__all__ = ["onnx_translations", "rnn_mode", "rnn_seq"]
