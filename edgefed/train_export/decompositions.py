@@ -85,6 +85,10 @@ def convolution_backward(
 ) -> Any:
     if x.dim() not in (3, 4):
         return NotImplemented  # stays aten.convolution_backward -> reported as unsupported
+    if conv_grads.dense_depthwise_1d(x, weight, groups, transposed):
+        return conv_grads.depthwise_1d_backward(
+            grad_out, x, weight, stride, padding, dilation, output_mask
+        )
     if x.dim() == 3:  # Conv1d: the 2-D path on a height-1 map (reshapes are free)
         gi, gw, gb = convolution_backward(
             grad_out.unsqueeze(2),
@@ -287,6 +291,7 @@ def decomposition_table(training: bool = True) -> dict[Any, Callable[..., Any]]:
             ]
         )
     )
+    table[aten.convolution.default] = conv_grads.convolution
     table[aten.convolution_backward.default] = convolution_backward
     table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
     table[aten.threshold_backward.default] = threshold_backward
