@@ -116,7 +116,10 @@ def convolution_backward(
     h, w_ = int(x.shape[2]), int(x.shape[3])
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
-    if output_mask[0]:
+    pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)
+    if output_mask[0] and pointwise and h * w_ >= 16:  # (1x1 maps: one GEMM in ConvTranspose)
+        gi = conv_grads.pointwise_input_grad(grad_out, weight, x.shape)
+    elif output_mask[0]:
         op = [
             h + 2 * padding[0] - dilation[0] * (kh - 1) - 1 - (ho - 1) * stride[0],
             w_ + 2 * padding[1] - dilation[1] * (kw - 1) - 1 - (wo - 1) * stride[1],
