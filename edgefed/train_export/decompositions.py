@@ -134,17 +134,12 @@ def convolution_backward(
     return gi, gw, gb
 
 
-def _weight_grad(
-    grad_out: Tensor,
-    x: Tensor,
-    w_shape: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> Tensor:
+def _weight_grad(grad_out: Tensor, x: Tensor, w_shape: Sequence[int], *conv: Any) -> Tensor:
     """Weight gradient of a 2-D convolution ``grad_out = d/d(conv(x, w))``, the fastest form
-    onnxruntime runs for the layer's shape (pointwise / depthwise / general im2col)."""
+    onnxruntime runs for the layer's shape (pointwise / depthwise / general im2col).
+
+    ``conv``: stride, padding, dilation, groups."""
+    stride, padding, dilation, groups = conv
     kh, kw = int(w_shape[2]), int(w_shape[3])
     depthwise = groups > 1 and groups == int(x.shape[1]) == int(w_shape[0]) and w_shape[1] == 1
     pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)

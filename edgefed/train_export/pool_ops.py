@@ -43,51 +43,43 @@ from torch import Tensor
 _NS = "edgefed"
 
 
-def fast_path(
-    x: Tensor,
-    kernel_size: Any,
-    stride: Any,
-    padding: Any,
-    dilation: Any,
-    ceil_mode: bool,
-) -> int | None:
-    """The window size k when the fast ops apply, else None (the exporter's default path)."""
+def _window(kernel_size: Any, stride: Any, padding: Any, dilation: Any) -> list[list[int]]:
+    """aten's pooling arguments as four 2-element lists: kernel, stride, padding, dilation."""
+    ks = [int(v) for v in kernel_size] * (2 // len(kernel_size))
+    st = [int(v) for v in stride] * (2 // len(stride)) if stride else ks
+    pad = [int(v) for v in padding] * (2 // len(padding)) if padding else [0, 0]
+    dil = [int(v) for v in dilation] * (2 // len(dilation)) if dilation else [1, 1]
+    return [ks, st, pad, dil]
+
+
+def fast_path(x: Tensor, *window: Any) -> int | None:
+    """The window size k when the fast ops apply, else None (the exporter's default path).
+
+    ``window``: kernel_size, stride, padding, dilation, ceil_mode (aten's order)."""
     if x.dim() != 4:
         return None
-    ks = list(kernel_size) * (2 // len(kernel_size))
-    st = list(stride) * (2 // len(stride)) if stride else ks
-    pad = list(padding) * (2 // len(padding)) if padding else [0, 0]
-    dil = list(dilation) * (2 // len(dilation)) if dilation else [1, 1]
-    k = int(ks[0])
+    ks, st, pad, dil = _window(*window[:4])
+    k = ks[0]
     if ks != [k, k] or st != [k, k] or pad != [0, 0] or dil != [1, 1] or k < 1:
         return None
     h, w = int(x.shape[2]), int(x.shape[3])
     if h < k or w < k or h * w >= 1 << 23:  # flat indices must stay exact in float32
         return None
-    if ceil_mode and (h % k or w % k):
+    if window[4] and (h % k or w % k):
         return None
     return k
 
 
-def row_path(
-    x: Tensor,
-    kernel_size: Any,
-    stride: Any,
-    padding: Any,
-    dilation: Any,
-    ceil_mode: bool,
-) -> int | None:
+def row_path(x: Tensor, *window: Any) -> int | None:
     """k when the window is 1 x k with stride k (no padding / dilation), else None."""
-    if x.dim() != 4 or len(kernel_size) != 2:
+    if x.dim() != 4 or len(window[0]) != 2:
         return None
-    st = list(stride) if stride else list(kernel_size)
-    pad = list(padding) * (2 // len(padding)) if padding else [0, 0]
-    dil = list(dilation) * (2 // len(dilation)) if dilation else [1, 1]
-    k = int(kernel_size[1])
-    if list(kernel_size) != [1, k] or st != [1, k] or pad != [0, 0] or dil != [1, 1] or k < 2:
+    ks, st, pad, dil = _window(*window[:4])
+    k = ks[1]
+    if ks != [1, k] or st != [1, k] or pad != [0, 0] or dil != [1, 1] or k < 2:
         return None
     h, w = int(x.shape[2]), int(x.shape[3])
-    if w < k or h * w >= 1 << 23 or (ceil_mode and w % k):
+    if w < k or h * w >= 1 << 23 or (window[4] and w % k):
         return None
     return k
 
