@@ -72,6 +72,7 @@ def test_transposed_convolution_backward_matches_autograd(geom: tuple[int, ...])
     torch.testing.assert_close(ob, g.sum(dim=(0, 2, 3)))
 
 
+@pytest.mark.system  # exports and verifies a step
 def test_exported_depthwise_conv1d_step_has_no_grouped_conv_and_trains_like_torch() -> None:
     torch.manual_seed(3)
     m = nn.Sequential(
