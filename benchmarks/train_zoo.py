@@ -2,8 +2,9 @@
 2 threads (interleaved in one process, as train_step.py does), device-process peak RSS.
 
 Models: tests/train_export_zoo.py at scale 'bench' (MobileNet-style CNN 32x32, keyword-spotting
-Conv1d over 10x49 MFCCs, GRU/LSTM over 32 sensor steps, 2-layer transformer, bag-of-embeddings
-text, regression MLP), batch 32, SGD momentum 0.9.
+Conv1d over 10x49 MFCCs, Conv1d/ConvTranspose1d autoencoder over 3x64 windows, GRU/LSTM over
+32 sensor steps, 2-layer transformer, bag-of-embeddings text, regression MLP), batch 32, SGD
+momentum 0.9.
 Run: PYTHONPATH=. python benchmarks/train_zoo.py [--quick] [--models ...]
 Writes benchmarks/out/train_zoo.json. Targets: >= 1.0x torch at 1 thread for every model,
 >= 1.3x median, export <= 30 s, device RSS (MobileNet-style, batch 32) < 150 MB.

@@ -320,11 +320,13 @@ def test_frozen_backbone_baked_and_head_only(zoo_model) -> None:
 
 
 def test_unsupported_op_names_op_and_layer() -> None:
-    m = nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 10 * 10, 2))
+    # ConvTranspose1d/2d export now (test_train_export_coverage); 3-D ones stay refused
+    m = nn.Sequential(nn.ConvTranspose3d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 6 * 6 * 6, 2))
     with pytest.raises(UnsupportedOpError) as ei:
-        export_training_step(m, (torch.randn(4, 2, 8, 8), torch.randint(0, 2, (4,))))
+        export_training_step(m, (torch.randn(4, 2, 4, 4, 4), torch.randint(0, 2, (4,))))
     assert "convolution_backward" in str(ei.value)
-    assert ei.value.layer.startswith("0 (ConvTranspose2d)")
+    assert ei.value.layer.startswith("0 (ConvTranspose3d)")
+    assert "ConvTranspose1d/2d" in str(ei.value)  # the nearest supported alternative
 
 
 def test_aliased_example_inputs_are_refused() -> None:

@@ -63,6 +63,26 @@ def conv2d_net() -> nn.Module:
     )
 
 
+class Decoder2d(nn.Module):
+    """A user's image decoder: every ConvTranspose2d variant between convolutions and BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.ConvTranspose2d(6, 6, 3, padding=1, groups=6, bias=False),  # depthwise
+            nn.ConvTranspose2d(6, 4, 3, stride=2, dilation=2, output_padding=1, groups=2),
+            nn.Hardswish(),
+            nn.ConvTranspose2d(4, 4, (1, 3), stride=(1, 2), padding=(0, 1), bias=False),
+            nn.ConvTranspose2d(4, 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(x).mean(dim=(2, 3))
+
+
 def frozen_bn_net() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
@@ -161,6 +181,12 @@ CASES: dict[str, Case] = {
         torch.randn(4, 3, 12, 12),
         torch.randint(0, 2, (4, 4)).float(),
         {"loss": "bce_with_logits", "optimizer": SGD(momentum=0.9)},
+    ),
+    "convtranspose2d_variants_bn_mse": (
+        Decoder2d,
+        torch.randn(4, 4, 5, 5),
+        torch.randn(4, 2),
+        {"loss": "mse", "optimizer": SGD(momentum=0.9)},
     ),
     "batchnorm_frozen_huber": (
         frozen_bn_net,

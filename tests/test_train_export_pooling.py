@@ -39,6 +39,9 @@ POOLS = {
     "ReLU then 2x2 stride 2, 7x7": (nn.MaxPool2d(2), 7, True, True),
     "3x3 stride 2 pad 1 (default path)": (nn.MaxPool2d(3, stride=2, padding=1), 7, False, False),
     "2x2 ceil_mode, 7x7 (default path)": (nn.MaxPool2d(2, ceil_mode=True), 7, False, False),
+    # row windows (what MaxPool1d becomes): ArgMax + MatMul spread, no SpaceToDepth
+    "1x2 stride (1,2), 3x7 (floor remainder)": (nn.MaxPool2d((1, 2)), (3, 7), "rows", False),
+    "ReLU then 1x3 stride (1,3), 2x9": (nn.MaxPool2d((1, 3)), (2, 9), "rows", True),
 }
 
 
@@ -61,13 +64,18 @@ def test_step_matches_torch_with_ties(name: str) -> None:
     nodes = onnx.load_from_string(g.onnx).graph.node
     ops = [n.op_type for n in nodes]
     with_indices = [n for n in nodes if n.op_type == "MaxPool" and len(n.output) > 1]
-    if fast:  # no MaxPool-with-indices (slow in onnxruntime) and no scatter for the pool
+    if fast == "rows":  # no MaxPool-with-indices: ArgMax forward, MatMul-spread backward
+        assert "ArgMax" in ops and "SpaceToDepth" not in ops and not with_indices
+    elif fast:  # no MaxPool-with-indices (slow in onnxruntime) and no scatter for the pool
         assert "SpaceToDepth" in ops and "Col2Im" in ops and not with_indices
     else:
         assert "SpaceToDepth" not in ops and with_indices
-    if fast and relu:  # ReLU's mask was applied before Col2Im, not on the full-size gradient
+    if fast is True and relu:  # ReLU's mask was applied before Col2Im, not the full-size grad
         unpooled = {o for n in nodes if n.op_type in ("Col2Im", "Pad") for o in n.output}
         assert not [n for n in nodes if n.op_type == "Mul" and set(n.input) & unpooled]
+    if fast == "rows" and relu:  # one Greater for ReLU's mask, on the pooled (small) map
+        small = [n for n in nodes if n.op_type == "Greater"]
+        assert len(small) == 1
     # the inference graph (verified against the model by the export) needs no indices at all
     inf = [n for n in onnx.load_from_string(g.inference_onnx).graph.node if n.op_type == "MaxPool"]
     assert len(inf) == 1 and len(inf[0].output) == 1

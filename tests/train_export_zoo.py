@@ -86,6 +86,27 @@ def kws_conv1d(mfcc: int = 10, width: int = 16, classes: int = 6) -> nn.Module:
     )
 
 
+class Autoencoder1d(nn.Module):
+    """Sensor-window autoencoder (anomaly detection): Conv1d down, ConvTranspose1d up."""
+
+    def __init__(self, channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(
+            nn.Conv1d(channels, width, 5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.dec = nn.Sequential(
+            nn.ConvTranspose1d(2 * width, width, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose1d(width, channels, 4, stride=2, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x))
+
+
 class SensorRNN(nn.Module):
     """GRU or LSTM over an accelerometer-like window, classify from the last step."""
 
@@ -155,6 +176,16 @@ def _cls(shape: tuple[int, ...], classes: int):
     return make
 
 
+def _reconstruct(shape: tuple[int, ...]):
+    """Target = the input window itself (an autoencoder's reconstruction loss)."""
+
+    def make(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, *shape), generator=g)
+        return x, x.clone()
+
+    return make
+
+
 def _tokens(length: int, vocab: int, classes: int):
     def make(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randint(0, vocab, (n, length), generator=g)
@@ -189,6 +220,11 @@ def zoo(scale: str = "test") -> dict[str, ZooEntry]:
             lambda: kws_conv1d(10, 32 if big else 16),
             _cls((10, frames), 6),
             {"optimizer": MOMENTUM},
+        ),
+        "autoencoder1d": ZooEntry(
+            lambda: Autoencoder1d(3, 32 if big else 8),
+            _reconstruct((3, 64 if big else 16)),
+            {"optimizer": MOMENTUM, "loss": "mse"},
         ),
         "gru_sensor": ZooEntry(
             lambda: SensorRNN("gru", 3, 32 if big else 16),

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch._decomp import core_aten_decompositions, get_decompositions
 
-from . import batch_norm, index_grads, pool_ops
+from . import batch_norm, conv_grads, index_grads, pool_ops
 
 aten = torch.ops.aten
 
@@ -83,8 +83,12 @@ def convolution_backward(
     groups: int,
     output_mask: Sequence[bool],
 ) -> Any:
-    if transposed or x.dim() not in (3, 4):
+    if x.dim() not in (3, 4):
         return NotImplemented  # stays aten.convolution_backward -> reported as unsupported
+    if conv_grads.dense_depthwise_1d(x, weight, groups, transposed):
+        return conv_grads.depthwise_1d_backward(
+            grad_out, x, weight, stride, padding, dilation, output_mask
+        )
     if x.dim() == 3:  # Conv1d: the 2-D path on a height-1 map (reshapes are free)
         gi, gw, gb = convolution_backward(
             grad_out.unsqueeze(2),
@@ -104,11 +108,18 @@ def convolution_backward(
             gw.squeeze(2) if gw is not None else None,
             gb,
         )
+    if transposed:
+        return conv_grads.transposed_convolution_backward(
+            grad_out, x, weight, stride, padding, dilation, groups, output_mask, _weight_grad
+        )
     gi = gw = gb = None
     h, w_ = int(x.shape[2]), int(x.shape[3])
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
-    if output_mask[0]:
+    pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)
+    if output_mask[0] and pointwise and h * w_ >= 16:  # (1x1 maps: one GEMM in ConvTranspose)
+        gi = conv_grads.pointwise_input_grad(grad_out, weight, x.shape)
+    elif output_mask[0]:
         op = [
             h + 2 * padding[0] - dilation[0] * (kh - 1) - 1 - (ho - 1) * stride[0],
             w_ + 2 * padding[1] - dilation[1] * (kw - 1) - 1 - (wo - 1) * stride[1],
@@ -116,21 +127,31 @@ def convolution_backward(
         gi = aten.convolution.default(
             grad_out, weight, None, list(stride), list(padding), list(dilation), True, op, groups
         )
-    depthwise = groups > 1 and groups == int(x.shape[1]) == int(weight.shape[0])
-    pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)
-    if output_mask[1] and pointwise:
-        # per-sample products summed over the batch: no channel-major copies of x and grad
-        n = x.shape[0]
-        go = grad_out.reshape(n, int(grad_out.shape[1]), ho * wo)
-        xs = x.reshape(n, int(x.shape[1]), h * w_)
-        gw = torch.bmm(go, xs.transpose(1, 2)).sum(0).reshape(weight.shape)
-    elif output_mask[1] and depthwise:
-        gw = _depthwise_weight_grad(grad_out, x, weight.shape, stride, padding, dilation)
-    elif output_mask[1]:
-        gw = _im2col_weight_grad(grad_out, x, weight.shape, stride, padding, dilation, groups)
+    if output_mask[1]:
+        gw = _weight_grad(grad_out, x, weight.shape, stride, padding, dilation, groups)
     if output_mask[2]:
         gb = grad_out.sum(dim=(0, 2, 3))
     return gi, gw, gb
+
+
+def _weight_grad(grad_out: Tensor, x: Tensor, w_shape: Sequence[int], *conv: Any) -> Tensor:
+    """Weight gradient of a 2-D convolution ``grad_out = d/d(conv(x, w))``, the fastest form
+    onnxruntime runs for the layer's shape (pointwise / depthwise / general im2col).
+
+    ``conv``: stride, padding, dilation, groups."""
+    stride, padding, dilation, groups = conv
+    kh, kw = int(w_shape[2]), int(w_shape[3])
+    depthwise = groups > 1 and groups == int(x.shape[1]) == int(w_shape[0]) and w_shape[1] == 1
+    pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)
+    if pointwise:
+        # per-sample products summed over the batch: no channel-major copies of x and grad
+        n = x.shape[0]
+        go = grad_out.reshape(n, int(grad_out.shape[1]), -1)
+        xs = x.reshape(n, int(x.shape[1]), -1)
+        return torch.bmm(go, xs.transpose(1, 2)).sum(0).reshape(w_shape)
+    if depthwise:
+        return _depthwise_weight_grad(grad_out, x, w_shape, stride, padding, dilation)
+    return _im2col_weight_grad(grad_out, x, w_shape, stride, padding, dilation, groups)
 
 
 def _pool_divisors(size: int, k: int, s: int, p: int, out: int) -> list[tuple[int, int]]:
@@ -268,6 +289,7 @@ def decomposition_table(training: bool = True) -> dict[Any, Callable[..., Any]]:
             ]
         )
     )
+    table[aten.convolution.default] = conv_grads.convolution
     table[aten.convolution_backward.default] = convolution_backward
     table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
     table[aten.threshold_backward.default] = threshold_backward

@@ -144,8 +144,9 @@ def locate(model: nn.Module, run: Any, table: dict[Any, Any]) -> dict[Any, str]:
 
 # Nearest supported alternative for ops known to stay unsupported (matched on the op name).
 ALTERNATIVES = {
-    "convolution_backward": "ConvTranspose is not supported: use nn.Upsample + nn.Conv1d/2d "
-    "(Conv1d/Conv2d with any stride, padding, dilation and groups are)",
+    "convolution_backward": "3-D convolutions (Conv3d / ConvTranspose3d) are not supported: "
+    "use Conv1d/Conv2d or ConvTranspose1d/2d (any stride, padding, output_padding, dilation "
+    "and groups), e.g. fold the depth axis into the channels or the batch",
     "_embedding_bag_backward": "EmbeddingBag supports mode='sum'/'mean' without "
     "scale_grad_by_freq: use one of those, or nn.Embedding + amax",
     "_embedding_bag": "EmbeddingBag supports mode='sum'/'mean': use one of those",

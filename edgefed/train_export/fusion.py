@@ -200,14 +200,21 @@ def relu_mask_before_unpool(gm: fx.GraphModule) -> int:
     mask then costs a quarter (2x2 windows) of the passes over the full-size map.
     """
     g = gm.graph
-    pool_bwd = torch.ops.edgefed.max_pool2d_bwd.default
+    pool_bwd = {
+        torch.ops.edgefed.max_pool2d_bwd.default,
+        torch.ops.edgefed.max_pool_rows_bwd.default,
+    }
     done = 0
     for node in list(g.nodes):
         if node.target != aten.mul.Tensor or node.kwargs or len(node.args) != 2:
             continue
         for unpool, mask in (node.args, node.args[::-1]):
             r = _relu_mask_source(mask)
-            if getattr(unpool, "target", None) != pool_bwd or len(unpool.users) != 1 or r is None:
+            if (
+                getattr(unpool, "target", None) not in pool_bwd
+                or len(unpool.users) != 1
+                or r is None
+            ):
                 continue
             idx = unpool.args[1]  # getitem(max_pool2d_fwd(x, k), 1)
             fwd = idx.args[0] if getattr(idx, "target", None) is operator.getitem else None
@@ -218,7 +225,7 @@ def relu_mask_before_unpool(gm: fx.GraphModule) -> int:
                 pos = g.call_function(aten.gt.Scalar, (pooled, 0))
                 keep = g.call_function(aten._to_copy.default, (pos,), {"dtype": torch.float32})
                 masked = g.call_function(aten.mul.Tensor, (unpool.args[0], keep))
-                out = g.call_function(pool_bwd, (masked, *unpool.args[1:]))
+                out = g.call_function(unpool.target, (masked, *unpool.args[1:]))
             node.replace_all_uses_with(out)
             g.erase_node(node)
             done += 1
