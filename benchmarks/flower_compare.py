@@ -249,7 +249,11 @@ def run_edgefed(
         total = time.monotonic() - t0
         log.close()
         if rc != 0:
-            raise RuntimeError(f"edgefed coordinator exited {rc}: see {work / 'edgefed.log'}")
+            tail = (work / "edgefed.log").read_text(errors="replace").splitlines()[-25:]
+            raise RuntimeError(  # the log's folder is a temporary one: show its end here
+                f"edgefed coordinator exited {rc}; end of {work / 'edgefed.log'}:\n"
+                + "\n".join(tail)
+            )
         hist = [json.loads(s) for s in metrics.read_text().splitlines() if s.strip()]
         accepted = sum(int(h["participants"]) for h in hist)
         return {
