@@ -5,8 +5,9 @@ Why a journal next to the checkpoint rather than a checkpoint per event: the che
 (model, strategy moments, history) is written once per model version; tasks go out and
 updates arrive many times per version. Rewriting the whole checkpoint for each would cost
 a model-sized fsync per update. The journal appends one short line per event instead,
-fsynced before the event has any effect outside the process (a task is journaled before it
-is published), and is restarted, empty, right after each checkpoint.
+a dispatch fsynced before it has any effect outside the process (a task is journaled before
+it is published), an update flushed and made durable by the next dispatch's fsync (see
+:meth:`Journal.update`), and is restarted, empty, right after each checkpoint.
 
 Together they are the restart state: the checkpoint holds the tasks outstanding when the
 version closed (``meta["outstanding"]``); the journal, tagged with the checkpoint's
@@ -100,15 +101,23 @@ class Journal:
         self._append({"dispatch": {"seq": seq, "version": version, "tasks": tasks}})
 
     def update(self, device: str, data: bytes) -> None:
-        """An update message that changed the engine's state."""
-        self._append({"update": [device, base64.b64encode(data).decode()]})
+        """An update message that changed the engine's state.
 
-    def _append(self, event: dict[str, Any]) -> None:
+        Written and flushed (a killed process loses nothing: the line is in the page cache)
+        but not fsynced on its own: the next dispatch's fsync, which in async mode follows
+        an accepted update at once (the device that answered gets a new task), makes it
+        durable with its dispatch -- a group commit that halves the fsyncs. A power loss in
+        between loses at most those updates' lines; each costs one task expiring as
+        ``deadline`` after the restart, never a double count (the broker already had the
+        message acknowledged, so a sync-per-line journal had the same window)."""
+        self._append({"update": [device, base64.b64encode(data).decode()]}, sync=False)
+
+    def _append(self, event: dict[str, Any], sync: bool = True) -> None:
         if self._f is None:
             raise RuntimeError("journal not started")
         self._f.write(json.dumps(event).encode() + b"\n")
         self._f.flush()
-        if self.durable:
+        if self.durable and sync:
             os.fsync(self._f.fileno())
 
     def close(self) -> None:
