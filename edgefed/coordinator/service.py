@@ -117,14 +117,15 @@ class MqttCollector(Collector):
             graphs if isinstance(graphs, list) else [],
             msg.get("last_round"),
         )
-        connection = msg.get("connection")
+        said = msg.get("connection")
+        connection = said[:64] if isinstance(said, str) else None
         reconnected = (
             device not in self.online
-            or not isinstance(connection, str)  # an agent that does not say: assume it did
-            or self._connections.get(device) != connection[:64]
+            or connection is None  # an agent that does not say: assume it did
+            or self._connections.get(device) != connection
         )
-        if isinstance(connection, str):
-            self._connections[device] = connection[:64]
+        if connection is not None:
+            self._connections[device] = connection
         if device not in self.online:
             log.info("device %s online (%s)", device, caps.get("arch", "?"))
         self.online.add(device)
