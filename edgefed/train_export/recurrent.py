@@ -145,17 +145,17 @@ def _steps(x: Tensor) -> list[Tensor]:
 
 @torch.library.custom_op("edgefed::lstm_cells", mutates_args=())
 def lstm_cells(f: Tensor, u: Tensor, c0: Tensor, reverse: bool) -> Tensor:
-    """Cell states ``c_t = f_t * c_{t-1} + u_t`` for all steps (``f``, ``u``: ``[H, T, N]``).
+    """Cell states ``c_t = f_t * c_{t-1} + u_t`` for all steps (``f``, ``u``: ``[T, H, N]``).
 
     Exported as ONE ONNX Scan (body Mul + Add). Unrolled, the 2 nodes a step plus the Splits
     and the Concat cost 230 us for 32 steps; the Scan 180 us (microbenchmark, 1 thread).
     """
-    steps = int(f.shape[1])
+    steps = int(f.shape[0])
     c, cs = c0, [None] * steps
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        c = f[:, t] * c + u[:, t]
+        c = f[t] * c + u[t]
         cs[t] = c
-    return torch.stack(cs, 1)
+    return torch.stack(cs, 0)
 
 
 @lstm_cells.register_fake
@@ -177,19 +177,19 @@ def lstm_bptt(
     """The LSTM backward recurrence, feature-major: per step (against the direction)
     ``e = dc + dh * bc``, ``dg = [e; e; e; dh] * q``, ``dh = W_hh^T dg + dnext``, ``dc = e * f``.
 
-    Time is axis 1 of ``q [4H, T, N]``, ``bc``, ``f``, ``dnext`` ``[H, T, N]``.
-    Returns ``(dg [4H, T, N], dh, dc)``. Exported as ONE ONNX Scan: unrolled, the 6 nodes a
+    Time-major: ``q [T, 4H, N]``, ``bc``, ``f``, ``dnext`` ``[T, H, N]``.
+    Returns ``(dg [T, 4H, N], dh, dc)``. Exported as ONE ONNX Scan: unrolled, the 6 nodes a
     step (+ Splits, Concat) took 1.9 ms for 32 steps, the Scan 1.35 ms (microbenchmark).
     """
-    steps = int(q.shape[1])
+    steps = int(q.shape[0])
     dgs: list[Any] = [None] * steps
     for t in range(steps) if reverse else range(steps - 1, -1, -1):
-        e = dc + dh * bc[:, t]
-        dg = torch.cat([e, e, e, dh], 0) * q[:, t]
+        e = dc + dh * bc[t]
+        dg = torch.cat([e, e, e, dh], 0) * q[t]
         dgs[t] = dg
-        dh = torch.addmm(dnext[:, t], w_hh.t(), dg)
-        dc = e * f[:, t]
-    return torch.stack(dgs, 1), dh, dc
+        dh = torch.addmm(dnext[t], w_hh.t(), dg)
+        dc = e * f[t]
+    return torch.stack(dgs, 0), dh, dc
 
 
 @lstm_bptt.register_fake
@@ -201,7 +201,11 @@ _SCAN_IDS = itertools.count()
 
 
 def _scan(
-    states: list[Any], scans: list[Any], nodes: list[onnx.NodeProto], body_io: tuple, reverse: bool
+    states: list[Any],
+    scans: list[Any],
+    nodes: list[onnx.NodeProto],
+    body_io: tuple,
+    reverse: bool,
 ) -> list[Any]:
     """One ONNX Scan node (outputs: final states, then the stacked scan outputs).
 
@@ -242,8 +246,6 @@ def _scan(
             oir.AttrInt64("num_scan_inputs", len(scans)),
             oir.AttrInt64s("scan_input_directions", direction * len(scans)),
             oir.AttrInt64s("scan_output_directions", direction * (n_out - len(states))),
-            oir.AttrInt64s("scan_input_axes", [1] * len(scans)),  # time is axis 1
-            oir.AttrInt64s("scan_output_axes", [1] * (n_out - len(states))),
         ],
         outputs=[SymbolicTensor(rec.opset) for _ in range(n_out)],
         version=16,
@@ -364,13 +366,17 @@ def _lstm_forward(ctx: Any, x, h, c, w_ih, w_hh, b_ih, b_hh, reverse: bool) -> A
         pre = w @ xh
     else:
         pre = torch.addmm(((b_ih + b_hh).view(4, hid, 1) * two).view(-1, 1), w, xh)
-    s = torch.sigmoid(pre).view(4, hid, steps, -1)  # [4, H, T, N]: i f g' o
+    # [T, 4, H, N] (i f g' o): the Scans need time as axis 0 (over axis 1 onnxruntime's Scan
+    # moved the data per element: +550 us for the backward loop); one block transpose here
+    s = torch.sigmoid(pre).view(4, hid, steps, -1).permute(2, 0, 1, 3).contiguous()
     c0 = c.t()
-    cs = torch.ops.edgefed.lstm_cells.default(s[1], s[0] * (2 * s[2] - 1), c0, reverse)
+    cs = torch.ops.edgefed.lstm_cells.default(
+        s[:, 1], s[:, 0] * (2 * s[:, 2] - 1), c0, reverse
+    )  # [T, H, N]
     ctx.kind, ctx.reverse, ctx.feat = "lstm", reverse, feat
     ctx.save_for_backward(w_ih, w_hh, xh, s, cs, c0)
     last = 0 if reverse else steps - 1
-    return out, out.select(0, last), cs.select(1, last).t()
+    return out, out.select(0, last), cs[last].t()
 
 
 def _lstm_backward(ctx: Any, dout_all: Tensor, dh: Tensor, dc: Tensor) -> Any:
@@ -381,26 +387,30 @@ def _lstm_backward(ctx: Any, dout_all: Tensor, dh: Tensor, dc: Tensor) -> Any:
     ``dh = W_hh^T dg + dout`` (one Gemm) and ``dc = e * f``.
     """
     w_ih, w_hh, xh, s, cs, c0 = ctx.saved_tensors
-    hid, steps, feat = int(s.shape[1]), int(s.shape[2]), ctx.feat
+    steps, hid, feat = int(s.shape[0]), int(s.shape[2]), ctx.feat
     needs = ctx.needs_input_grad
     tc = torch.tanh(cs)
-    cprev = _shifted(cs, c0.unsqueeze(1), ctx.reverse, 1)
+    cprev = _shifted(cs, c0.unsqueeze(0), ctx.reverse)
     # d gate / d pre = s (1 - s); for g = 2 s(2z) - 1 it is 4 s (1 - s): the 4 goes on i
-    other = torch.cat([2 * s[2:3] - 1, cprev.unsqueeze(0), 4 * s[0:1], tc.unsqueeze(0)], 0)
-    q = ((s - s * s) * other).view(4 * hid, steps, -1)
-    dout = dout_all.permute(2, 0, 1)  # [H, T, N]
+    other = torch.cat(
+        [2 * s[:, 2:3] - 1, cprev.unsqueeze(1), 4 * s[:, 0:1], tc.unsqueeze(1)], 1
+    )  # [T, 4, H, N]
+    q = ((s - s * s) * other).view(steps, 4 * hid, -1)
+    # [T, H, N]: from torch's [T, N, H] or batch-first [N, T, H] ONE axis moves (onnxruntime's
+    # fast transpose path); [H, T, N] from [N, T, H] took the per-element path (~300 us).
+    dout = dout_all.transpose(1, 2)
     first = 0 if ctx.reverse else steps - 1  # the first step the backward meets
     dgs, dh, dc = torch.ops.edgefed.lstm_bptt.default(
-        dout.select(1, first) + dh.t(),
+        dout.select(0, first) + dh.t(),
         dc.t(),
         q,
-        s[3] * (1 - tc * tc),
-        s[1],
-        _shifted(dout, torch.zeros_like(dout.narrow(1, 0, 1)), ctx.reverse, 1),  # added after
+        s[:, 3] * (1 - tc * tc),
+        s[:, 1],
+        _shifted(dout, torch.zeros_like(dout.narrow(0, 0, 1)), ctx.reverse),  # added after
         w_hh,
         ctx.reverse,
     )  # ONE Scan
-    dg = dgs.reshape(4 * hid, -1)  # [4H, T*N]
+    dg = dgs.permute(1, 0, 2).reshape(4 * hid, -1)  # [4H, T*N]: one block transpose
     dw = dg @ xh.t() if needs[3] or needs[4] else None
     db = dg.sum(1) if needs[5] or needs[6] else None
     dx = (w_ih.t() @ dg).view(feat, steps, -1).permute(1, 2, 0) if needs[0] else None
