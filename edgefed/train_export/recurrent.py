@@ -143,6 +143,24 @@ def _steps(x: Tensor) -> list[Tensor]:
     return list(torch.ops.edgefed.time_steps.default(x.contiguous()))
 
 
+@torch.library.custom_op("edgefed::matmul_steps", mutates_args=())
+def matmul_steps(w: Tensor, x: Tensor) -> Tensor:
+    """``w [M, K] @ x [T, K, N]`` -> ``[T, M, N]``: ONE ONNX MatMul (broadcast over T).
+
+    Through ``torch.matmul`` the broadcast became Expand + a batched MatMul + reshapes.
+    """
+    return torch.matmul(w, x)
+
+
+@matmul_steps.register_fake
+def _(w: Tensor, x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0], x.shape[2])
+
+
+def _matmul_steps_onnx(w: FLOAT, x: FLOAT) -> FLOAT:
+    return op.MatMul(w, x)
+
+
 @torch.library.custom_op("edgefed::lstm_cells", mutates_args=())
 def lstm_cells(f: Tensor, u: Tensor, c0: Tensor, reverse: bool) -> Tensor:
     """Cell states ``c_t = f_t * c_{t-1} + u_t`` for all steps (``f``, ``u``: ``[T, H, N]``).
@@ -289,6 +307,7 @@ def onnx_translations() -> dict[Any, Any]:
         torch.ops.edgefed.rnn_seq.default: _rnn_seq_onnx,
         torch.ops.edgefed.time_steps.default: _time_steps_onnx,
         torch.ops.edgefed.lstm_cells.default: _lstm_cells_onnx,
+        torch.ops.edgefed.matmul_steps.default: _matmul_steps_onnx,
         torch.ops.edgefed.lstm_bptt.default: _lstm_bptt_onnx,
     }
 
@@ -358,17 +377,20 @@ def _lstm_forward(ctx: Any, x, h, c, w_ih, w_hh, b_ih, b_hh, reverse: bool) -> A
     """
     steps, hid, feat = int(x.shape[0]), int(w_hh.shape[1]), int(x.shape[2])
     out = _rnn_out(x, h, c, w_ih, w_hh, b_ih, b_hh, "lstm", reverse)
-    hprev = _shifted(out.permute(2, 0, 1), h.t().unsqueeze(1), reverse, 1)  # [H, T, N]
-    xh = torch.cat([x.permute(2, 0, 1), hprev], 0).reshape(feat + hid, -1)  # [I+H, T*N]
+    hprev = _shifted(out.transpose(1, 2), h.t().unsqueeze(0), reverse)  # [T, H, N]
+    # [x; h_prev; 1] [T, I+H+1, N] and [W_ih W_hh b] [4H, I+H+1]: the bias rides in the
+    # product (and its gradient comes out of the weight-gradient product)
+    parts = [x.transpose(1, 2), hprev]
+    w = torch.cat([w_ih, w_hh], 1)
+    if b_ih is not None:
+        parts.append(torch.ones_like(hprev.narrow(1, 0, 1)))
+        w = torch.cat([w, (b_ih + b_hh).unsqueeze(1)], 1)
+    xh = torch.cat(parts, 1)
     two = torch.tensor([1.0, 1.0, 2.0, 1.0], dtype=x.dtype).view(4, 1, 1)
-    w = (torch.cat([w_ih, w_hh], 1).view(4, hid, -1) * two).view(4 * hid, -1)
-    if b_ih is None:
-        pre = w @ xh
-    else:
-        pre = torch.addmm(((b_ih + b_hh).view(4, hid, 1) * two).view(-1, 1), w, xh)
-    # [T, 4, H, N] (i f g' o): the Scans need time as axis 0 (over axis 1 onnxruntime's Scan
-    # moved the data per element: +550 us for the backward loop); one block transpose here
-    s = torch.sigmoid(pre).view(4, hid, steps, -1).permute(2, 0, 1, 3).contiguous()
+    w = (w.view(4, hid, -1) * two).view(4 * hid, -1)
+    # [T, 4, H, N] (i f g' o), time-major: the Scans need time as axis 0 (over axis 1
+    # onnxruntime's Scan moved the data per element: +550 us for the backward loop)
+    s = torch.sigmoid(torch.ops.edgefed.matmul_steps.default(w, xh)).view(steps, 4, hid, -1)
     c0 = c.t()
     cs = torch.ops.edgefed.lstm_cells.default(
         s[:, 1], s[:, 0] * (2 * s[:, 2] - 1), c0, reverse
@@ -410,10 +432,12 @@ def _lstm_backward(ctx: Any, dout_all: Tensor, dh: Tensor, dc: Tensor) -> Any:
         w_hh,
         ctx.reverse,
     )  # ONE Scan
-    dg = dgs.permute(1, 0, 2).reshape(4 * hid, -1)  # [4H, T*N]: one block transpose
-    dw = dg @ xh.t() if needs[3] or needs[4] else None
-    db = dg.sum(1) if needs[5] or needs[6] else None
-    dx = (w_ih.t() @ dg).view(feat, steps, -1).permute(1, 2, 0) if needs[0] else None
+    wants_w = needs[3] or needs[4] or needs[5] or needs[6]
+    dw = torch.matmul(dgs, xh.transpose(1, 2)).sum(0) if wants_w else None  # [4H, I+H(+1)]
+    db = dw.select(1, feat + hid) if needs[5] or needs[6] else None
+    dx = None
+    if needs[0]:
+        dx = torch.ops.edgefed.matmul_steps.default(w_ih.t(), dgs).transpose(1, 2)
     return (
         dx,
         dh.t(),
