@@ -143,22 +143,23 @@ def _steps(x: Tensor) -> list[Tensor]:
     return list(torch.ops.edgefed.time_steps.default(x.contiguous()))
 
 
-@torch.library.custom_op("edgefed::matmul_steps", mutates_args=())
-def matmul_steps(w: Tensor, x: Tensor) -> Tensor:
-    """``w [M, K] @ x [T, K, N]`` -> ``[T, M, N]``: ONE ONNX MatMul (broadcast over T).
+@torch.library.custom_op("edgefed::matmul", mutates_args=())
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.matmul`` exported as ONE ONNX MatMul (which broadcasts batch dimensions).
 
-    Through ``torch.matmul`` the broadcast became Expand + a batched MatMul + reshapes.
+    Traced, a batched or broadcast ``torch.matmul`` became Expand (a real copy in
+    onnxruntime, 73 us for ``[32, 128, 32]``) + a batched MatMul + reshapes.
     """
-    return torch.matmul(w, x)
+    return torch.matmul(a, b).clone()
 
 
-@matmul_steps.register_fake
-def _(w: Tensor, x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], w.shape[0], x.shape[2])
+@matmul.register_fake
+def _(a: Tensor, b: Tensor) -> Tensor:
+    return torch.matmul(a, b)
 
 
-def _matmul_steps_onnx(w: FLOAT, x: FLOAT) -> FLOAT:
-    return op.MatMul(w, x)
+def _matmul_onnx(a: FLOAT, b: FLOAT) -> FLOAT:
+    return op.MatMul(a, b)
 
 
 @torch.library.custom_op("edgefed::lstm_cells", mutates_args=())
@@ -307,7 +308,7 @@ def onnx_translations() -> dict[Any, Any]:
         torch.ops.edgefed.rnn_seq.default: _rnn_seq_onnx,
         torch.ops.edgefed.time_steps.default: _time_steps_onnx,
         torch.ops.edgefed.lstm_cells.default: _lstm_cells_onnx,
-        torch.ops.edgefed.matmul_steps.default: _matmul_steps_onnx,
+        torch.ops.edgefed.matmul.default: _matmul_onnx,
         torch.ops.edgefed.lstm_bptt.default: _lstm_bptt_onnx,
     }
 
@@ -390,7 +391,7 @@ def _lstm_forward(ctx: Any, x, h, c, w_ih, w_hh, b_ih, b_hh, reverse: bool) -> A
     w = (w.view(4, hid, -1) * two).view(4 * hid, -1)
     # [T, 4, H, N] (i f g' o), time-major: the Scans need time as axis 0 (over axis 1
     # onnxruntime's Scan moved the data per element: +550 us for the backward loop)
-    s = torch.sigmoid(torch.ops.edgefed.matmul_steps.default(w, xh)).view(steps, 4, hid, -1)
+    s = torch.sigmoid(torch.ops.edgefed.matmul.default(w, xh)).view(steps, 4, hid, -1)
     c0 = c.t()
     cs = torch.ops.edgefed.lstm_cells.default(
         s[:, 1], s[:, 0] * (2 * s[:, 2] - 1), c0, reverse
@@ -433,11 +434,11 @@ def _lstm_backward(ctx: Any, dout_all: Tensor, dh: Tensor, dc: Tensor) -> Any:
         ctx.reverse,
     )  # ONE Scan
     wants_w = needs[3] or needs[4] or needs[5] or needs[6]
-    dw = torch.matmul(dgs, xh.transpose(1, 2)).sum(0) if wants_w else None  # [4H, I+H(+1)]
+    dw = torch.ops.edgefed.matmul.default(dgs, xh.transpose(1, 2)).sum(0) if wants_w else None
     db = dw.select(1, feat + hid) if needs[5] or needs[6] else None
     dx = None
     if needs[0]:
-        dx = torch.ops.edgefed.matmul_steps.default(w_ih.t(), dgs).transpose(1, 2)
+        dx = torch.ops.edgefed.matmul.default(w_ih.t(), dgs).transpose(1, 2)
     return (
         dx,
         dh.t(),
