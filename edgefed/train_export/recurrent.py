@@ -11,9 +11,12 @@ export took ~30 s. Here each layer is ONE ``torch.autograd.Function`` whose
   sequential (``dh @ W_hh`` plus a few elementwise ops), then forms ``dW_ih``, ``dW_hh``, the
   biases and ``dx`` as ONE matmul / sum each over the stacked steps.
 
-Per-step tensors are taken with ``select`` on a time-major ``[T, N, K]`` tensor (one Gather
-with a constant index: no shape arithmetic on the dynamic batch) and stacked with ``cat``
-along the batch axis + one reshape (no per-step Unsqueeze).
+GRU / RNN: per-step tensors come from one Split (:func:`time_steps`) of a time-major
+``[T, N, K]`` tensor and the backward loop is unrolled. LSTM (:func:`_lstm_forward`): every
+tensor after the fused node is ``[T, K, N]`` (features before batch), the gates of all steps
+come from ONE MatMul of ``[W_ih W_hh b]`` with ``[x; h_prev; 1]``, and both loops (cell
+states, backward through time) are ONE ONNX Scan each (:func:`lstm_cells`,
+:func:`lstm_bptt`): onnxruntime runs a Scan body cheaper than the same nodes unrolled.
 
 Hooked in by :func:`rnn_mode` (a ``TorchFunctionMode`` catching ``torch.lstm`` / ``gru`` /
 ``rnn_tanh`` / ``rnn_relu``, which ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` call) while the step
