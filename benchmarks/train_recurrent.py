@@ -7,6 +7,11 @@ hand-written layer switched off (torch's per-step decompositions, as on main) an
 of torch eager, ORT before and ORT after, interleaved and repeated (the machine is shared).
 Run: PYTHONPATH=. python benchmarks/train_recurrent.py [--models ...] [--threads 1 2]
 Writes benchmarks/out/train_recurrent.json.
+
+``--save-dir DIR`` writes each "after" graph as ``DIR/<model>.onnx`` + ``.json``;
+``--before-dir DIR`` takes "before" from such files (e.g. saved on main) instead of exporting
+with the rewrite off: ORT-before vs ORT-after in one process is the comparison that survives a
+loaded machine.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import sys
 import time
@@ -56,6 +62,20 @@ def _export(name: str, rewrite: bool):
     return model, g, secs, nodes
 
 
+class _Saved:
+    """A step graph + manifest saved by ``--save-dir`` (same interface as the exporter's)."""
+
+    def __init__(self, base: Path) -> None:
+        self.onnx = base.with_suffix(".onnx").read_bytes()
+        self.manifest = json.loads(base.with_suffix(".json").read_text())
+
+
+def _save(g, base: Path) -> None:
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.with_suffix(".onnx").write_bytes(g.onnx)
+    base.with_suffix(".json").write_text(json.dumps(g.manifest))
+
+
 def bench(name: str, model, graphs, threads: int, steps: int, repeats: int) -> list[float]:
     x, y = ZOO[name].data(BATCH, torch.Generator().manual_seed(1))
     xn, yn = x.numpy(), y.numpy()
@@ -82,6 +102,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=RECURRENT)
     ap.add_argument("--threads", nargs="*", type=int, default=[1])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--before-dir", type=Path, help="'before' graphs saved by --save-dir")
+    ap.add_argument("--save-dir", type=Path, help="save the 'after' graphs here")
     args = ap.parse_args()
     load_start = os.getloadavg()
     print(f"load average at the start {load_start}", flush=True)
@@ -90,8 +112,16 @@ def main() -> None:
         row: dict = {"model": name}
         graphs = []
         for tag, rewrite in (("before", False), ("after", True)):
+            if tag == "before" and args.before_dir:
+                g = _Saved(args.before_dir / name)
+                secs, nodes = float("nan"), len(onnx.load_from_string(g.onnx).graph.node)
+                graphs.append(g)
+                row[f"{tag}_export_s"], row[f"{tag}_nodes"] = secs, nodes
+                continue
             model, g, secs, nodes = _export(name, rewrite)
             graphs.append(g)
+            if tag == "after" and args.save_dir:
+                _save(g, args.save_dir / name)
             row[f"{tag}_export_s"], row[f"{tag}_nodes"] = secs, nodes
             print(f"{name:12s} {tag:6s} export {secs:6.1f} s  {nodes:5d} nodes", flush=True)
         row["runs"] = []
