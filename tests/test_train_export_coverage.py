@@ -164,40 +164,46 @@ def weighted_smooth_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 STEPS = 4  # unrolled per step: export time grows with the sequence length
 
 
+# The gate draws its batches around the example's statistics, so the examples are seeded:
+# drawn from the global generator they changed with the tests collected before this module,
+# and one draw pushed a ConvTranspose + BatchNorm case's parameter error to 1.5e-4.
+_CASE_DATA = torch.Generator().manual_seed(2026)
+
+
 def _seq(n: int, t: int, f: int) -> torch.Tensor:
-    return torch.randn(n, t, f)
+    return torch.randn(n, t, f, generator=_CASE_DATA)
 
 
 Case = tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor, dict]
 CASES: dict[str, Case] = {
     "conv1d_bn_pool1d_se": (
         conv1d_net,
-        torch.randn(4, 2, 20),
-        torch.randint(0, 3, (4,)),
+        torch.randn(4, 2, 20, generator=_CASE_DATA),
+        torch.randint(0, 3, (4,), generator=_CASE_DATA),
         {"loss": weighted_smooth_ce, "optimizer": SGD(momentum=0.9, nesterov=True)},
     ),
     "conv2d_groupnorm_pool2d_bce": (
         conv2d_net,
-        torch.randn(4, 3, 12, 12),
-        torch.randint(0, 2, (4, 4)).float(),
+        torch.randn(4, 3, 12, 12, generator=_CASE_DATA),
+        torch.randint(0, 2, (4, 4), generator=_CASE_DATA).float(),
         {"loss": "bce_with_logits", "optimizer": SGD(momentum=0.9)},
     ),
     "convtranspose2d_variants_bn_mse": (
         Decoder2d,
-        torch.randn(4, 4, 5, 5),
-        torch.randn(4, 2),
+        torch.randn(4, 4, 5, 5, generator=_CASE_DATA),
+        torch.randn(4, 2, generator=_CASE_DATA),
         {"loss": "mse", "optimizer": SGD(momentum=0.9)},
     ),
     "batchnorm_frozen_huber": (
         frozen_bn_net,
-        torch.randn(4, 2, 8, 8),
-        torch.randn(4, 2),
+        torch.randn(4, 2, 8, 8, generator=_CASE_DATA),
+        torch.randn(4, 2, generator=_CASE_DATA),
         {"loss": "huber", "freeze_bn_stats": True},
     ),
     "activations_layernorm_l1_adamw": (
         activations_mlp,
-        torch.randn(4, 5),
-        torch.randn(4, 3),
+        torch.randn(4, 5, generator=_CASE_DATA),
+        torch.randn(4, 3, generator=_CASE_DATA),
         {"loss": "l1", "optimizer": Adam(weight_decay=0.01, decoupled=True)},
     ),
     "lstm_2layer_bidirectional_last": (
@@ -205,13 +211,13 @@ CASES: dict[str, Case] = {
             nn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True), 6, True
         ),
         _seq(4, STEPS, 3),
-        torch.randint(0, 3, (4,)),
+        torch.randint(0, 3, (4,), generator=_CASE_DATA),
         {"optimizer": SGD(momentum=0.9)},
     ),
     "gru_seqfirst_bidirectional_all_steps": (
         lambda: Recurrent(nn.GRU(3, 5, bidirectional=True), STEPS, False),
         _seq(4, STEPS, 3),
-        torch.randint(0, 3, (4,)),
+        torch.randint(0, 3, (4,), generator=_CASE_DATA),
         {"optimizer": Adam()},
     ),
     "rnn_relu_2layer": (
@@ -219,19 +225,19 @@ CASES: dict[str, Case] = {
             nn.RNN(3, 5, num_layers=2, nonlinearity="relu", batch_first=True), 6, True
         ),
         _seq(4, STEPS, 3),
-        torch.randint(0, 3, (4,)),
+        torch.randint(0, 3, (4,), generator=_CASE_DATA),
         {},
     ),
     "attention_dropout_both_norms": (
         Attention,
         _seq(4, 5, 8),
-        torch.randint(0, 3, (4,)),
+        torch.randint(0, 3, (4,), generator=_CASE_DATA),
         {"optimizer": SGD(momentum=0.9)},
     ),
     "embedding_bags_mse": (
         Bags,
-        torch.randint(0, 30, (4, 7)),
-        torch.randn(4, 2),
+        torch.randint(0, 30, (4, 7), generator=_CASE_DATA),
+        torch.randn(4, 2, generator=_CASE_DATA),
         {"loss": "mse"},
     ),
 }
