@@ -37,6 +37,12 @@ class AgentConfig:
         None, path="file", doc="install only bundles signed with this public key"
     )
     group: str | None = option(None, doc='roll-out group besides "all", e.g. "canary"')
+    # Fleet emulation (benchmarks, not production): this host stands in for a slower device
+    # without loading its CPU, by sleeping after each training step.
+    emulate_slowdown: float = option(
+        0.0, min=0, max=100_000, doc="fleet emulation: after training, sleep k x steps x the "
+        "median step time (a device k+1 times slower, its CPU idle); 0: off"
+    )  # fmt: skip
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     def __post_init__(self) -> None:
