@@ -29,11 +29,11 @@ int8 while a device's rate is unknown (and, with ``auto``, in round 1).
 Realistic round lengths (``--train-s``, default 1.5): a device of a real fleet trains for
 seconds per round; this one trains the digits MLP in a few ms, so its rounds (~0.12 s) were
 scheduling jitter of 10 processes on 2 cores, and no budget relative to them could mean
-anything. Each agent gets ``[agent] emulate_slowdown = k`` (sleep k x steps x its median
-step time after training: the CPU idles, so ten emulated devices do not slow each other),
-with k calibrated here per device from its own data (steps per epoch) and a measured step
-time, so that every device trains ~``--train-s`` seconds: equal compute, links that differ,
-which is what the target is about. ``--train-s 0`` runs the earlier, unemulated fleet. Measured
+anything. Each agent gets ``[agent] emulate_step_s`` (its training lasts at least steps x
+that: it sleeps out what the real ~0.2 ms steps did not take, so the CPU idles and ten
+emulated devices do not slow each other down), set per device from its own steps per epoch
+so that every device trains ``--train-s`` seconds: equal compute, links that differ, which
+is what the target is about. ``--train-s 0`` runs the earlier, unemulated fleet. Measured
 from the coordinator's metrics file: round time (``wall_seconds``: tasks out -> aggregated
 and evaluated) p50 / p95 over rounds 2.. (round 1 ships the graph to every device, the
 same in both variants; reported separately), final accuracy, the 10 kB/s device's specs and
@@ -109,30 +109,22 @@ def rates(devices: int, slow: int = SLOW) -> list[int]:
     return [slow, *(int(r) for r in np.geomspace(1e5, 1e7, devices - 1))]
 
 
-def slowdowns(model: Path, devices: int, train_s: float, batch: int = 16) -> list[float]:
-    """``emulate_slowdown`` per device so that one local epoch takes ~``train_s``: the step
-    time is measured here on each device's data (median of 3 epochs' steps, real
-    onnxruntime session, one thread as the agent runs it)."""
+def step_times(model: Path, devices: int, train_s: float, batch: int = 16) -> list[float]:
+    """``emulate_step_s`` per device so that its one local epoch takes ``train_s``: every
+    device computes alike and only its link differs (the target is about links; with one
+    step time for all, a device's data share would set its round time)."""
     if train_s <= 0:
         return [0.0] * devices
-    from device_agent.trainer import StepTrainer
-
-    tr = StepTrainer(model / "model" / "full.step.onnx", model / "model" / "full.manifest.json")
     out = []
     for i in range(devices):
         with np.load(model / f"data-{i}.npz") as z:
-            x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
-        times = []
-        for _ in range(3):
-            st = tr.train_epochs(x, y, epochs=1, batch_size=batch)
-            times.append(st.seconds / st.steps)
-        steps = -(-len(x) // batch)
-        out.append(round(max(0.0, train_s / (steps * statistics.median(times)) - 1), 1))
+            steps = -(-len(z["y"]) // batch)
+        out.append(round(train_s / steps, 4))
     return out
 
 
 def run(
-    work: Path, model: Path, variant: str, a: argparse.Namespace, seed: int, slow_k: list[float]
+    work: Path, model: Path, variant: str, a: argparse.Namespace, seed: int, step_s: list[float]
 ) -> dict[str, Any]:
     from netlinks import LinkFleet, NetLab
 
@@ -146,7 +138,7 @@ def run(
             lab, model, a.devices, compression=extra,
             training="local_epochs = 1\nbatch_size = 16\nlr = 0.05",
             rounds=a.rounds, fraction=a.fraction, min_devices=a.devices, seed=seed,
-            agent_lines={f"dev-{i}": f"emulate_slowdown = {k}" for i, k in enumerate(slow_k)},
+            agent_lines={f"dev-{i}": f"emulate_step_s = {t}" for i, t in enumerate(step_s)},
         )  # fmt: skip
         slow = 10_000_000 if variant == "control" else SLOW
         for dev, rate in zip(fleet.devices, rates(a.devices, slow), strict=True):
@@ -224,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             model = Path(tmp) / f"model-{seed}"
             model.mkdir()
             prepare(model, a.devices, seed)
-            slow_k = slowdowns(model, a.devices, a.train_s)
-            print(f"seed {seed}: emulate_slowdown per device {slow_k}", flush=True)
+            step_s = step_times(model, a.devices, a.train_s)
+            print(f"seed {seed}: emulate_step_s per device {step_s}", flush=True)
             order = ("fixed", "adaptive", "control")[:: 1 if k % 2 == 0 else -1]
             for variant in order:  # interleaved, order alternating per seed
-                r = run(Path(tmp) / f"{variant}-{seed}", model, variant, a, seed, slow_k)
-                r["emulate_slowdown"] = slow_k
+                r = run(Path(tmp) / f"{variant}-{seed}", model, variant, a, seed, step_s)
+                r["emulate_step_s"] = step_s
                 runs.append(r)
                 print(f"seed {seed} {variant}: p50 {r['p50_round_s']:.2f} s  p95 "
                       f"{r['p95_round_s']:.2f} s  acc {r['final_accuracy']:.4f}  slow device "

@@ -38,10 +38,10 @@ class AgentConfig:
     )
     group: str | None = option(None, doc='roll-out group besides "all", e.g. "canary"')
     # Fleet emulation (benchmarks, not production): this host stands in for a slower device
-    # without loading its CPU, by sleeping after each training step.
-    emulate_slowdown: float = option(
-        0.0, min=0, max=100_000, doc="fleet emulation: after training, sleep k x steps x the "
-        "median step time (a device k+1 times slower, its CPU idle); 0: off"
+    # without loading its CPU, by sleeping out the rest of each emulated training step.
+    emulate_step_s: float = option(
+        0.0, min=0, max=3600, doc="fleet emulation: training lasts at least steps x this "
+        "many seconds (a device this slow per step, its CPU idle); 0: off"
     )  # fmt: skip
     transport: TransportConfig = field(default_factory=TransportConfig)
 

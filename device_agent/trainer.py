@@ -39,8 +39,8 @@ class TrainStats:
     steps: int = 0
     samples: int = 0
     epoch_loss: list[float] = field(default_factory=list)
-    seconds: float = 0.0  # wall time of the call, the emulated slowdown included
-    emulated_s: float = 0.0  # of which slept for ``slowdown`` (fleet emulation)
+    seconds: float = 0.0  # wall time of the call, an emulated step time included
+    emulated_s: float = 0.0  # of which slept to emulate ``step_s`` (fleet emulation)
 
     @property
     def loss(self) -> float:
@@ -261,16 +261,18 @@ class StepTrainer:
         global_params: Mapping[str, np.ndarray] | None = None,
         shuffle: bool = True,
         mu: float = 0.01,
-        slowdown: float = 0.0,
+        step_s: float = 0.0,
     ) -> TrainStats:
         """Run ``epochs`` over (x, y) (or an .npz path holding 'x' and 'y').
 
-        ``slowdown`` (fleet emulation, ``[agent] emulate_slowdown``): after the steps, sleep
-        ``slowdown`` x steps x the median step time, so this process trains like a device
-        ``slowdown + 1`` times slower while its CPU idles (ten emulated devices on two cores
-        computing for real would slow each other down, and unevenly). It scales with the real
-        step, so a bigger model or batch still costs proportionally more; the median, not
-        each step's own time, so a step the host's scheduler preempted is not multiplied.
+        ``step_s`` (fleet emulation, ``[agent] emulate_step_s``): the call lasts at least
+        steps x ``step_s``, sleeping after the real steps for what they did not take, so
+        this process trains like a device whose step takes ``step_s`` while its CPU idles
+        (ten emulated devices on two cores computing for real would slow each other down,
+        unevenly). Like ``edgefed.simulate(step_time=...)``, and proportional to the steps
+        (data, epochs). Why not a multiple of the measured step: a step here is ~0.2 ms of
+        CPU that varies 2-5x with cache state and host load (measured), and a multiplier
+        of ~1000 turned that into seconds of noise per round.
 
         FedProx graphs: ``global_params`` is w_global (defaults to the parameters at the start
         of this call, i.e. the round's global model) and ``mu`` the proximal weight.
@@ -304,15 +306,12 @@ class StepTrainer:
         epoch_sum, epoch_n, current = 0.0, 0, 0
         # One snapshot per call (not per step): a diverging run restores the round's start.
         snapshot = {k: v.copy() for k, v in self._cur.items() if k in self._nxt}
-        step_s: list[float] = []
         try:
             for epoch, idx in batch_order(len(x), epochs, batch_size, seed, shuffle):
                 if epoch != current:
                     stats.epoch_loss.append(epoch_sum / max(epoch_n, 1))
                     epoch_sum, epoch_n, current = 0.0, 0, epoch
-                t_step = time.perf_counter()
                 loss = self._step(np.ascontiguousarray(x[idx]), np.ascontiguousarray(y[idx]))
-                step_s.append(time.perf_counter() - t_step)
                 epoch_sum += loss * len(idx)
                 epoch_n += len(idx)
                 stats.steps += 1
@@ -328,8 +327,8 @@ class StepTrainer:
             ) from e
         if epoch_n:
             stats.epoch_loss.append(epoch_sum / epoch_n)
-        if slowdown > 0 and step_s:
-            stats.emulated_s = slowdown * len(step_s) * float(np.median(step_s))
+        if step_s > 0:
+            stats.emulated_s = max(0.0, stats.steps * step_s - (time.perf_counter() - t0))
             time.sleep(stats.emulated_s)
         stats.seconds = time.perf_counter() - t0
         return stats
