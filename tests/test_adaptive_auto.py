@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from netlinks import LinkFleet, NetLab, netlab_fixture  # noqa: F401  (the netlab fixture)
-from rollout_helpers import task_data, user_models
+from rollout_helpers import export_user_net, task_data
 
 from device_agent.agent import AgentConfig, DeviceWorker
 from device_agent.trainer import StepTrainer
 from edgefed.config.schema import ConfigError
 from edgefed.coordinator.adaptive import choose_spec
 from edgefed.coordinator.config import CoordinatorConfig
-from edgefed.coordinator.model import FederatedModel, build_federated_model
+from edgefed.coordinator.model import FederatedModel
 from edgefed.coordinator.rounds import RoundConfig, RoundEngine
 from edgefed.protocol import unpack
 from edgefed.strategies import FedAvg
@@ -27,18 +27,9 @@ from edgefed.strategies import FedAvg
 WIDE = 300  # features: ~5k parameters, so the ladder's rungs differ in size
 
 
-def _export(d: Path, features: int) -> FederatedModel:
-    import torch
-
-    torch.manual_seed(0)
-    net = user_models(d).make_net(features=features)
-    x, y = task_data(8, 0, features=features)
-    return build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)))
-
-
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory: pytest.TempPathFactory) -> FederatedModel:
-    return _export(tmp_path_factory.mktemp("auto-wide"), WIDE)
+    return export_user_net(tmp_path_factory.mktemp("auto-wide"), WIDE)
 
 
 def _round(eng: RoundEngine, workers: dict[str, DeviceWorker]) -> tuple[dict[str, str], object]:
@@ -158,7 +149,7 @@ LINK_FEATURES = 1800  # the user's net at ~29k parameters: a ~29 kB int8 update,
 @pytest.fixture(scope="module")
 def link_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("auto-links")
-    _export(d, LINK_FEATURES).save(d / "model")
+    export_user_net(d, LINK_FEATURES).save(d / "model")
     x, y = task_data(300, 99, features=LINK_FEATURES)
     np.savez(d / "eval.npz", x=x, y=y)
     for i in range(3):
