@@ -76,6 +76,7 @@ class DeviceWorker:
         persist_model: bool = True,
         durable: bool = True,
         data_file: str | Path | None = None,
+        step_s: float = 0.0,  # fleet emulation: [agent] emulate_step_s
     ) -> None:
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"{device_id}: need matching, non-empty x and y")
@@ -83,6 +84,7 @@ class DeviceWorker:
         self.x, self.y = x, y
         self.state = AgentState(state_dir, device_id, durable)
         self.threads = threads
+        self.step_s = step_s
         self.persist_model = persist_model
         self._trainers: dict[str, Any] = {}
         self._contract: dict[str, str | None] = {}  # graph sha -> data contract mismatch
@@ -236,6 +238,7 @@ class DeviceWorker:
             batch_size=int(hyper.get("batch_size", 16)),
             lr=float(hyper.get("lr", 0.05)),
             seed=int(hyper.get("seed", 0)),
+            step_s=self.step_s,
             **kwargs,
         )
         train_s = time.perf_counter() - t0

@@ -25,8 +25,9 @@ def _run(args: argparse.Namespace) -> int:
             # optional held-out split: what canary roll-outs are evaluated on
             holdout = (z["x_val"], z["y_val"]) if {"x_val", "y_val"} <= set(z.files) else None
         worker = DeviceWorker(
-            cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads, data_file=cfg.data
-        )
+            cfg.device_id, x, y, cfg.state_dir, threads=cfg.threads, data_file=cfg.data,
+            step_s=cfg.emulate_step_s,
+        )  # fmt: skip
     except (OSError, ValueError, KeyError, TrainerError) as e:
         print(f"edgefed-agent: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,12 @@ class AgentConfig:
         None, path="file", doc="install only bundles signed with this public key"
     )
     group: str | None = option(None, doc='roll-out group besides "all", e.g. "canary"')
+    # Fleet emulation (benchmarks, not production): this host stands in for a slower device
+    # without loading its CPU, by sleeping out the rest of each emulated training step.
+    emulate_step_s: float = option(
+        0.0, min=0, max=3600, doc="fleet emulation: training lasts at least steps x this "
+        "many seconds (a device this slow per step, its CPU idle); 0: off"
+    )  # fmt: skip
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     def __post_init__(self) -> None:

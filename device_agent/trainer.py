@@ -39,7 +39,8 @@ class TrainStats:
     steps: int = 0
     samples: int = 0
     epoch_loss: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the call, an emulated step time included
+    emulated_s: float = 0.0  # of which slept to emulate ``step_s`` (fleet emulation)
 
     @property
     def loss(self) -> float:
@@ -260,8 +261,18 @@ class StepTrainer:
         global_params: Mapping[str, np.ndarray] | None = None,
         shuffle: bool = True,
         mu: float = 0.01,
+        step_s: float = 0.0,
     ) -> TrainStats:
         """Run ``epochs`` over (x, y) (or an .npz path holding 'x' and 'y').
+
+        ``step_s`` (fleet emulation, ``[agent] emulate_step_s``): the call lasts at least
+        steps x ``step_s``, sleeping after the real steps for what they did not take, so
+        this process trains like a device whose step takes ``step_s`` while its CPU idles
+        (ten emulated devices on two cores computing for real would slow each other down,
+        unevenly). Like ``edgefed.simulate(step_time=...)``, and proportional to the steps
+        (data, epochs). Why not a multiple of the measured step: a step here is ~0.2 ms of
+        CPU that varies 2-5x with cache state and host load (measured), and a multiplier
+        of ~1000 turned that into seconds of noise per round.
 
         FedProx graphs: ``global_params`` is w_global (defaults to the parameters at the start
         of this call, i.e. the round's global model) and ``mu`` the proximal weight.
@@ -316,6 +327,9 @@ class StepTrainer:
             ) from e
         if epoch_n:
             stats.epoch_loss.append(epoch_sum / epoch_n)
+        if step_s > 0:
+            stats.emulated_s = max(0.0, stats.steps * step_s - (time.perf_counter() - t0))
+            time.sleep(stats.emulated_s)
         stats.seconds = time.perf_counter() - t0
         return stats
 

@@ -239,9 +239,11 @@ class LinkFleet:
         compression: str = "",  # extra [compression] lines
         training: str = "lr = 0.1",  # the [training] lines
         uplink: str = "int8",
+        agent_lines: dict[str, str] | None = None,  # device -> extra [agent] lines
         **coord: object,
     ) -> None:
         self.lab, self.model = lab, model
+        self.agent_lines = agent_lines or {}
         self.devices = [f"dev-{i}" for i in range(n)]
         for d in self.devices:
             lab.add_device(d)
@@ -277,7 +279,7 @@ class LinkFleet:
         cfg = self.lab.root / f"{dev}.toml"
         cfg.write_text(
             f'[agent]\ndevice_id = "{dev}"\ndata = "{self.model / f"data-{i}.npz"}"\n'
-            f'state_dir = "{self.lab.root / "state" / dev}"\n'
+            f'state_dir = "{self.lab.root / "state" / dev}"\n{self.agent_lines.get(dev, "")}\n'
             f'[transport]\nurl = "{link.broker_url}"\nfleet = "{FLEET}"\n'
             f"backoff_min = 0.2\nbackoff_max = 2.0\nkeepalive = 5\n{self.agent_transport}"
         )

@@ -43,6 +43,19 @@ def user_models(directory: Path) -> Any:
     return mod
 
 
+def export_user_net(d: Path, features: int = 10) -> Any:
+    """The user's ``make_net`` (a my_models.py written into ``d``), exported with the Python
+    API: a FederatedModel."""
+    import torch
+
+    from edgefed.coordinator.model import build_federated_model
+
+    torch.manual_seed(0)
+    net = user_models(d).make_net(features=features)
+    x, y = task_data(8, 0, features=features)
+    return build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)))
+
+
 def task_data(n: int, seed: int, features: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic two-class data (nothing downloads): the label is the sign of x0 + x1."""
     r = np.random.default_rng(seed)

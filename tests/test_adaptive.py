@@ -8,8 +8,10 @@ import pytest
 
 from edgefed.codec import ErrorFeedback, ModelSchema, UpdateMeta, decode_update, encode_update
 from edgefed.coordinator.adaptive import (
+    AUTO_WINDOW,
     DEFAULT_LADDER,
     AdaptiveUplink,
+    auto_budget,
     choose_spec,
     parse_ladder,
     spec_bytes,
@@ -106,3 +108,47 @@ def test_coordinator_hook_reads_the_presence_rate() -> None:
     assert slow.predicted_bytes == hook.sizes[slow.spec] + hook.overhead
     with pytest.raises(ValueError, match=r"\[compression\] upload_budget_s must be > 0"):
         AdaptiveUplink(SHAPES, upload_budget_s=0)
+
+
+def test_auto_budget_is_a_share_of_the_median_recent_round() -> None:
+    """(ratio - 1) x the median of the last AUTO_WINDOW rounds: None before any round, long
+    rounds (the slow device's) fewer than half of the window do not move it, old rounds age
+    out, unmeasurable durations are ignored."""
+    assert auto_budget([], 1.5) is None
+    assert auto_budget([0.0, float("nan")], 1.5) is None
+    assert auto_budget([2.0], 1.5) == pytest.approx(1.0)
+    typical, slow = [1.0, 1.2, 0.8, 1.0, 1.0], [9.0, 9.0]
+    assert auto_budget(typical + slow, 1.5) == pytest.approx(0.5 * 1.0)
+    assert auto_budget(typical + slow, 2.0) == pytest.approx(1.0)
+    old = [100.0] * 50  # a slower era, then AUTO_WINDOW rounds of 1 s
+    assert auto_budget(old + [1.0] * AUTO_WINDOW, 1.5) == pytest.approx(0.5)
+    assert auto_budget(old + [1.0] * (AUTO_WINDOW // 2 - 1), 1.5) == pytest.approx(50.0)
+    for bad in (1.0, 0.5):
+        with pytest.raises(ValueError, match="budget_ratio must be > 1"):
+            auto_budget([1.0], bad)
+
+
+def test_auto_hook_follows_the_fleet_round_time() -> None:
+    """upload_budget_s = "auto": every device on the first rung until a round was measured;
+    then the 3 kB/s device is pushed down the ladder by short rounds and let back up by
+    long ones, while the fast device stays on int8."""
+    hook = AdaptiveUplink(SHAPES, upload_budget_s="auto", budget_ratio=1.5)
+    slow, fast = {"uplink_bytes_per_s": 3_000}, {"uplink_bytes_per_s": 10_000_000}
+    assert hook.budget is None
+    first = hook.spec_for(slow)
+    assert (first.spec, first.predicted_s, first.fits) == ("int8", None, False)
+    for _ in range(5):
+        hook.observe_round(1.0)
+    assert hook.budget == pytest.approx(0.5)
+    short = hook.spec_for(slow)
+    assert short == choose_spec(hook.sizes, 3_000, 0.5, hook.overhead)
+    assert short.spec != "int8" and short.fits
+    assert hook.spec_for(fast).spec == "int8"
+    int8_s = (hook.sizes["int8"] + hook.overhead) / 3_000
+    for _ in range(AUTO_WINDOW):  # rounds long enough that int8 fits half of one
+        hook.observe_round(2.2 * int8_s)
+    assert hook.spec_for(slow).spec == "int8"
+    with pytest.raises(ValueError, match='upload_budget_s must be > 0 or "auto"'):
+        AdaptiveUplink(SHAPES, upload_budget_s="fast")
+    with pytest.raises(ValueError, match=r"\[compression\] budget_ratio must be > 1"):
+        AdaptiveUplink(SHAPES, upload_budget_s="auto", budget_ratio=1.0)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from harness.processes import stop_processes
 from harness.wait import wait_until
-from rollout_helpers import task_data, user_models, write_device_data
+from rollout_helpers import export_user_net, task_data, user_models, write_device_data
 
 from device_agent.agent import DeviceWorker
 from edgefed.config.schema import ConfigError
@@ -37,23 +37,11 @@ from edgefed.protocol import unpack
 from edgefed.strategies import FedAvg
 
 
-def _export_user_net(d: Path, features: int = 10) -> FederatedModel:
-    """The user's ``make_net`` (a my_models.py written into ``d``), exported."""
-    import torch
-
-    from edgefed.coordinator.model import build_federated_model
-
-    torch.manual_seed(0)
-    net = user_models(d).make_net(features=features)
-    x, y = task_data(8, 0, features=features)
-    return build_federated_model(net, (torch.from_numpy(x), torch.from_numpy(y)))
-
-
 @pytest.fixture(scope="module")
 def user_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The user's model exported once (``model/``), per-device data and a held-out set."""
     d = tmp_path_factory.mktemp("async-user")
-    _export_user_net(d).save(d / "model")
+    export_user_net(d).save(d / "model")
     for i in range(3):
         write_device_data(d / f"data-{i}.npz", seed=i)
     x, y = task_data(400, 99)
@@ -220,7 +208,7 @@ def test_simulate_async_fedadam_dp_and_checkpoint_resume(user_dir: Path, tmp_pat
 def wide_model(tmp_path_factory: pytest.TempPathFactory) -> FederatedModel:
     """The user's net on 300 features (~5k parameters): large enough that the ladder's
     rungs differ in size (on the 226-parameter net every rung encodes to the same bytes)."""
-    return _export_user_net(tmp_path_factory.mktemp("async-wide"), features=300)
+    return export_user_net(tmp_path_factory.mktemp("async-wide"), features=300)
 
 
 def test_adaptive_uplink_per_device_spec_recorded(

@@ -110,6 +110,8 @@ def render() -> str:
         "unclipped). A `[model] head` graph works sharded: workers run the same intake, "
         "which checks each device's tensors against its graph.",
         "- `[compression] uplink`/`downlink` must parse as compression specs.",
+        '- `[compression] upload_budget_s = "auto"` only with `[coordinator] mode = "sync"` '
+        "(it follows the round time).",
         "",
         "## Device agent (`edgefed-agent --config agent.toml`)",
         "",

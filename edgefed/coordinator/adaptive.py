@@ -18,11 +18,32 @@ Error feedback stays correct across a change of spec: the residual is one dense 
 array per tensor, independent of the spec (edgefed.codec.feedback), so whatever one spec
 dropped is carried into the next update whatever spec that uses
 (tests/test_adaptive.py checks the invariant over ladder switches).
+
+``upload_budget_s = "auto"``: the budget follows the fleet's own round time (:func:`auto_budget`).
+A sync round lasts as long as its slowest sampled device takes to download its task, train
+and upload (plus the broker's latency and the coordinator's aggregation and evaluation):
+``T = D + train + U + O``. Every device trains at once, so a slow *link* only changes ``U``:
+a round holding it lasts ``T_typical - U_typical + U_slow``. Keeping that within
+``budget_ratio`` x the typical round means ``U_slow <= (budget_ratio - 1) x T_typical +
+U_typical``; the rule drops the (small, unknown to the coordinator) ``U_typical`` term, so it
+errs on the side of compressing more:
+
+    budget = (budget_ratio - 1) x median(wall time of the last AUTO_WINDOW rounds)
+
+A median, not a mean: the rounds that hold the slow device are the long ones, and as long as
+they are fewer than half of the recent rounds they cannot raise the budget that lets them be
+long (no feedback loop); a mean would. Before any round has finished there is nothing to
+measure: every device starts on the first rung, as when its rate is unknown (round 1 ships
+the graphs anyway, the same for every choice). A budget this small is not floored: a fleet of
+0.1 s rounds really cannot absorb a 2 s upload, and the ladder's last rung bounds the cost.
+Async mode has no rounds, so "auto" is refused there (the config says so); give seconds.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,9 +52,12 @@ import numpy as np
 from edgefed.codec import CompressionSpec, UpdateMeta, encode_update
 
 __all__ = [
+    "AUTO",
+    "AUTO_WINDOW",
     "DEFAULT_LADDER",
     "AdaptiveUplink",
     "Choice",
+    "auto_budget",
     "choose_spec",
     "parse_ladder",
     "spec_bytes",
@@ -41,6 +65,8 @@ __all__ = [
 ]
 
 DEFAULT_LADDER: tuple[str, ...] = ("int8", "topk:0.1+int8", "topk:0.01+int8", "topk:0.001+int8")
+AUTO = "auto"  # upload_budget_s derived from the fleet's round time
+AUTO_WINDOW = 20  # recent rounds whose median wall time sets an "auto" budget
 
 
 @dataclass(frozen=True)
@@ -111,28 +137,71 @@ def choose_spec(
     return Choice(spec, n + overhead_bytes, (n + overhead_bytes) / rate, False)
 
 
+def auto_budget(
+    durations: Sequence[float], budget_ratio: float, window: int = AUTO_WINDOW
+) -> float | None:
+    """The upload budget that keeps a round holding the slowest link within ``budget_ratio``
+    x a typical round: ``(budget_ratio - 1) x`` the median of the last ``window`` round
+    durations (seconds; see the module docstring for why). None while nothing is measured
+    (no round yet, or only rounds of no measurable length)."""
+    if not budget_ratio > 1:
+        raise ValueError(f"budget_ratio must be > 1, got {budget_ratio}")
+    recent = [float(d) for d in list(durations)[-window:] if math.isfinite(d) and d > 0]
+    if not recent:
+        return None
+    return (budget_ratio - 1) * statistics.median(recent)
+
+
 class AdaptiveUplink:
     """The coordinator-side hook: ladder sizes computed once for the model, then one choice
     per device from the ``uplink_bytes_per_s`` its presence reported (``capabilities``).
 
-    Meant to be called where a round builds each device's task (``"uplink": ...``)."""
+    Meant to be called where a round builds each device's task (``"uplink": ...``).
+    ``upload_budget_s``: seconds, or ``"auto"`` (:func:`auto_budget` over the durations fed
+    to :meth:`observe_round` after each round)."""
 
     RATE_KEY = "uplink_bytes_per_s"
 
     def __init__(
         self,
         shapes: Mapping[str, tuple[int, ...]],
-        upload_budget_s: float,
+        upload_budget_s: float | str,
         ladder: Sequence[str] = DEFAULT_LADDER,
         overhead_bytes: int = 256,  # the agent's message envelope and one frame header
+        budget_ratio: float = 1.5,
+        window: int = AUTO_WINDOW,
     ) -> None:
-        if not upload_budget_s > 0:
-            raise ValueError(f"[compression] upload_budget_s must be > 0, got {upload_budget_s}")
-        self.budget = float(upload_budget_s)
+        self.auto = upload_budget_s == AUTO
+        if self.auto:
+            if not budget_ratio > 1:
+                raise ValueError(f"[compression] budget_ratio must be > 1, got {budget_ratio}")
+        elif isinstance(upload_budget_s, str) or not upload_budget_s > 0:
+            raise ValueError(
+                f'[compression] upload_budget_s must be > 0 or "auto", got {upload_budget_s!r}'
+            )
+        self.fixed = None if self.auto else float(upload_budget_s)
+        self.ratio = float(budget_ratio)
+        self.window = window
+        self.durations: deque[float] = deque(maxlen=window)
         self.overhead = overhead_bytes
         self.sizes = spec_sizes(shapes, parse_ladder(list(ladder)))
+
+    def observe_round(self, seconds: float) -> None:
+        """One finished round's wall time (tasks out -> aggregated); feeds an "auto" budget."""
+        self.durations.append(float(seconds))
+
+    @property
+    def budget(self) -> float | None:
+        """The budget the next choices use (seconds); None: "auto" with nothing measured."""
+        if self.fixed is not None:
+            return self.fixed
+        return auto_budget(self.durations, self.ratio, self.window)
 
     def spec_for(self, capabilities: Mapping[str, object]) -> Choice:
         rate = capabilities.get(self.RATE_KEY)
         ok = isinstance(rate, (int, float)) and not isinstance(rate, bool)
-        return choose_spec(self.sizes, float(rate) if ok else None, self.budget, self.overhead)  # type: ignore[arg-type]
+        budget = self.budget
+        if budget is None:  # "auto" before the first round: the first rung, as for no rate
+            spec, n = next(iter(self.sizes.items()))
+            return Choice(spec, n + self.overhead, None, False)
+        return choose_spec(self.sizes, float(rate) if ok else None, budget, self.overhead)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefed.config.schema import ConfigFile, Rule, Section, option
+from edgefed.config.schema import ConfigFile, Rule, Section, describe_value, option
 from edgefed.coordinator.rounds import RoundConfig
 from edgefed.sharding.config import SHARDING, ShardingConfig
 from edgefed.transport import TransportConfig
@@ -244,9 +244,14 @@ _R = {  # RoundConfig is defined with the round engine; its ranges and docs live
     ),
     "upload_budget_s": Rule(
         "adaptive uplink: each device gets the first ladder spec whose upload fits this many "
-        "seconds at its reported rate (0: off, every device uses uplink)",
-        min=0,
-        max=86400,
+        'seconds at its reported rate (0: off, every device uses uplink; at most 86400); "auto" '
+        "(sync): (budget_ratio - 1) x the median wall time of the last 20 rounds",
+    ),  # its range (a number, or the string "auto") is checked by _check_budget
+    "budget_ratio": Rule(
+        'adaptive uplink, upload_budget_s = "auto": a round holding the slowest link may last '
+        "this many times a typical round",
+        above=1,
+        max=100,
     ),
     "ladder": Rule("adaptive uplink: specs from least to most compressed"),
 }
@@ -273,7 +278,15 @@ COORDINATOR_FILE = (
     ),
     Section("model", ModelConfig, doc="the federated network"),
     _round("training", "local_epochs", "batch_size", "lr"),
-    _round("compression", "uplink", "downlink", "error_feedback", "upload_budget_s", "ladder"),
+    _round(
+        "compression",
+        "uplink",
+        "downlink",
+        "error_feedback",
+        "upload_budget_s",
+        "budget_ratio",
+        "ladder",
+    ),
     _round("fleet", "weak_ram_mb", "weak_cores"),
     Section("evaluation", EvaluationConfig),
     Section("security", CoordinatorConfig, ("signing_key",)),
@@ -409,6 +422,32 @@ def _strategy(src: ConfigFile, rc: RoundConfig) -> StrategyConfig:
     return cfg
 
 
+def _check_budget(src: ConfigFile, cfg: CoordinatorConfig) -> None:
+    """``upload_budget_s``: seconds from 0 to 86400 or "auto" (a range on a union type would
+    read "a number or a string from 0 ..."); "auto" follows the round time, which async mode
+    does not have."""
+    from edgefed.coordinator.adaptive import AUTO
+
+    budget = cfg.round.upload_budget_s
+    written = src.data.get("compression", {}).get("upload_budget_s", budget)
+    if isinstance(budget, str) and budget != AUTO:
+        raise src.error(
+            "compression", "upload_budget_s",
+            f'expected a number from 0 to 86400 or "auto", found {describe_value(written)}',
+        )  # fmt: skip
+    if not isinstance(budget, str) and not 0 <= budget <= 86400:
+        raise src.error(
+            "compression", "upload_budget_s",
+            f"expected a number from 0 to 86400, found {describe_value(written)}",
+        )  # fmt: skip
+    if budget == AUTO and cfg.round.mode == "async":
+        raise src.error(
+            "compression", "upload_budget_s",
+            'expected a number of seconds with [coordinator] mode = "async" ("auto" follows the '
+            'round time; async has no rounds), found "auto"',
+        )  # fmt: skip
+
+
 def _cross_checks(src: ConfigFile, cfg: CoordinatorConfig) -> None:
     """Rules that join two tables (after everything was read, like mosquitto's config)."""
     from edgefed.codec import CompressionSpec
@@ -430,6 +469,7 @@ def _cross_checks(src: ConfigFile, cfg: CoordinatorConfig) -> None:
         parse_staleness_weight(cfg.round.staleness_weight)
     except ValueError as e:
         raise src.error("coordinator", "staleness_weight", str(e).split(": ", 1)[1]) from None
+    _check_budget(src, cfg)
     try:
         parse_ladder(cfg.round.ladder)
     except ValueError as e:

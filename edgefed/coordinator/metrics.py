@@ -33,6 +33,7 @@ class RoundMetrics:
     staleness_mean: float | None = None  # async: of the accepted updates in this version
     staleness_max: int | None = None
     uplink: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> spec, bytes
+    upload_budget_s: float | None = None  # adaptive uplink: the budget this round's specs fit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

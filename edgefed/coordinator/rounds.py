@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgefed.codec import CompressionSpec, ModelSchema
-from edgefed.coordinator.adaptive import DEFAULT_LADDER, AdaptiveUplink
+from edgefed.coordinator.adaptive import AUTO, DEFAULT_LADDER, AdaptiveUplink
 from edgefed.coordinator.aggregation import Aggregator, make_aggregator
 from edgefed.coordinator.checkpoint import Checkpoint
 from edgefed.coordinator.intake import AcceptedUpdate, HeldTask, RoundContext, accept
@@ -66,8 +66,10 @@ class RoundConfig:
     max_staleness: int = 10  # updates trained on an older version are dropped ("stale")
     max_concurrent: int = 0  # tasks out at once (async; 0: every online device)
     staleness_weight: str = "poly:0.5"  # see coordinator/staleness.py
-    # Adaptive per-device uplink (coordinator/adaptive.py): 0 = every device uses ``uplink``
-    upload_budget_s: float = 0.0
+    # Adaptive per-device uplink (coordinator/adaptive.py): 0 = every device uses ``uplink``;
+    # "auto" = (budget_ratio - 1) x the median recent round time (sync rounds only)
+    upload_budget_s: float | str = 0.0
+    budget_ratio: float = 1.5
     ladder: list[str] = field(default_factory=lambda: list(DEFAULT_LADDER))
 
 
@@ -130,11 +132,18 @@ class RoundEngine:
         self.journal: Journal | None = None
         self.task_seq = 0  # async: the round field of the last dispatched tasks
         self._staleness: list[int] = []
-        self.adaptive = (
-            AdaptiveUplink(model.shapes, config.upload_budget_s, config.ladder)
-            if config.upload_budget_s > 0
-            else None
-        )
+        if config.upload_budget_s == AUTO and self.asynchronous:
+            raise ValueError(
+                '[compression] upload_budget_s: "auto" needs [coordinator] mode = "sync" (it '
+                'follows the round time; async has no rounds), found mode = "async"'
+            )
+        self.adaptive: AdaptiveUplink | None = None
+        if config.upload_budget_s not in (0, 0.0):
+            ratio = config.budget_ratio
+            self.adaptive = AdaptiveUplink(
+                model.shapes, config.upload_budget_s, config.ladder, budget_ratio=ratio
+            )
+        self._budget: float | None = None  # the upload budget the open round's tasks used
         self._specs: dict[str, str] = {}  # device -> uplink spec of its latest task
         self._dev_bytes: Counter[str] = Counter()  # device -> update bytes this round
 
@@ -219,6 +228,7 @@ class RoundEngine:
         self._bytes_down = 0
         self._dev_bytes = Counter()
         self._started = time.monotonic()
+        self._budget = self.adaptive.budget if self.adaptive is not None else None
         return self._tasks(rnd, self._sampled)
 
     def _tasks(self, rnd: int, assignment: dict[str, str]) -> LazyTasks:
@@ -260,6 +270,7 @@ class RoundEngine:
         self._bytes_up = self._payload_up = self._bytes_down = 0
         self._dev_bytes = Counter()
         self._started = time.monotonic()
+        self._budget = self.adaptive.budget if self.adaptive is not None else None
 
     @property
     def outstanding(self) -> int:
@@ -460,6 +471,7 @@ class RoundEngine:
         acc = eloss = None
         if self.evaluate is not None:
             acc, eloss = self.evaluate(self.params)
+        wall = time.monotonic() - self._started
         m = RoundMetrics(
             round=self.round,
             model_version=self.model_version,
@@ -475,7 +487,7 @@ class RoundEngine:
             train_loss=tl,
             accuracy=acc,
             eval_loss=eloss,
-            wall_seconds=time.monotonic() - self._started,
+            wall_seconds=wall,
             aggregate_seconds=agg_s,
             mode=self.cfg.mode,
             clock_s=float(clock_s),
@@ -486,7 +498,10 @@ class RoundEngine:
                 for d in sorted(set(self._specs) | set(self._dev_bytes))
                 if d in self.devices
             },
+            upload_budget_s=self._budget,
         )
+        if self.adaptive is not None and not self.asynchronous:
+            self.adaptive.observe_round(wall)  # an "auto" budget follows the round time
         self.history.append(m.to_dict())
         self._drops = []  # drops between rounds (late copies) land in the next round's metrics
         self._specs, self._staleness = {}, []
@@ -583,6 +598,9 @@ class RoundEngine:
         for st in self.devices.values():
             st.graphs = []  # a device may have lost its cache; resending a graph is cheap
         self.history = list(meta.get("history", []))
+        if self.adaptive is not None and not self.asynchronous:  # "auto" resumes its window
+            for h in self.history[-self.adaptive.window :]:
+                self.adaptive.observe_round(float(h.get("wall_seconds", 0.0)))
         self.cum_up = int(meta.get("cum_bytes_up", 0))
         self.cum_down = int(meta.get("cum_bytes_down", 0))
         if meta.get("rng"):
