@@ -189,8 +189,8 @@ def convolution(
 __all__ = [
     "convolution",
     "dense_depthwise_1d",
-    "depthwise_weight_grad_conv",
     "depthwise_1d_backward",
+    "depthwise_weight_grad_conv",
     "pointwise_input_grad",
     "transposed_convolution_backward",
 ]
