@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ ALT_KEY = "edgefed.alt.nchwc"  # metadata entry of the NCHWc alternative (train_
 # One-batch check of the alternative: |alt - default| <= ATOL + RTOL * |default| everywhere
 # (summation order differs; a wrong kernel or layout is off by O(1)).
 ALT_RTOL, ALT_ATOL = 1e-3, 1e-4
+ALT_MAX_BYTES = 1 << 30  # ONNX protobufs are < 2 GB; refuse to inflate anything larger
 log = logging.getLogger(__name__)
 _PERSISTENT = ("param", "frozen", "buffer", "state", "step")
 _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float64": np.float64}
@@ -98,6 +100,15 @@ def _session(data: bytes, threads: int, low_memory: bool = False) -> ort.Inferen
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise TrainerError(f"onnxruntime cannot load the graph: {e}") from e
+
+
+def _unpack(encoded: str) -> bytes:
+    """base64 + zlib, as edgefed.train_export.nchwc.embed writes it (bounded output)."""
+    d = zlib.decompressobj()
+    raw = d.decompress(base64.b64decode(encoded, validate=True), ALT_MAX_BYTES)
+    if d.unconsumed_tail or not d.eof:
+        raise ValueError(f"the alternative graph is truncated or larger than {ALT_MAX_BYTES} B")
+    return raw
 
 
 def _np_dtype(name: str) -> np.dtype[Any]:
@@ -182,8 +193,8 @@ class StepTrainer:
         if encoded is None:
             return None
         try:
-            alt = _session(base64.b64decode(encoded, validate=True), self.threads, self._low_memory)
-        except (TrainerError, binascii.Error, ValueError) as e:
+            alt = _session(_unpack(encoded), self.threads, self._low_memory)
+        except (TrainerError, binascii.Error, zlib.error, ValueError) as e:
             return self._fallback(f"the NCHWc alternative does not load: {e}")
         if [i.name for i in alt.get_inputs()] != sess_in or [
             o.name for o in alt.get_outputs()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import logging
+import zlib
 
 import numpy as np
 import onnx
@@ -127,7 +128,14 @@ def _train(step: bytes, g: object, m: nn.Module) -> StepTrainer:
     return tr
 
 
-def _with_metadata(step: bytes, value: str) -> bytes:
+def _alt_of(step: bytes) -> onnx.ModelProto:
+    meta = {p.key: p.value for p in onnx.load_from_string(step).metadata_props}
+    return onnx.load_from_string(zlib.decompress(base64.b64decode(meta[nchwc.METADATA_KEY])))
+
+
+def _with_metadata(step: bytes, value: str | onnx.ModelProto) -> bytes:
+    if isinstance(value, onnx.ModelProto):  # packed as the exporter packs it
+        value = base64.b64encode(zlib.compress(value.SerializeToString())).decode()
     model = onnx.load_from_string(step)
     (entry,) = [p for p in model.metadata_props if p.key == nchwc.METADATA_KEY]
     entry.value = value
@@ -140,9 +148,7 @@ def test_nchwc_alternative_is_embedded_verified_and_used_by_the_trainer(caplog) 
     assert all(n.domain in ("", "ai.onnx") for n in main.graph.node)  # shipped graph: default
     alt_meta = g.manifest["alternatives"]["nchwc"]
     assert alt_meta["verification"]["batches"]
-    alt = onnx.load_from_string(base64.b64decode(
-        {p.key: p.value for p in main.metadata_props}[nchwc.METADATA_KEY]
-    ))  # fmt: skip
+    alt = _alt_of(g.onnx)
     convs = [n for n in alt.graph.node if n.domain == nchwc.DOMAIN and n.op_type == "Conv"]
     assert len(convs) == 4  # two depthwise forwards + their input gradients
     with caplog.at_level(logging.INFO, logger="device_agent.trainer"):
@@ -153,31 +159,27 @@ def test_nchwc_alternative_is_embedded_verified_and_used_by_the_trainer(caplog) 
 
 def test_trainer_falls_back_when_the_alternative_cannot_load(caplog) -> None:
     m, g = _exported()
-    alt = onnx.load_from_string(base64.b64decode(
-        {p.key: p.value for p in onnx.load_from_string(g.onnx).metadata_props}[nchwc.METADATA_KEY]
-    ))  # fmt: skip
+    alt = _alt_of(g.onnx)
     for n in alt.graph.node:
         if n.domain == nchwc.DOMAIN and n.op_type == "Conv":
             n.op_type = "ConvNoSuchKernel"  # what an onnxruntime build without NCHWc meets
-    broken = _with_metadata(g.onnx, base64.b64encode(alt.SerializeToString()).decode())
+    broken = _with_metadata(g.onnx, alt)
     with caplog.at_level(logging.WARNING, logger="device_agent.trainer"):
         tr = _train(broken, g, m)
     assert tr.kernel_path == "default"
     assert "does not load" in tr.dispatch_note and "does not load" in caplog.text
-    garbage = _with_metadata(g.onnx, "not base64 at all!")
-    assert _train(garbage, g, m).kernel_path == "default"
+    for bad in ("not base64 at all!", base64.b64encode(b"not zlib").decode()):
+        assert _train(_with_metadata(g.onnx, bad), g, m).kernel_path == "default"
 
 
 def test_trainer_self_check_rejects_an_alternative_that_disagrees(caplog) -> None:
     m, g = _exported()
-    alt = onnx.load_from_string(base64.b64decode(
-        {p.key: p.value for p in onnx.load_from_string(g.onnx).metadata_props}[nchwc.METADATA_KEY]
-    ))  # fmt: skip
+    alt = _alt_of(g.onnx)
     for n in alt.graph.node:  # a wrong weight layout: loads and runs, computes nonsense
         if n.op_type == "Transpose" and n.output[0].startswith("nchwc_"):
             del n.attribute[:]
             n.attribute.append(onnx.helper.make_attribute("perm", [0, 1, 3, 2]))
-    wrong = _with_metadata(g.onnx, base64.b64encode(alt.SerializeToString()).decode())
+    wrong = _with_metadata(g.onnx, alt)
     with caplog.at_level(logging.WARNING, logger="device_agent.trainer"):
         tr = _train(wrong, g, m)  # trains like torch: the default graph took over
     assert tr.kernel_path == "default"
