@@ -575,18 +575,16 @@ def export_training_step(
             m.training = t
     manifest["verification"] = {"batches": list(BATCHES), **worst}
     if nchwc_alternative:
-        _attach_nchwc(graph, model, loss_fn, optimizer, x0, y0, freeze_bn_stats)
+        _attach_nchwc(
+            graph,
+            model,
+            lambda g: verify_step(g, model, loss_fn, optimizer, x0, y0, freeze_bn_stats),
+        )
     return graph
 
 
 def _attach_nchwc(
-    graph: StepGraph,
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    optimizer: Optimizer,
-    x0: Tensor,
-    y0: Tensor,
-    freeze_bn_stats: bool,
+    graph: StepGraph, model: nn.Module, gate: Callable[[StepGraph], dict[str, float]]
 ) -> None:
     """Embed the gate-verified NCHWc variant in the step graph (see :mod:`.nchwc`).
 
@@ -600,9 +598,7 @@ def _attach_nchwc(
     alt_bytes = alt.SerializeToString()
     was_training = {m: m.training for m in model.modules()}
     try:
-        worst = verify_step(
-            replace(graph, onnx=alt_bytes), model, loss_fn, optimizer, x0, y0, freeze_bn_stats
-        )
+        worst = gate(replace(graph, onnx=alt_bytes))
     except Exception as e:  # any failure (gate, load) means: ship the default graph only
         warnings.warn(f"NCHWc step variant dropped: {e}", stacklevel=3)
         return
