@@ -201,7 +201,7 @@ class StepTrainer:
             o.name for o in alt.get_outputs()
         ] != sess_out:
             return self._fallback("the NCHWc alternative's inputs/outputs differ from the step's")
-        self.dispatch_note = "NCHWc alternative loaded; checked on the first batch"
+        self.dispatch_note = "NCHWc alternative loaded; to be checked on the first batch"
         return alt
 
     def _fallback(self, why: str) -> None:
@@ -210,8 +210,9 @@ class StepTrainer:
         return None
 
     def _check_alternative(self, feed: dict[str, Any]) -> None:
-        """Run the alternative and the default graph on one batch; keep the one that wins
-        the check (the alternative if it agrees), release the other's memory."""
+        """Run the default graph and the alternative on the first samples of one batch; keep
+        the alternative if it agrees, else rebuild the default session (NaN counts as a
+        disagreement: the default graph then reports it as usual)."""
         alt, self._alt = self._alt, None
         assert alt is not None
         names = [o.name for o in self._sess.get_outputs()]
