@@ -27,6 +27,13 @@ def _shape(x: Tensor) -> tuple[list[int], list[int]]:
     return dims, [1, int(x.shape[1])] + [1] * (x.dim() - 2)
 
 
+def _centred(x: Tensor, mean: Tensor, bshape: list[int]) -> Tensor:
+    """``x - mean`` built the SAME way in the forward and the backward, so onnxruntime's
+    common-subexpression pass computes it once per layer (the forward's keepdim mean and
+    the backward's reshaped saved mean were two Subs: one full pass per BN layer)."""
+    return x - mean.reshape(bshape)
+
+
 def _train_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -37,16 +44,16 @@ def _train_forward(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dims, bshape = _shape(x)
-    mean = x.mean(dims, keepdim=True)
-    xc = x - mean
+    c = int(x.shape[1])
+    save_mean = x.mean(dims)
+    xc = _centred(x, save_mean, bshape)
     var = (xc * xc).mean(dims, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     scale = rstd if weight is None else rstd * weight.reshape(bshape)
     out = xc * scale
     if bias is not None:
         out = out + bias.reshape(bshape)
-    c = int(x.shape[1])
-    save_mean, save_rstd = mean.reshape(c), rstd.reshape(c)
+    save_rstd = rstd.reshape(c)
     n = x.numel() / c
     new_rm = momentum * save_mean + (1 - momentum) * running_mean
     new_rv = momentum * (var.reshape(c) * (n / (n - 1))) + (1 - momentum) * running_var
@@ -115,7 +122,7 @@ def native_batch_norm_backward(
         )  # fmt: skip
     dims, bshape = _shape(x)
     n = x.numel() / int(x.shape[1])
-    xc = x - save_mean.reshape(bshape)
+    xc = _centred(x, save_mean, bshape)
     sum_g = grad_out.sum(dims)
     dot = (grad_out * xc).sum(dims)
     w = save_invstd if weight is None else save_invstd * weight

@@ -146,6 +146,29 @@ def pointwise_input_grad(grad_out: Tensor, weight: Tensor, x_shape: Any) -> Tens
     return torch.bmm(wt.expand(n, *wt.shape), g).reshape(x_shape)
 
 
+def depthwise_weight_grad_conv(
+    grad_out: Tensor, x: Tensor, w_shape: Any, stride: Any, padding: Any, dilation: Any
+) -> Tensor:
+    """Depthwise 2-D weight gradient as ONE grouped Conv (standard ONNX).
+
+    ``dW[c, i, j] = sum_{n,h,w} x_pad[n, c, d*i + s*h, d*j + s*w] * g[n, c, h, w]`` is a
+    convolution of ``x`` seen as ONE sample with ``C*N`` channels (channel-major, group c =
+    the batch of channel c) by the "kernel" ``g`` as ``[C, N, Ho, Wo]``, groups = C, with the
+    roles of stride and dilation swapped (conv stride = layer dilation, conv dilation =
+    layer stride), padding as the layer's. The result is at least ``kh x kw`` (more when
+    the stride does not divide the padded size); the extra rows/columns are cut off.
+    Used for strided layers only: see ``decompositions._depthwise_weight_grad``.
+    """
+    c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
+    kh, kw = int(w_shape[2]), int(w_shape[3])
+    xt = x.transpose(0, 1).reshape(1, -1, h, w)
+    gt = grad_out.transpose(0, 1)  # C, N, Ho, Wo
+    out = aten.convolution.default(
+        xt, gt, None, list(dilation), list(padding), list(stride), False, [0, 0], c
+    )
+    return out[:, :, :kh, :kw].reshape(c, 1, kh, kw)
+
+
 def convolution(
     x: Tensor,
     weight: Tensor,
@@ -167,6 +190,7 @@ __all__ = [
     "convolution",
     "dense_depthwise_1d",
     "depthwise_1d_backward",
+    "depthwise_weight_grad_conv",
     "pointwise_input_grad",
     "transposed_convolution_backward",
 ]

@@ -29,7 +29,7 @@ import json
 import operator
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import nchwc
 from .decompositions import decomposition_table
 from .diagnose import check_supported, registry
 from .errors import TrainExportError
@@ -412,8 +413,13 @@ def export_training_step(
     bake_frozen: bool = False,
     freeze_bn_stats: bool = False,
     opset: int = DEFAULT_OPSET,
+    nchwc_alternative: bool = True,
 ) -> StepGraph:
     """Export one training step of ``model`` and its inference graph; verified before return.
+
+    ``nchwc_alternative``: also embed a gate-verified variant whose depthwise convolutions
+    run onnxruntime's NCHWc kernels (:mod:`.nchwc`); the torch-free trainer prefers it
+    after a one-batch check and falls back to the default-domain graph.
 
     Raises :class:`UnsupportedOpError` (names op and layer), :class:`VerificationError` (the
     ONNX step disagrees with torch autograd + torch.optim), :class:`TrainExportError`.
@@ -568,7 +574,45 @@ def export_training_step(
         for m, t in was_training.items():
             m.training = t
     manifest["verification"] = {"batches": list(BATCHES), **worst}
+    if nchwc_alternative:
+        _attach_nchwc(
+            graph,
+            model,
+            lambda g: verify_step(g, model, loss_fn, optimizer, x0, y0, freeze_bn_stats),
+        )
     return graph
+
+
+def _attach_nchwc(
+    graph: StepGraph, model: nn.Module, gate: Callable[[StepGraph], dict[str, float]]
+) -> None:
+    """Embed the gate-verified NCHWc variant in the step graph (see :mod:`.nchwc`).
+
+    Nothing is embedded when the graph has no depthwise layer that suits the kernels, or
+    when the variant fails the gate or does not load here (then with a warning): the
+    default graph alone is a complete step.
+    """
+    alt = nchwc.nchwc_alternative(onnx.load_from_string(graph.onnx))
+    if alt is None:
+        return
+    alt_bytes = alt.SerializeToString()
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        worst = gate(replace(graph, onnx=alt_bytes))
+    except Exception as e:  # any failure (gate, load) means: ship the default graph only
+        warnings.warn(f"NCHWc step variant dropped: {e}", stacklevel=3)
+        return
+    finally:
+        for m, t in was_training.items():
+            m.training = t
+    graph.onnx = nchwc.embed(graph.onnx, alt_bytes)
+    graph.manifest["alternatives"] = {
+        "nchwc": {
+            "metadata_key": nchwc.METADATA_KEY,
+            "sha256": hashlib.sha256(alt_bytes).hexdigest(),
+            "verification": {"batches": list(BATCHES), **worst},
+        }
+    }
 
 
 def _manifest(
