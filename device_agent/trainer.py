@@ -41,7 +41,10 @@ ALT_KEY = "edgefed.alt.nchwc"  # metadata entry of the NCHWc alternative (train_
 # (summation order differs; a wrong kernel or layout is off by O(1)).
 ALT_RTOL, ALT_ATOL = 1e-3, 1e-4
 ALT_CHECK_SAMPLES = 4  # samples of the first batch the check runs on (memory, see below)
-ALT_MAX_BYTES = 1 << 30  # ONNX protobufs are < 2 GB; refuse to inflate anything larger
+# The alternative is the step graph with a few nodes swapped, so it cannot be much larger than
+# the step that carries it: inflating stops at twice the carrier plus 1 MiB, so a hostile or
+# corrupt stream cannot make the device allocate more than that (zlib bombs inflate ~1000x).
+ALT_SLACK_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 _PERSISTENT = ("param", "frozen", "buffer", "state", "step")
 _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float64": np.float64}
@@ -104,12 +107,12 @@ def _session(data: bytes, threads: int, low_memory: bool = False) -> ort.Inferen
         raise TrainerError(f"onnxruntime cannot load the graph: {e}") from e
 
 
-def _unpack(encoded: str) -> bytes:
-    """base64 + zlib, as edgefed.train_export.nchwc.embed writes it (bounded output)."""
+def _unpack(encoded: str, limit: int) -> bytes:
+    """base64 + zlib, as edgefed.train_export.nchwc.embed writes it; at most ``limit`` bytes."""
     d = zlib.decompressobj()
-    raw = d.decompress(base64.b64decode(encoded, validate=True), ALT_MAX_BYTES)
+    raw = d.decompress(base64.b64decode(encoded, validate=True), limit)
     if d.unconsumed_tail or not d.eof:
-        raise ValueError(f"the alternative graph is truncated or larger than {ALT_MAX_BYTES} B")
+        raise ValueError(f"the alternative graph is truncated or larger than {limit} B")
     return raw
 
 
@@ -195,7 +198,8 @@ class StepTrainer:
         if encoded is None:
             return None
         try:
-            alt = _session(_unpack(encoded), self.threads, self._low_memory)
+            limit = 2 * len(self._step_bytes) + ALT_SLACK_BYTES
+            alt = _session(_unpack(encoded, limit), self.threads, self._low_memory)
         except (TrainerError, binascii.Error, zlib.error, ValueError) as e:
             return self._fallback(f"the NCHWc alternative does not load: {e}")
         if [i.name for i in alt.get_inputs()] != sess_in or [

@@ -163,6 +163,10 @@ def test_trainer_falls_back_when_the_alternative_cannot_load(caplog) -> None:
     assert "does not load" in tr.dispatch_note and "does not load" in caplog.text
     for bad in ("not base64 at all!", base64.b64encode(b"not zlib").decode()):
         assert _train(_with_metadata(g.onnx, bad), g, m).kernel_path == "default"
+    # a zlib bomb: 64 MiB of zeros in a few KB; inflating stops at the bound, nothing is built
+    bomb = base64.b64encode(zlib.compress(bytes(64 << 20), 9)).decode()
+    tr = _train(_with_metadata(g.onnx, bomb), g, m)
+    assert tr.kernel_path == "default" and "larger than" in tr.dispatch_note
 
 
 def test_trainer_self_check_rejects_an_alternative_that_disagrees(caplog) -> None:
