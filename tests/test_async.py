@@ -258,6 +258,21 @@ def test_simulate_async_resumed_equals_uninterrupted(
     assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
 
 
+def test_resume_with_another_fleet_names_the_checkpoint(user_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint of a 3-device simulated fleet resumed with 2 devices: one line naming
+    the file and the key, not a traceback from deep inside the collector."""
+    import edgefed
+
+    fm = FederatedModel.load(user_dir / "model")
+    data, _ = _digits_like(user_dir, 3)
+    kw: dict[str, Any] = dict(mode="async", buffer_size=1, federated_model=fm, lr=0.1)
+    ck = tmp_path / "ck.npz"
+    edgefed.simulate(None, data, rounds=1, checkpoint=ck, speeds=[1, 2, 3], **kw)
+    with pytest.raises(ValueError, match=r"ck\.npz: meta 'collector'") as e:
+        edgefed.simulate(None, data[:2], rounds=2, checkpoint=ck, speeds=[1, 2], **kw)
+    assert "\n" not in str(e.value)
+
+
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory: pytest.TempPathFactory) -> FederatedModel:
     """The user's net on 300 features (~5k parameters): large enough that the ladder's

@@ -121,7 +121,10 @@ def run_rounds(
         saved = load_checkpoint(ck)
         engine.restore(saved)
         if "collector" in saved.meta:
-            same_clock = collector.restore_state(saved.meta["collector"], saved.extra)
+            try:
+                same_clock = collector.restore_state(saved.meta["collector"], saved.extra)
+            except ValueError as e:
+                raise ValueError(f"{ck}: {e}") from None
         log.info("resumed from %s after round %d", ck, saved.round)
     step = _one_round
     if engine.asynchronous:
@@ -275,10 +278,11 @@ class InProcessCollector(Collector):
                 a.rng.setstate((3, tuple(rng), None))
                 a.spells, a.until = [(float(x), float(y)) for x, y in spells], float(until)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint: meta 'collector' is not a fleet's state: {e!r}") from e
+            raise ValueError(f"meta 'collector' is not this fleet's state: {e!r}") from e
         unknown = sorted({d for _, _, d, _ in self._events} - set(self.workers))
         if unknown:
-            raise ValueError(f"checkpoint: updates in flight from unknown devices {unknown[:3]}")
+            unknown = unknown[:3]
+            raise ValueError(f"meta 'collector': updates in flight from unknown devices {unknown}")
         residuals: dict[str, dict[str, np.ndarray]] = {}
         for key, v in arrays.items():
             d, _, name = key.partition("/")
