@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 import pytest
-from harness.models import slow_and_fast
+from harness.models import slow_and_fast, tiny_data
 
 from edgefed.coordinator.checkpoint import load_checkpoint
 
@@ -166,3 +166,87 @@ def test_async_sharded_coordinator_sigkill_mid_buffer(
     assert sum(accepted.values()) == sum(r["participants"] for r in after), (accepted, after)
     assert accepted[slow] >= 1, accepted  # its version-0 task survived the kill
     assert max(r["staleness_max"] or 0 for r in after[killed_at:]) >= 1
+
+
+def _wait_keys(eye, rnd: int, devices: set[str], timeout: float) -> None:
+    """Read the workers' status messages until they reported ``devices``' updates in ``rnd``."""
+    import json
+    import time
+
+    seen: set[str] = set()
+    until = time.monotonic() + timeout
+    while not devices <= seen:
+        if time.monotonic() > until:
+            raise TimeoutError(f"workers reported {sorted(seen)} in buffer {rnd}, want {devices}")
+        m = eye.get(timeout=0.2)
+        if m is not None and "/status/" in m.topic:
+            msg = json.loads(m.payload)
+            if msg.get("round") == rnd:
+                seen |= {k[0] for k in msg.get("new_keys", [])}
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["buffer-open", "buffer-closed"])
+def test_async_sharded_restart_keeps_the_workers_buffer(
+    mosquitto, fleet_factory, tmp_path, closed: bool
+) -> None:
+    """The coordinator process dies while 2 aggregator worker processes hold 2 of the 3
+    updates buffer 1 needs (the third device is still training) -- with the buffer still
+    open, or already closed by the workers (each summed and published its partial; the
+    coordinator never recorded the version). Restarted, it re-announces buffer 1; the
+    workers keep their sums (reopening a closed buffer) and report the keys they hold
+    again, so the third update fills the buffer at once (round_timeout is 600 s: before
+    the fix the buffer could only close at that deadline, or lost the closed sums). Each
+    update is counted once, never twice or zero times: every device is accepted exactly
+    once per version, nothing is dropped."""
+    import os
+    import signal
+
+    from edgefed.protocol import ShardTopics, Topics
+    from edgefed.transport import TransportConfig
+    from edgefed.transport.client import MqttClient
+
+    name = "keepbuf" + ("c" if closed else "o")
+    fleet = fleet_factory(
+        mosquitto.url, 3, rounds=2, mode="async", buffer_size=3, max_staleness=4,
+        round_timeout=600.0,
+    )  # fmt: skip
+    x, y = tiny_data(400_000, 5)  # dev-2 trains for many seconds: buffer 1 cannot fill
+    np.savez(tmp_path / "data-slow.npz", x=x, y=y)
+    fleet.data["dev-2"] = tmp_path / "data-slow.npz"
+    _configure(fleet, name, 2)
+    tc = TransportConfig(url=mosquitto.url, fleet=name)
+    topics = ShardTopics(Topics(name, tc.topic_prefix))
+    eye = MqttClient(tc, "test-eye", subscriptions=[f"{topics.agg}/status/+",
+                                                    f"{topics.agg}/partial/+"])  # fmt: skip
+    eye.start(timeout=30)
+    try:
+        fleet.start_coordinator()
+        fleet.start_agents()
+        _wait_keys(eye, 1, {"dev-0", "dev-1"}, timeout=120)
+        os.kill(fleet.procs["coordinator"].pid, signal.SIGSTOP)  # hears nothing from now on
+        if closed:  # the close it would send once the buffer were full, then the partials
+            eye.publish(topics.close, b'{"round": 1}', timeout=10)
+            got: set[str] = set()
+            while got != {"agg-0", "agg-1"}:
+                m = eye.get(timeout=30)
+                assert m is not None, f"partials of buffer 1 from {sorted(got)} only"
+                if "/partial/" in m.topic:
+                    got.add(m.topic.rsplit("/", 1)[1])
+        fleet.kill("coordinator")
+    finally:
+        eye.stop()
+    ck = load_checkpoint(fleet.checkpoint)
+    assert ck.round == 0 and ck.meta["outstanding"] == {}  # version 1 was never recorded
+    fleet.start_coordinator()
+    got_rounds = fleet.wait_rounds(2, timeout=180)
+    assert fleet.procs["coordinator"].wait(timeout=60) == 0, fleet.log("coordinator")[-3000:]
+    assert "resumed version 0:" in fleet.log("coordinator")
+    for i in range(2):
+        assert "buffer 1 re-announced by a restarted coordinator" in fleet.log(f"agg-{i}")
+    assert [r["participants"] for r in got_rounds] == [3, 3], got_rounds
+    assert [d for r in got_rounds for d in r["drop_log"]] == []
+    ck = load_checkpoint(fleet.checkpoint)
+    assert ck.round == 2
+    accepted = {d: s["accepted"] for d, s in ck.meta["devices"].items()}
+    assert accepted == {"dev-0": 2, "dev-1": 2, "dev-2": 2}, accepted
+    assert ck.meta["outstanding"] == {}

@@ -32,6 +32,9 @@ class Checkpoint:
     params: dict[str, np.ndarray]
     strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # device stats, history, config hash
+    # what the round loop's collector needs to resume beyond the engine (an in-process
+    # simulated fleet: its devices' error-feedback residuals), ``<owner>/<name>`` -> array
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _split_strategy_state(state: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
@@ -60,6 +63,7 @@ def save_checkpoint(path: str | Path, ck: Checkpoint) -> None:
     arrays: dict[str, np.ndarray] = {f"param/{k}": v for k, v in ck.params.items()}
     strat_arrays, strat_json = _split_strategy_state(ck.strategy_state)
     arrays.update(strat_arrays)
+    arrays.update({f"extra/{k}": np.asarray(v) for k, v in ck.extra.items()})
     header = {
         "format": FORMAT,
         "round": ck.round,
@@ -82,6 +86,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             header = json.loads(z["__meta__"].tobytes().decode())
             params = {k[6:]: z[k] for k in z.files if k.startswith("param/")}
             strat = {k[9:]: z[k] for k in z.files if k.startswith("strategy/")}
+            extra = {k[6:]: z[k] for k in z.files if k.startswith("extra/")}
     except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -93,10 +98,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for k, v in params.items():
         if v.dtype != np.float32 or not np.isfinite(v).all():
             raise CheckpointError(f"{path}: parameter {k!r} is not finite float32")
-    extra = header.get("strategy_json", {})
-    if not isinstance(extra, dict) or set(extra) & set(strat):
+    plain = header.get("strategy_json", {})
+    if not isinstance(plain, dict) or set(plain) & set(strat):
         raise CheckpointError(f"{path}: bad strategy_json (not an object, or repeats an array)")
-    strat.update(extra)
-    return Checkpoint(
-        header["round"], str(header["model_version"]), params, strat, header.get("meta", {})
-    )
+    strat.update(plain)
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata 'meta' is not an object")
+    return Checkpoint(header["round"], str(header["model_version"]), params, strat, meta, extra)

@@ -24,6 +24,7 @@ through :func:`_sharded_buffer`: one dispatch, one worker round, one merge per v
 
 from __future__ import annotations
 
+import base64
 import heapq
 import logging
 import random
@@ -32,6 +33,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgefed.coordinator.artifact import artifact_dir_for, write_engine_artifact
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
@@ -84,6 +87,16 @@ class Collector(ABC):
         """Hand updates to the engine until all sampled devices answered or ``deadline``
         (monotonic); sharded collectors return the workers' merged sums."""
 
+    def saved_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        """What a run resumed from the checkpoint needs of this collector beyond the engine
+        (JSON, arrays), or None: over MQTT the devices and workers keep their own state."""
+        return None
+
+    def restore_state(self, state: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> bool:
+        """Take back :meth:`saved_state`; True if the collector's clock is the saved one
+        (the engine then keeps its tasks' issue times)."""
+        return False
+
     def published(self, m: RoundMetrics) -> None:
         """The round is closed and recorded (e.g. publish its metrics)."""
         return None
@@ -103,9 +116,15 @@ def run_rounds(
     """Run until ``engine.round == rounds`` (resuming from ``checkpoint`` if it exists);
     in asynchronous mode a "round" is a model version (one buffer of updates)."""
     ck = Path(checkpoint) if checkpoint else None
+    same_clock = False
     if ck is not None and ck.exists():
         saved = load_checkpoint(ck)
         engine.restore(saved)
+        if "collector" in saved.meta:
+            try:
+                same_clock = collector.restore_state(saved.meta["collector"], saved.extra)
+            except ValueError as e:
+                raise ValueError(f"{ck}: {e}") from None
         log.info("resumed from %s after round %d", ck, saved.round)
     step = _one_round
     if engine.asynchronous:
@@ -118,8 +137,8 @@ def run_rounds(
         t0 = collector.clock()
         if journal is not None and ck is not None:
             if not ck.exists():  # the journal's anchor: version 0 of this run
-                save_checkpoint(ck, engine.checkpoint())
-            engine.resume(journal, t0, collector.sharded)
+                _save(ck, engine, collector)
+            engine.resume(journal, t0, collector.sharded, restamp=not same_clock)
         before = engine.history[-1].get("clock_s", 0.0) if engine.history else 0.0
         while not collector.stopped and engine.round < rounds:
             merged = step(engine, collector)
@@ -127,7 +146,7 @@ def run_rounds(
                 break
             m = engine.finish_round(merged, clock_s=before + collector.clock() - t0)
             if ck is not None:
-                save_checkpoint(ck, engine.checkpoint())
+                _save(ck, engine, collector)
                 if journal is not None:  # after the checkpoint: a crash between keeps both
                     journal.start(engine.round, engine.run_id)
                 write_engine_artifact(artifact_dir_for(ck), engine)
@@ -143,6 +162,16 @@ def run_rounds(
             journal.close()
             engine.journal = None
     return out
+
+
+def _save(ck: Path, engine: RoundEngine, collector: Collector) -> None:
+    """The engine's checkpoint with the collector's state (one atomic file: a resumed run
+    never sees one without the other)."""
+    c = engine.checkpoint()
+    state = collector.saved_state()
+    if state is not None:
+        c.meta["collector"], c.extra = state
+    save_checkpoint(ck, c)
 
 
 def _one_round(engine: RoundEngine, collector: Collector) -> Any:
@@ -221,6 +250,47 @@ class InProcessCollector(Collector):
 
     def clock(self) -> float:
         return self._now if self.profile is not None else time.monotonic()
+
+    def saved_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything a resumed simulation needs to go on exactly as if never stopped: the
+        updates in flight (devices here train when their task is sent, so the update of a
+        task still out at the checkpoint exists only in this queue: without it the task
+        would expire), the simulated clock, each device's availability stream, and the
+        error-feedback residuals of devices that keep them (``saved_residual()``)."""
+        events = [[at, n, d, base64.b64encode(out).decode()] for at, n, d, out in self._events]
+        avail = {
+            d: [list(a.rng.getstate()[1]), a.spells, a.until] for d, a in self._avail.items()
+        }
+        arrays = {}
+        for d, w in self.workers.items():
+            for name, v in getattr(w, "saved_residual", dict)().items():
+                arrays[f"{d}/{name}"] = v
+        return {"now": self._now, "n": self._n, "events": events, "avail": avail}, arrays
+
+    def restore_state(self, state: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> bool:
+        try:
+            self._events = [(float(a), int(n), str(d), base64.b64decode(b))
+                            for a, n, d, b in state["events"]]  # fmt: skip
+            heapq.heapify(self._events)
+            self._n, self._now = int(state["n"]), float(state["now"])
+            for d, (rng, spells, until) in state["avail"].items():
+                a = self._avail[d]
+                a.rng.setstate((3, tuple(rng), None))
+                a.spells, a.until = [(float(x), float(y)) for x, y in spells], float(until)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"meta 'collector' is not this fleet's state: {e!r}") from e
+        unknown = sorted({d for _, _, d, _ in self._events} - set(self.workers))
+        if unknown:
+            unknown = unknown[:3]
+            raise ValueError(f"meta 'collector': updates in flight from unknown devices {unknown}")
+        residuals: dict[str, dict[str, np.ndarray]] = {}
+        for key, v in arrays.items():
+            d, _, name = key.partition("/")
+            residuals.setdefault(d, {})[name] = v
+        for d, w in self.workers.items():
+            if hasattr(w, "restore_residual"):
+                w.restore_residual(self.engine.run_id, residuals.get(d, {}), self.engine.schema)
+        return self.profile is not None
 
     def online_now(self) -> list[str]:
         avail = self._avail

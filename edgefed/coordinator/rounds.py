@@ -562,7 +562,11 @@ class RoundEngine:
                 "task_seq": self.task_seq,
                 # async: the tasks out when this version closed (their updates are accepted
                 # after a restart; coordinator/journal.py has what came after)
-                "outstanding": {d: [t.round, t.version, t.graph] for d, t in self._out.items()},
+                # and when each went out, on the collector's clock (kept by a resumed
+                # simulated fleet, whose clock goes on; re-stamped by a restarted process)
+                "outstanding": {
+                    d: [t.round, t.version, t.graph, t.issued] for d, t in self._out.items()
+                },
                 **self._norm_bound_meta(),
             },
         )
@@ -587,10 +591,10 @@ class RoundEngine:
         self.run_id = str(meta.get("run_id") or self.run_id)
         self.task_seq = int(meta.get("task_seq", 0))
         self._out = {}
-        for d, (seq, version, gid) in sorted(meta.get("outstanding", {}).items()):
+        for d, (seq, version, gid, *issued) in sorted(meta.get("outstanding", {}).items()):
             if gid not in self.model.graphs:
                 raise ValueError(f"checkpoint: outstanding task of {d!r} trains graph {gid!r}")
-            self._hold(int(seq), int(version), {d: gid}, 0.0)  # re-stamped by resume()
+            self._hold(int(seq), int(version), {d: gid}, float(issued[0]) if issued else 0.0)
         nb = self.strategy.norm_bound
         if nb is not None and "norm_bound" in meta:
             nb.load_state(meta["norm_bound"])  # NormBoundError names a malformed history
@@ -609,15 +613,19 @@ class RoundEngine:
             self.seen.check_and_add(tuple(k))
 
     # ---- restart of an asynchronous buffer ----------------------------------------------
-    def resume(self, journal: Journal, now: float, sharded: bool = False) -> None:
+    def resume(
+        self, journal: Journal, now: float, sharded: bool = False, restamp: bool = True
+    ) -> None:
         """Async, after :meth:`restore` (or on a fresh start): take the tasks restored from
-        the checkpoint as issued ``now`` (a fresh ``round_timeout``: the old clock is gone),
+        the checkpoint as issued ``now`` (a fresh ``round_timeout``: the old clock is gone;
+        ``restamp=False`` when the collector's clock was restored with the checkpoint),
         replay what ``journal`` recorded since that checkpoint (the dispatches and the
         update messages, through the same intake: the partially filled buffer comes back
         with the same keys and staleness), then keep journaling into it. ``sharded``: the
         buffer is summed by aggregator workers (only dispatches are journaled then; the
         workers keep the buffer's updates across the restart, see sharding/worker.py)."""
-        self._out = {d: replace(t, issued=now) for d, t in self._out.items()}
+        if restamp:
+            self._out = {d: replace(t, issued=now) for d, t in self._out.items()}
         events = journal.read(self.round, self.run_id)
         restored, replayed = len(self._out), 0
         if events:

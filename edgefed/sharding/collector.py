@@ -5,6 +5,7 @@ closes the round from their merged partial sums (:mod:`.driver`, :mod:`.merge`).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 
 from edgefed.coordinator.rounds import RoundEngine
@@ -32,6 +33,9 @@ class ShardedCollector(MqttCollector):
         sharding_transport: TransportConfig | None = None,
     ) -> None:
         super().__init__(engine, transport, client_id, signer, wait_timeout, read_updates=False)
+        # this process: a buffer announced again by another one (a restart) reopens at the
+        # workers with the sums they hold (sharding/worker.py); the same one never reopens
+        self.instance = secrets.token_hex(8)
         self.agg = ShardedAggregation(
             sharding_transport or transport, engine.schema, sharding, resend=self.resend,
             client_id=f"{client_id}-agg",
@@ -47,7 +51,10 @@ class ShardedCollector(MqttCollector):
         self.agg.stop()
 
     def send(self, tasks: Mapping[str, bytes]) -> None:
-        self.agg.announce(self.engine.announcement(for_workers=True))  # before any update
+        ann = self.engine.announcement(for_workers=True)
+        if ann.staleness is not None:  # a buffer: who announces it (worker.py, _reannounced)
+            ann.staleness.update(run=self.engine.run_id, coordinator=self.instance)
+        self.agg.announce(ann)  # before any update
         super().send(tasks)
 
     def collect(self, deadline: float) -> MergeResult:

@@ -75,6 +75,14 @@ class _Round:
     version: int = 0  # the model version this buffer folds into
     max_staleness: int = 0
     weight: Any = None  # staleness -> scale (coordinator/staleness.py)
+    origin: tuple[str, str] = ("", "")  # (run id, coordinator process) that announced it
+
+
+def _origin(ann: RoundAnnouncement) -> tuple[str, str]:
+    """Who announced an asynchronous buffer: the coordinator's run id and process instance
+    (``sharding.collector`` adds them to the buffer's parameters); ("", "") otherwise."""
+    p = ann.staleness or {}
+    return str(p.get("run", "")), str(p.get("coordinator", ""))
 
 
 def _task_map(ann: RoundAnnouncement, allowed: dict[str, frozenset[str]]) -> dict[str, HeldTask]:
@@ -193,27 +201,27 @@ class AggregatorWorker:
             return
         rnd, version, sampled = ann.round, ann.model_version, frozenset(ann.sampled)
         st = self.state
-        if st is not None and (rnd, version, sampled) == (st.round, st.model_version, st.sampled):
+        origin = _origin(ann)
+        if (
+            st is not None and (rnd, version, sampled) == (st.round, st.model_version, st.sampled)
+            and origin == st.origin
+        ):  # fmt: skip
             return  # the retained copy of the round we already have
         every = frozenset(schema)  # an announcement without "allowed": any model tensor
         allowed = {d: frozenset(ann.allowed.get(d, every)) for d in sampled}
         if (
-            st is not None and st.tasks is not None and ann.tasks is not None and not st.closed
+            st is not None and st.tasks is not None and ann.tasks is not None
             and (rnd, version) == (st.round, st.model_version)
+            and origin[0] == st.origin[0] and (origin != st.origin or not st.closed)
         ):  # fmt: skip
-            # The same buffer with another task map: the coordinator restarted and restored
-            # the tasks it had out, plus new ones. The updates counted here answered tasks
-            # among those restored: keep their sums.
-            st.sampled, st.allowed, st.tasks = sampled, allowed, _task_map(ann, allowed)
-            log.info("%s: buffer %d re-announced (%d tasks out)", self.cfg.worker_id, rnd,
-                     len(st.tasks))  # fmt: skip
-            self._handle_pending()
+            self._reannounced(st, ann, sampled, allowed, origin)
             return
         if st is not None and rnd <= st.round:
             # The coordinator is authoritative: it restarted without its checkpoint, or a
             # new coordinator took over. Follow it rather than calling its updates late.
             log.warning("%s: round %d announced after round %d", self.cfg.worker_id, rnd, st.round)
         self.state = _Round(rnd, version, schema, sampled, self._new_acc(schema), allowed)
+        self.state.origin = origin
         if ann.tasks is not None and ann.staleness is not None:  # an asynchronous buffer
             try:
                 weight = parse_staleness_weight(ann.staleness["weight"])
@@ -228,6 +236,45 @@ class AggregatorWorker:
         self.new_keys = []
         self.new_drops = []
         log.info("%s: round %d open (%d devices)", self.cfg.worker_id, rnd, len(sampled))
+        self._handle_pending()
+
+    def _reannounced(
+        self,
+        st: _Round,
+        ann: RoundAnnouncement,
+        sampled: frozenset[str],
+        allowed: dict[str, frozenset[str]],
+        origin: tuple[str, str],
+    ) -> None:
+        """The buffer this worker holds, announced again by a coordinator of the same run.
+
+        By a restarted coordinator process (another ``origin``): it lost the buffer with
+        its process -- it had not checkpointed the version this buffer makes, or it would
+        announce the next one -- and restored the tasks it had out, plus new ones. The
+        updates summed here answered tasks of this run that it never recorded as answered,
+        so they are kept, and counted once: the restarted coordinator merges them in this
+        buffer's partial. That holds even when the old coordinator had already closed the
+        buffer here (this worker sent its partial) and died before its checkpoint: the
+        buffer reopens. Its next partial carries a higher amendment number, so a copy of
+        the old partial the broker still delivers to the new coordinator (persistent
+        session) can never be merged in its place. The new coordinator knows none of the
+        keys held: all are reported again in the next status (its buffer fills from them).
+
+        By the same coordinator process (same ``origin``, buffer still open): another task
+        map for the open buffer; the sums stay, as always."""
+        restarted = origin != st.origin
+        if st.closed:
+            st.closed = False
+            st.amendment += 1
+        st.sampled, st.allowed, st.tasks = sampled, allowed, _task_map(ann, allowed)
+        st.origin = origin
+        if restarted:
+            self.new_keys = [k for d, k in st.keys.items() if d not in st.excluded]
+        log.info(
+            "%s: buffer %d re-announced%s (%d tasks out, %d updates kept)", self.cfg.worker_id,
+            st.round, " by a restarted coordinator" if restarted else "", len(st.tasks),
+            len(st.keys) - len(st.excluded),
+        )  # fmt: skip
         self._handle_pending()
 
     def _handle_pending(self) -> None:
@@ -388,7 +435,7 @@ class AggregatorWorker:
             st.round, st.model_version, st.schema, st.sampled, self._new_acc(st.schema), st.allowed,
             tasks=st.tasks, version=st.version, max_staleness=st.max_staleness, weight=st.weight,
         )  # fmt: skip
-        new.closed = st.closed
+        new.closed, new.origin = st.closed, st.origin
         new.rejected = st.rejected
         self.new_keys = []
         if st.kept is not None and not st.closed:
