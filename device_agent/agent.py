@@ -98,6 +98,20 @@ class DeviceWorker:
     def num_samples(self) -> int:
         return len(self.x)
 
+    def saved_residual(self) -> dict[str, np.ndarray]:
+        """The error-feedback residual held in memory, for a checkpoint of an in-process
+        simulation (``durable=False`` devices keep it nowhere else; see
+        coordinator/loop.py ``InProcessCollector.saved_state``)."""
+        return self._ef.residuals() if self._ef is not None else {}
+
+    def restore_residual(self, run: str, res: dict[str, np.ndarray], schema: ModelSchema) -> None:
+        """Take back :meth:`saved_residual` when a simulation resumes, so it compresses
+        exactly as a run that never stopped."""
+        self.state.start_run(run)  # already following the run: its residual stays
+        self._ef = ErrorFeedback(schema) if res else None
+        for name, v in res.items():
+            self._ef.residual(name, v.shape)[:] = v.reshape(-1)  # type: ignore[union-attr]
+
     def _feedback(self, schema: ModelSchema) -> ErrorFeedback:
         if self._ef is None or self._ef.schema.to_json() != schema.to_json():
             p = self.state.residual_path

@@ -214,6 +214,12 @@ class StepTrainer:
         log.warning("%s", self.dispatch_note)
         return None
 
+    def _back_to_default(self, why: str) -> None:
+        """Fall back after the default session was released: build it again."""
+        self._fallback(why)
+        self._sess = _session(self._step_bytes, self.threads, self._low_memory)
+        self._binding = self._sess.io_binding()
+
     def _check_alternative(self, feed: dict[str, Any]) -> None:
         """Run the default graph and the alternative on the first samples of one batch; keep
         the alternative if it agrees, else rebuild the default session (NaN counts as a
@@ -243,9 +249,7 @@ class StepTrainer:
             why = f"the NCHWc alternative failed on the first batch: {e}"
         if why is not None:
             del alt
-            self._fallback(why)
-            self._sess = _session(self._step_bytes, self.threads, self._low_memory)
-            self._binding = self._sess.io_binding()
+            self._back_to_default(why)
             return
         self._sess, self._binding = alt, alt.io_binding()
         self.kernel_path = "nchwc"
@@ -466,9 +470,7 @@ class StepTrainer:
             if self.kernel_path != "nchwc":
                 raise
             # the reference path is always there: rebuild it and run this step again
-            self._fallback(f"the NCHWc alternative failed during training: {e}")
-            self._sess = _session(self._step_bytes, self.threads, self._low_memory)
-            self._binding = self._sess.io_binding()
+            self._back_to_default(f"the NCHWc alternative failed during training: {e}")
             return self._step(xb, yb)
         loss = float(self._loss)
         if not np.isfinite(loss):

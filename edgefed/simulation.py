@@ -238,26 +238,11 @@ def _run_inprocess(
     checkpoint: str | Path | None = None,
 ) -> History:
     from device_agent.agent import DeviceWorker
-    from edgefed.codec import ErrorFeedback
     from edgefed.coordinator.adaptive import AdaptiveUplink
     from edgefed.coordinator.loop import InProcessCollector, run_rounds
 
-    class SimulatedDevice(DeviceWorker):
-        """A device worker whose error-feedback residual (kept in memory: ``durable=False``)
-        goes into the run's checkpoint (:meth:`InProcessCollector.saved_state`), so a run
-        resumed from it compresses exactly as one that never stopped."""
-
-        def saved_residual(self) -> dict[str, np.ndarray]:
-            return self._ef.residuals() if self._ef is not None else {}
-
-        def restore_residual(self, run: str, res: dict[str, np.ndarray], schema: Any) -> None:
-            self.state.start_run(run)  # already following the run: its residual stays
-            self._ef = ErrorFeedback(schema) if res else None
-            for name, v in res.items():
-                self._ef.residual(name, v.shape)[:] = v.reshape(-1)  # type: ignore[union-attr]
-
     workers = {
-        d: SimulatedDevice(d, x, y, work / d, persist_model=False, durable=False)
+        d: DeviceWorker(d, x, y, work / d, persist_model=False, durable=False)
         for d, (x, y) in zip(ids, datasets, strict=True)
     }
     for i, d in enumerate(ids):
