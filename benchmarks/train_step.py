@@ -39,20 +39,33 @@ MODELS = {
 }
 
 
-def _interleaved_ms(fns, steps: int, repeats: int) -> list[float]:
-    """Median ms/step per function; repeats alternate between them (fair on a noisy box)."""
+def _interleaved_rounds(fns, steps: int, repeats: int) -> list[dict[str, list[float]]]:
+    """Per function, ms/step of every round: wall clock and the calling thread's CPU time.
+
+    Rounds alternate between the functions (fair on a noisy box). The CPU time counts only
+    what ran on this thread, which is all of the work at 1 thread (torch and onnxruntime both
+    run a single-threaded op on the caller): time spent descheduled while other processes
+    ran is not in it, so it is the steadier figure on a shared machine. With more threads
+    the workers' time is missing from it; read the wall clock then.
+    """
     for fn in fns:
         for _ in range(max(3, steps // 5)):
             fn()
-    runs: list[list[float]] = [[] for _ in fns]
+    runs: list[dict[str, list[float]]] = [{"wall": [], "cpu": []} for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             time.sleep(0.05)  # let the other runtime's worker threads stop spinning first
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             for _ in range(steps):
                 fn()
-            runs[i].append((time.perf_counter() - t) / steps * 1e3)
-    return [float(np.median(r)) for r in runs]
+            runs[i]["wall"].append((time.perf_counter() - t) / steps * 1e3)
+            runs[i]["cpu"].append((time.thread_time() - c) / steps * 1e3)
+    return runs
+
+
+def _interleaved_ms(fns, steps: int, repeats: int) -> list[float]:
+    """Median wall-clock ms/step per function over interleaved rounds."""
+    return [float(np.median(r["wall"])) for r in _interleaved_rounds(fns, steps, repeats)]
 
 
 _GRAPHS: dict[tuple[str, str], tuple[torch.nn.Module, object]] = {}
