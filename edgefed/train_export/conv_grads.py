@@ -195,6 +195,7 @@ def depthwise_weight_grad_rows(
     ``[C, kh, Wp*Wo]`` tensor. So the map is touched by two transposes, one pad and kh row
     slices instead of kh*kw slices, multiplies and reductions: 8.8 -> 4.8 ms on 32x64x16x16,
     5.2 -> 3.1 ms on 32x128x8x8 (onnxruntime, 1 thread, ``benchmarks/mobilenet_passes.py``).
+    ``bmm``, not ``matmul``: the traced matmul becomes Expand copies of both operands.
     The GEMM does ``Wp / kw`` times the direct multiply-adds, so wide rows keep the
     per-offset form (``ROWS_MAX_WIDTH``).
     """
@@ -208,7 +209,7 @@ def depthwise_weight_grad_rows(
     rows = []
     for i in range(kh):
         xi = xp[:, :, i * dh : i * dh + ho, :].reshape(c, -1, wp)  # C, N*Ho, Wp
-        rows.append(torch.matmul(xi.transpose(1, 2), gt))  # C, Wp, Wo
+        rows.append(torch.bmm(xi.transpose(1, 2), gt))  # C, Wp, Wo (bmm: no Expand copy)
     m = torch.stack(rows, dim=1).reshape(c, kh, wp * wo)
     return torch.matmul(m, _band(wp, wo, kw, dw, x)).reshape(c, 1, kh, kw)
 
