@@ -97,3 +97,45 @@ def test_exported_odd_depthwise_step_trains_like_torch(batch: int) -> None:
         if k in tr.params:
             np.testing.assert_allclose(tr.params[k], v.detach().numpy(), rtol=1e-4, atol=2e-5)
     assert not np.allclose(tr.params["dw.weight"], m.state_dict()["dw.weight"].numpy())
+
+
+class OffsetBNNet(nn.Module):
+    """BatchNorm fed activations with |mean| = 600 std (a user's unnormalised sensor input),
+    trained through the BatchNormalization affine nodes. The float32 centring itself limits
+    this: mean 1000 / std 0.5 or 300 / 0.2 fail the gate on main as on this branch (and with
+    the rejected ``x * s + (b - mean * s)`` fold alike), so this is a regression check of
+    the affine nodes on offset data, not a discriminator of the fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(5)
+        self.conv = nn.Conv2d(5, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.conv(self.bn(x)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_bn_affine_nodes_keep_precision_when_mean_dwarfs_std() -> None:
+    torch.manual_seed(9)
+    m = OffsetBNNet()
+    x = torch.randn(4, 5, 7, 6) * 0.5 + 300.0
+    g = export_training_step(
+        m, (x, torch.randint(0, 3, (4,))), optimizer=SGD(momentum=0.9), nchwc_alternative=False
+    )
+    rng = np.random.default_rng(4)
+    xb = (rng.standard_normal((6, 5, 7, 6)) * 0.5 + 300.0).astype(np.float32)
+    yb = np.arange(6) % 3
+    tr = StepTrainer(g.onnx, g.manifest)
+    tr.set_params({k: v.detach().numpy() for k, v in m.state_dict().items()}, strict=False)
+    tr.train_epochs(xb, yb, epochs=3, batch_size=6, lr=0.1, shuffle=False)
+    ref = copy.deepcopy(m)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(ref(torch.from_numpy(xb)), torch.from_numpy(yb)).backward()
+        opt.step()
+    sd = ref.state_dict()
+    for k in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "conv.weight"):
+        np.testing.assert_allclose(tr.params[k], sd[k].numpy(), rtol=1e-4, atol=2e-5)
