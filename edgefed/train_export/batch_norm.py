@@ -8,6 +8,9 @@ passes, and build the input gradient in five. Here: forward = mean, centre, squa
 one per-channel scale (rstd * weight), bias (6 passes, was 9); backward = centre, the two
 channel sums, ``g * a + xc * b + c`` with per-channel a, b, c (8 passes, was 9-10).
 Same formulas (no ``E[x^2] - E[x]^2`` shortcut: it cancels badly when |mean| >> std).
+The per-channel affine maps of the centred input (``xc * scale + bias`` forward,
+``xc * b + c`` backward) are one inference-mode BatchNormalization node each (``_affine``:
+one pass instead of Mul + Add; 2-2.6x faster on the MobileNet maps).
 """
 
 from __future__ import annotations
@@ -34,6 +37,36 @@ def _centred(x: Tensor, mean: Tensor, bshape: list[int]) -> Tensor:
     return x - mean.reshape(bshape)
 
 
+# momentum value that marks the per-channel affine BatchNormalization nodes built here (no
+# layer has a negative momentum); with eps 0, mean 0 and var 1 the node is y = x*scale + shift
+_AFFINE_MARK = -1.0
+
+
+def _affine(xc: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``xc * scale + shift`` per channel as ONE inference-mode BatchNormalization node.
+
+    Why: onnxruntime runs Mul and Add as two passes over the map; its BatchNormalization
+    kernel is one. It folds the node into ``x * (scale / sqrt(var + eps)) + (shift - mean *
+    ...)``, which with mean 0, var 1, eps 0 is exactly ``x * scale + shift``: no
+    cancellation, because ``xc`` is already centred (feeding the raw input and the batch
+    mean instead failed the gate at bench scale, see RESULTS.md dw13).
+    """
+    c = int(xc.shape[1])
+    zeros = torch.zeros(c, dtype=xc.dtype)
+    ones = torch.ones(c, dtype=xc.dtype)
+    return aten._native_batch_norm_legit_no_training.default(
+        xc, scale, shift, zeros, ones, _AFFINE_MARK, 0.0
+    )[0]
+
+
+def native_batch_norm_legit_no_training(*args: Any) -> Any:
+    """Frozen statistics: torch's reference formulas; the affine nodes above stay one op."""
+    momentum, eps = args[5], args[6]
+    if momentum == _AFFINE_MARK and eps == 0.0:
+        return NotImplemented  # stays aten -> ONNX BatchNormalization
+    return ref._native_batch_norm_legit_no_training(*args)
+
+
 def _train_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -50,9 +83,10 @@ def _train_forward(
     var = (xc * xc).mean(dims, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     scale = rstd if weight is None else rstd * weight.reshape(bshape)
-    out = xc * scale
-    if bias is not None:
-        out = out + bias.reshape(bshape)
+    if bias is not None and x.dtype == torch.float32:
+        out = _affine(xc, scale.reshape(c), bias)
+    else:
+        out = xc * scale if bias is None else xc * scale + bias.reshape(bshape)
     save_rstd = rstd.reshape(c)
     n = x.numel() / c
     new_rm = momentum * save_mean + (1 - momentum) * running_mean
@@ -128,9 +162,9 @@ def native_batch_norm_backward(
     w = save_invstd if weight is None else save_invstd * weight
     # grad_input = w * (g - sum_g / n - xc * dot * invstd^2 / n)
     a = w.reshape(bshape)
-    b = (-(dot / n) * save_invstd * save_invstd * w).reshape(bshape)
-    c = (-(sum_g / n) * w).reshape(bshape)
-    grad_input = grad_out * a + (xc * b + c) if output_mask[0] else None
+    b = -(dot / n) * save_invstd * save_invstd * w
+    c = -(sum_g / n) * w
+    grad_input = grad_out * a + _affine(xc, b, c) if output_mask[0] else None
     grad_weight = dot * save_invstd if output_mask[1] else None
     grad_bias = sum_g if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
@@ -150,6 +184,7 @@ def table() -> dict[Any, Any]:
         aten._native_batch_norm_legit_functional.default: native_batch_norm_legit_functional,
         aten.native_batch_norm_backward.default: native_batch_norm_backward,
         aten.batch_norm_backward.default: batch_norm_backward,
+        aten._native_batch_norm_legit_no_training.default: native_batch_norm_legit_no_training,
     }
 
 
