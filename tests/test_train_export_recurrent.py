@@ -197,9 +197,9 @@ def test_hand_written_backward_equals_autograd_float64(rnn: nn.RNNBase) -> None:
 
 
 class _Pick(nn.Module):
-    """One time step of an LSTM's output, picked the way a user writes it."""
+    """One time step of a recurrent layer's output, picked the way a user writes it."""
 
-    def __init__(self, rnn: nn.LSTM, pick) -> None:
+    def __init__(self, rnn: nn.RNNBase, pick) -> None:
         super().__init__()
         self.rnn, self.pick = rnn, pick
 
@@ -219,13 +219,15 @@ class _Pick(nn.Module):
     ],
     ids=["last", "first", "select_last", "middle", "seq_first_last", "seq_first_first"],
 )
-def test_lstm_first_or_last_step_read_from_the_states_float64(batch_first: bool, pick) -> None:
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=["lstm", "gru", "rnn"])
+def test_first_or_last_step_read_from_the_states_float64(
+    batch_first: bool, pick, cls: type[nn.RNNBase]
+) -> None:
     """``out[:, -1]`` / ``out[:, 0]`` of the last layer are read from h_n (rnn_mode): values and
-    every gradient equal torch autograd's, for a bidirectional 2-layer LSTM."""
+    every gradient equal torch autograd's, for a bidirectional 2-layer layer."""
     torch.manual_seed(4)
-    model = _Pick(
-        nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first), pick
-    ).double()
+    model = _Pick(cls(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first), pick)
+    model = model.double()
     x = torch.randn((3, 6, 3) if batch_first else (6, 3, 3), dtype=torch.float64)
     x.requires_grad_(True)
 

@@ -171,8 +171,9 @@ def _matmul_onnx(a: FLOAT, b: FLOAT) -> FLOAT:
 def lstm_cells(f: Tensor, u: Tensor, c0: Tensor, reverse: bool) -> Tensor:
     """Cell states ``c_t = f_t * c_{t-1} + u_t`` for all steps (``f``, ``u``: ``[T, H, N]``).
 
-    Exported as ONE ONNX Scan (body Mul + Add). Unrolled, the 2 nodes a step plus the Splits
-    and the Concat cost 230 us for 32 steps; the Scan 180 us (microbenchmark, 1 thread).
+    Exported as ONE ONNX Scan (body Mul + Add) + one Add. Unrolled, the 2 nodes a step plus
+    the Splits and the Concat cost 230 us for 32 steps; the Scan 180 us (microbenchmark, 1
+    thread).
     """
     steps = int(f.shape[0])
     c, cs = c0, [None] * steps
@@ -226,18 +227,8 @@ def lstm_bptt(
 
 
 @lstm_bptt.register_fake
-def _(
-    dh: Tensor,
-    dc: Tensor,
-    q: Tensor,
-    bc: Tensor,
-    f: Tensor,
-    dnext: Tensor,
-    xh: Tensor,
-    w_hh: Tensor,
-    want_dg: bool,
-    reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(dh: Tensor, dc: Tensor, q: Tensor, *rest: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    xh, want_dg = rest[3], rest[5]  # (bc, f, dnext, xh, w_hh, want_dg, reverse)
     dg = torch.empty_like(q) if want_dg else q.new_empty(0)
     return dg, torch.empty_like(dh), torch.empty_like(dc), q.new_empty(q.shape[1], xh.shape[2])
 
@@ -318,12 +309,11 @@ def _scan(
 
 def _lstm_cells_onnx(f: FLOAT, u: FLOAT, c0: FLOAT, reverse: bool) -> FLOAT:
     mk = onnx.helper.make_node
-    nodes = [
-        mk("Mul", ["f", "c"], ["fc"]),
-        mk("Add", ["fc", "u"], ["c2"]),
-        mk("Identity", ["c2"], ["c_t"]),
-    ]
-    return _scan([c0], [f, u], nodes, (["c", "f", "u"], ["c2", "c_t"]), reverse)[1]
+    nodes = [mk("Mul", ["f", "c"], ["fc"]), mk("Add", ["fc", "u"], ["c2"])]
+    # the loop hands out f * c_{t-1} and the cells are ONE batched Add after it: the state
+    # itself as a scan output needed an Identity copy a step
+    fc = _scan([c0], [f, u], nodes, (["c", "f", "u"], ["c2", "fc"]), reverse)[1]
+    return op.Add(fc, u)
 
 
 def _lstm_bptt_onnx(
@@ -386,9 +376,9 @@ def _mm_sum(d: Tensor, x: Tensor) -> Tensor:
     return (x.reshape(-1, x.shape[-1]).t() @ d.reshape(-1, d.shape[-1])).t()
 
 
-def _next_dh(dg: Tensor, w_hh: Tensor, dout: list[Tensor], nxt: int | None) -> Tensor:
+def _next_dh(dg: Tensor, w_hh: Tensor, dout: list[Tensor] | None, nxt: int | None) -> Tensor:
     """dh of the step before: ``dg @ W_hh`` plus that step's output gradient, ONE Gemm."""
-    return dg @ w_hh if nxt is None else torch.addmm(dout[nxt], dg, w_hh)
+    return dg @ w_hh if nxt is None or dout is None else torch.addmm(dout[nxt], dg, w_hh)
 
 
 def _input_grads(dgx: Tensor, x: Tensor, w_ih: Tensor, needs: Sequence[bool]) -> tuple:
@@ -554,6 +544,7 @@ class _Layer(torch.autograd.Function):
             n = torch.tanh(gx.narrow(2, 2 * hid, hid) + rz.select(2, 0) * ghn)
             saved = {"rz": rz, "n": n, "ghn": ghn}
         ctx.kind, ctx.reverse, ctx.hid, ctx.steps = kind, reverse, hid, steps
+        ctx.set_materialize_grads(False)  # backward takes None for unused outputs
         names = sorted(saved)
         ctx.names = names
         ctx.save_for_backward(x, w_ih, w_hh, out, hprev, *(saved[k] for k in names))
@@ -567,7 +558,9 @@ class _Layer(torch.autograd.Function):
         st = dict(zip(ctx.names, rest, strict=True))
         kind, hid, steps = ctx.kind, ctx.hid, ctx.steps
         order = list(range(steps)) if ctx.reverse else list(range(steps - 1, -1, -1))
-        dout, dh = _steps(grads[0]), grads[1]
+        # None for an unused output (set_materialize_grads(False)), e.g. out[:, -1] read from h_n
+        dout = None if grads[0] is None else _steps(grads[0])
+        dh = torch.zeros_like(out[0]) if grads[1] is None else grads[1]
         needs = ctx.needs_input_grad
         per: list[Any] = [None] * steps
         if kind == "gru":
@@ -579,7 +572,7 @@ class _Layer(torch.autograd.Function):
             zs = _steps(z)
             dhs: list[Any] = [None] * steps
             for t in order:
-                dh = dout[t] + dh
+                dh = dh if dout is None else dout[t] + dh
                 dhs[t] = dh
                 dg = torch.cat([dh, dh, dh], 1) * qh[t]
                 per[t] = dg
@@ -589,7 +582,7 @@ class _Layer(torch.autograd.Function):
             dc0 = None
         else:
             deriv = _steps(1 - out * out if kind == "tanh" else (out > 0).to(out.dtype))
-            dh = dout[order[0]] + dh
+            dh = dh if dout is None else dout[order[0]] + dh
             for t, nxt in zip(order, [*order[1:], None], strict=True):
                 dp = dh * deriv[t]
                 per[t] = dp
@@ -640,13 +633,13 @@ def _run(kind: str, args: tuple[Any, ...]) -> Any:
     else:
         out = x.transpose(0, 1) if batch_first else x
         h_n, c_n = torch.stack(hn, 0), torch.stack(cn, 0) if cn else None
-        if kind == "lstm":
-            last = _LastLayer(int(batch_first), int(x.shape[0]), outs, hn[-dirs:])
+        last = _LastLayer(int(batch_first), int(x.shape[0]), outs, hn[-dirs:])
     return ((out, h_n, c_n) if kind == "lstm" else (out, h_n)), last
 
 
 class _LastLayer(NamedTuple):
-    """The last layer of one LSTM call, to read its first / last time step from the states.
+    """The last layer of one GRU / LSTM / RNN call, to read its first / last time step from
+    the final states.
 
     Why: ``out[:, -1]`` (classify from the last step) made autograd build a zero-filled
     ``[N, T, H]`` output gradient (Expand + Where + ScatterND, ~150 us profiled) which the
@@ -695,7 +688,7 @@ class _LastLayer(NamedTuple):
 class _RecurrentMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
-        # id(LSTM output) -> (weak reference to it, its last layer): see _LastLayer
+        # id(returned output) -> (weak reference to it, its last layer): see _LastLayer
         self._lasts: dict[int, tuple[weakref.ref, _LastLayer]] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
