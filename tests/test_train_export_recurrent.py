@@ -128,6 +128,8 @@ def test_lstm_32_steps_is_a_small_graph() -> None:
     assert len(nodes) < 500, len(nodes)
     ops = Counter(n.op_type for n in nodes)
     assert ops["LSTM"] == 1 and ops["Scan"] == 2, ops
+    # out[:, -1] is read from h_n: no zero-filled [N, T, H] output gradient scattered into
+    assert ops["ScatterND"] == 0, ops
     for scan in (n for n in nodes if n.op_type == "Scan"):
         body = onnx.helper.get_attribute_value(next(a for a in scan.attribute if a.name == "body"))
         assert len(body.node) <= 8, [n.op_type for n in body.node]
@@ -192,6 +194,52 @@ def test_hand_written_backward_equals_autograd_float64(rnn: nn.RNNBase) -> None:
         want, got = run(contextlib.nullcontext()), run(rnn_mode())
         for w, o in zip(want, got, strict=True):
             torch.testing.assert_close(o, w, rtol=1e-9, atol=1e-10)
+
+
+class _Pick(nn.Module):
+    """One time step of a recurrent layer's output, picked the way a user writes it."""
+
+    def __init__(self, rnn: nn.RNNBase, pick) -> None:
+        super().__init__()
+        self.rnn, self.pick = rnn, pick
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize(
+    ("batch_first", "pick"),
+    [
+        (True, lambda o: o[:, -1]),
+        (True, lambda o: o[:, 0, :]),
+        (True, lambda o: o.select(1, 5)),
+        (True, lambda o: o[:, 2]),  # a middle step: torch's select
+        (False, lambda o: o[-1]),
+        (False, lambda o: o[0] * o[:, 1].sum()),  # o[:, 1] is a batch index, not time
+    ],
+    ids=["last", "first", "select_last", "middle", "seq_first_last", "seq_first_first"],
+)
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=["lstm", "gru", "rnn"])
+def test_first_or_last_step_read_from_the_states_float64(
+    batch_first: bool, pick, cls: type[nn.RNNBase]
+) -> None:
+    """``out[:, -1]`` / ``out[:, 0]`` of the last layer are read from h_n (rnn_mode): values and
+    every gradient equal torch autograd's, for a bidirectional 2-layer layer."""
+    torch.manual_seed(4)
+    model = _Pick(cls(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first), pick)
+    model = model.double()
+    x = torch.randn((3, 6, 3) if batch_first else (6, 3, 3), dtype=torch.float64)
+    x.requires_grad_(True)
+
+    def run(ctx):
+        with ctx:
+            y = model(x)
+            loss = (y.sin() * torch.arange(y.numel()).reshape(y.shape)).sum()
+            return [y, *torch.autograd.grad(loss, [x, *model.parameters()])]
+
+    want, got = run(contextlib.nullcontext()), run(rnn_mode())
+    for w, o in zip(want, got, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-9, atol=1e-10)
 
 
 def test_packed_sequences_keep_torchs_path() -> None:

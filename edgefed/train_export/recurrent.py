@@ -28,9 +28,11 @@ autograd like every other graph.
 from __future__ import annotations
 
 import itertools
+import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -169,8 +171,9 @@ def _matmul_onnx(a: FLOAT, b: FLOAT) -> FLOAT:
 def lstm_cells(f: Tensor, u: Tensor, c0: Tensor, reverse: bool) -> Tensor:
     """Cell states ``c_t = f_t * c_{t-1} + u_t`` for all steps (``f``, ``u``: ``[T, H, N]``).
 
-    Exported as ONE ONNX Scan (body Mul + Add). Unrolled, the 2 nodes a step plus the Splits
-    and the Concat cost 230 us for 32 steps; the Scan 180 us (microbenchmark, 1 thread).
+    Exported as ONE ONNX Scan (body Mul + Add) + one Add. Unrolled, the 2 nodes a step plus
+    the Splits and the Concat cost 230 us for 32 steps; the Scan 180 us (microbenchmark, 1
+    thread).
     """
     steps = int(f.shape[0])
     c, cs = c0, [None] * steps
@@ -193,30 +196,41 @@ def lstm_bptt(
     bc: Tensor,
     f: Tensor,
     dnext: Tensor,
+    xh: Tensor,
     w_hh: Tensor,
+    want_dg: bool,
     reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The LSTM backward recurrence, feature-major: per step (against the direction)
-    ``e = dc + dh * bc``, ``dg = [e; e; e; dh] * q``, ``dh = W_hh^T dg + dnext``, ``dc = e * f``.
+    ``e = dc + dh * bc``, ``dg = [e; e; e; dh] * q``, ``dW += dg xh``,
+    ``dh = W_hh^T dg + dnext``, ``dc = e * f``.
 
-    Time-major: ``q [T, 4H, N]``, ``bc``, ``f``, ``dnext`` ``[T, H, N]``.
-    Returns ``(dg [T, 4H, N], dh, dc)``. Exported as ONE ONNX Scan: unrolled, the 6 nodes a
-    step (+ Splits, Concat) took 1.9 ms for 32 steps, the Scan 1.35 ms (microbenchmark).
+    Time-major: ``q [T, 4H, N]``, ``bc``, ``f``, ``dnext`` ``[T, H, N]`` (empty: no output
+    gradient after the first step), ``xh [T, N, K]``.
+    Returns ``(dg [T, 4H, N] (empty unless want_dg), dh, dc, dW [4H, K])``. Exported as ONE
+    ONNX Scan: unrolled, the 6 nodes a step (+ Splits, Concat) took 1.9 ms for 32 steps, the
+    Scan 1.35 ms (microbenchmark). ``dW`` accumulates in the loop (one small Gemm a step):
+    the stacked ``dg`` then only has to exist when ``dx`` is wanted, and the batched MatMul
+    + ReduceSum over ``[T, 4H, K]`` it replaces cost more than the 32 Gemms (microbenchmark).
     """
     steps = int(q.shape[0])
     dgs: list[Any] = [None] * steps
+    dw = q.new_zeros(q.shape[1], xh.shape[2])
     for t in range(steps) if reverse else range(steps - 1, -1, -1):
         e = dc + dh * bc[t]
         dg = torch.cat([e, e, e, dh], 0) * q[t]
         dgs[t] = dg
-        dh = torch.addmm(dnext[t], w_hh.t(), dg)
+        dw = torch.addmm(dw, dg, xh[t])
+        dh = w_hh.t() @ dg if dnext.numel() == 0 else torch.addmm(dnext[t], w_hh.t(), dg)
         dc = e * f[t]
-    return torch.stack(dgs, 0), dh, dc
+    return torch.stack(dgs, 0) if want_dg else q.new_empty(0), dh, dc, dw
 
 
 @lstm_bptt.register_fake
-def _(dh: Tensor, dc: Tensor, q: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(dh), torch.empty_like(dc)
+def _(dh: Tensor, dc: Tensor, q: Tensor, *rest: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    xh, want_dg = rest[3], rest[5]  # (bc, f, dnext, xh, w_hh, want_dg, reverse)
+    dg = torch.empty_like(q) if want_dg else q.new_empty(0)
+    return dg, torch.empty_like(dh), torch.empty_like(dc), q.new_empty(q.shape[1], xh.shape[2])
 
 
 _SCAN_IDS = itertools.count()
@@ -228,11 +242,14 @@ def _scan(
     nodes: list[onnx.NodeProto],
     body_io: tuple,
     reverse: bool,
+    outer: dict[str, Any] | None = None,
 ) -> list[Any]:
     """One ONNX Scan node (outputs: final states, then the stacked scan outputs).
 
     onnxscript's ``op.Scan`` would declare ONE output (its output list is variadic), so the
-    node is built directly and recorded by the exporter's current evaluator.
+    node is built directly and recorded by the exporter's current evaluator. ``outer``:
+    {body name: value of the enclosing graph} read inside the body (a loop-invariant weight:
+    as a Scan state it cost an Identity copy a step).
     """
     from onnxscript import evaluator
     from torch.onnx._internal.exporter._tensors import SymbolicTensor
@@ -256,6 +273,20 @@ def _scan(
         [onnx.helper.make_tensor_value_info(n, elem, None) for n in ins],
         [onnx.helper.make_tensor_value_info(n, elem, None) for n in outs],
     )
+    serde_log = logging.getLogger(oir.serde.__name__)
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)  # the outer names are unknown to the body alone
+    try:
+        graph = oir.serde.deserialize_graph(body)
+    finally:
+        serde_log.setLevel(level)
+    for name, value in (outer or {}).items():
+        # the body names it; deserialised alone it is a dangling placeholder: point every
+        # use at the outer value itself (its final name is assigned by the exporter later)
+        for bnode in graph:
+            for i, v in enumerate(bnode.inputs):
+                if v is not None and v.name == pre + name:
+                    bnode.replace_input_with(i, value)
     rec = evaluator.default()
     n_out = len(outs)
     direction = [1 if reverse else 0]
@@ -264,7 +295,7 @@ def _scan(
         "Scan",
         inputs=[*states, *scans],
         attributes=[
-            oir.AttrGraph("body", oir.serde.deserialize_graph(body)),
+            oir.AttrGraph("body", graph),
             oir.AttrInt64("num_scan_inputs", len(scans)),
             oir.AttrInt64s("scan_input_directions", direction * len(scans)),
             oir.AttrInt64s("scan_output_directions", direction * (n_out - len(states))),
@@ -278,16 +309,24 @@ def _scan(
 
 def _lstm_cells_onnx(f: FLOAT, u: FLOAT, c0: FLOAT, reverse: bool) -> FLOAT:
     mk = onnx.helper.make_node
-    nodes = [
-        mk("Mul", ["f", "c"], ["fc"]),
-        mk("Add", ["fc", "u"], ["c2"]),
-        mk("Identity", ["c2"], ["c_t"]),
-    ]
-    return _scan([c0], [f, u], nodes, (["c", "f", "u"], ["c2", "c_t"]), reverse)[1]
+    nodes = [mk("Mul", ["f", "c"], ["fc"]), mk("Add", ["fc", "u"], ["c2"])]
+    # the loop hands out f * c_{t-1} and the cells are ONE batched Add after it: the state
+    # itself as a scan output needed an Identity copy a step
+    fc = _scan([c0], [f, u], nodes, (["c", "f", "u"], ["c2", "fc"]), reverse)[1]
+    return op.Add(fc, u)
 
 
 def _lstm_bptt_onnx(
-    dh: FLOAT, dc: FLOAT, q: FLOAT, bc: FLOAT, f: FLOAT, dnext: FLOAT, w_hh: FLOAT, reverse: bool
+    dh: FLOAT,
+    dc: FLOAT,
+    q: FLOAT,
+    bc: FLOAT,
+    f: FLOAT,
+    dnext: FLOAT,
+    xh: FLOAT,
+    w_hh: FLOAT,
+    want_dg: bool,
+    reverse: bool,
 ) -> Any:
     mk = onnx.helper.make_node
     nodes = [
@@ -295,14 +334,21 @@ def _lstm_bptt_onnx(
         mk("Add", ["dc", "hb"], ["e"]),
         mk("Concat", ["e", "e", "e", "dh"], ["x"], axis=0),
         mk("Mul", ["x", "q"], ["dg"]),
-        mk("Gemm", ["w", "dg", "dn"], ["dh2"], transA=1),
+        mk("Gemm", ["dg", "xh", "dw"], ["dw2"]),
         mk("Mul", ["e", "f"], ["dc2"]),
-        mk("Identity", ["w"], ["w2"]),
     ]
-    io = (["dh", "dc", "w", "q", "bc", "f", "dn"], ["dh2", "dc2", "w2", "dg"])
+    has_dn = not (isinstance(dnext.shape[0], int) and int(dnext.shape[0]) == 0)
+    nodes.append(mk("Gemm", ["w", "dg", "dn"] if has_dn else ["w", "dg"], ["dh2"], transA=1))
+    outs = ["dh2", "dc2", "dw2"] + (["dg"] if want_dg else [])
+    scans = [q, bc, f, dnext, xh] if has_dn else [q, bc, f, xh]
+    io = (["dh", "dc", "dw", "q", "bc", "f"] + (["dn"] if has_dn else []) + ["xh"], outs)
+    hid4, feat = int(q.shape[1]), int(xh.shape[2])
+    dtype = q.dtype.numpy() if q.dtype is not None else np.float32
+    dw0 = op.Constant(value=oir.tensor(np.zeros((hid4, feat), dtype)))
     # the backward runs against the direction of the forward
-    dh2, dc2, _, dg = _scan([dh, dc, w_hh], [q, bc, f, dnext], nodes, io, not reverse)
-    return dg, dh2, dc2
+    res = _scan([dh, dc, dw0], scans, nodes, io, not reverse, {"w": w_hh})
+    dg = res[3] if want_dg else op.Constant(value=oir.tensor(np.zeros((0,), dtype)))
+    return dg, res[0], res[1], res[2]
 
 
 def onnx_translations() -> dict[Any, Any]:
@@ -330,9 +376,9 @@ def _mm_sum(d: Tensor, x: Tensor) -> Tensor:
     return (x.reshape(-1, x.shape[-1]).t() @ d.reshape(-1, d.shape[-1])).t()
 
 
-def _next_dh(dg: Tensor, w_hh: Tensor, dout: list[Tensor], nxt: int | None) -> Tensor:
+def _next_dh(dg: Tensor, w_hh: Tensor, dout: list[Tensor] | None, nxt: int | None) -> Tensor:
     """dh of the step before: ``dg @ W_hh`` plus that step's output gradient, ONE Gemm."""
-    return dg @ w_hh if nxt is None else torch.addmm(dout[nxt], dg, w_hh)
+    return dg @ w_hh if nxt is None or dout is None else torch.addmm(dout[nxt], dg, w_hh)
 
 
 def _input_grads(dgx: Tensor, x: Tensor, w_ih: Tensor, needs: Sequence[bool]) -> tuple:
@@ -368,76 +414,86 @@ def _shifted(seq: Tensor, first: Tensor, reverse: bool, dim: int = 0) -> Tensor:
 
 
 def _lstm_forward(ctx: Any, x, h, c, w_ih, w_hh, b_ih, b_hh, reverse: bool) -> Any:
-    """LSTM forward; after the fused node every tensor is FEATURE-major ``[K, T, N]``.
+    """LSTM forward; after the fused node the gate tensors are FEATURE-major ``[T, K, N]``.
 
-    Why that layout: the input and recurrent projections of all steps become ONE Gemm of
-    ``[W_ih W_hh]`` ``[4H, I+H]`` with the stacked ``[x; h_prev]`` ``[I+H, T*N]``, which also
-    gives both weight gradients in ONE Gemm; the backward loop's ``[e; e; e; dh]`` stacks
-    whole ``[H, N]`` blocks (on the last axis it copied N rows of H floats: the gate
-    derivative Concat cost 138 us, each per-step one ~9 us); the two loops are ONNX Scans
-    over axis 1 (:func:`lstm_cells`, :func:`lstm_bptt`). tanh(z) is taken as
-    ``2 sigmoid(2 z) - 1`` (the factor 2 folded into the g rows of the weights) so that ONE
-    Sigmoid covers all four gates.
+    Why that layout: the gates of all steps come from ONE MatMul of ``[W_ih W_hh b]``
+    ``[4H, I+H+1]`` with the stacked ``[x, h_prev, 1]`` (read transposed); the backward
+    loop's ``[e; e; e; dh]`` stacks whole ``[H, N]`` blocks (on the last axis it copied N rows
+    of H floats: the gate derivative Concat cost 138 us, each per-step one ~9 us); the two
+    loops are ONNX Scans over axis 0 (:func:`lstm_cells`, :func:`lstm_bptt`). tanh(z) is
+    taken as ``2 sigmoid(2 z) - 1`` (the factor 2 folded into the g rows of the weights) so
+    that ONE Sigmoid covers all four gates. Only the last layer's ``h_n`` / ``c_n`` and the
+    output that are used get a gradient (set_materialize_grads(False)).
     """
     steps, hid, feat = int(x.shape[0]), int(w_hh.shape[1]), int(x.shape[2])
     out = _rnn_out(x, h, c, w_ih, w_hh, b_ih, b_hh, "lstm", reverse)
-    hprev = _shifted(out.transpose(1, 2), h.t().unsqueeze(0), reverse)  # [T, H, N]
-    # [x; h_prev; 1] [T, I+H+1, N] and [W_ih W_hh b] [4H, I+H+1]: the bias rides in the
-    # product (and its gradient comes out of the weight-gradient product)
-    parts = [x.transpose(1, 2), hprev]
-    w = torch.cat([w_ih, w_hh], 1)
+    # [x, h_prev, 1] [T, N, I+H+1] (batch-major: no transpose of the output; the gate MatMul
+    # reads it transposed, which onnxruntime fuses, and the loop's dW Gemm takes it as it is)
+    # and [W_ih W_hh b] [4H, I+H+1]: the bias rides in the product (and its gradient comes
+    # out of the weight-gradient product)
+    parts = [x, _shifted(out, h.unsqueeze(0), reverse)]
+    ws = [w_ih, w_hh]
     if b_ih is not None:
-        parts.append(torch.ones_like(hprev.narrow(1, 0, 1)))
-        w = torch.cat([w, (b_ih + b_hh).unsqueeze(1)], 1)
-    xh = torch.cat(parts, 1)
-    two = torch.tensor([1.0, 1.0, 2.0, 1.0], dtype=x.dtype).view(4, 1, 1)
-    w = (w.view(4, hid, -1) * two).view(4 * hid, -1)
+        parts.append(torch.ones_like(x.narrow(2, 0, 1)))
+        ws.append((b_ih + b_hh).unsqueeze(1))
+    xh = torch.cat(parts, 2)
+    two = torch.tensor([[1.0]] * (2 * hid) + [[2.0]] * hid + [[1.0]] * hid, dtype=x.dtype)
+    w = torch.cat(ws, 1) * two
     # [T, 4, H, N] (i f g' o), time-major: the Scans need time as axis 0 (over axis 1
     # onnxruntime's Scan moved the data per element: +550 us for the backward loop)
-    s = torch.sigmoid(torch.ops.edgefed.matmul.default(w, xh)).view(steps, 4, hid, -1)
+    s = torch.sigmoid(torch.ops.edgefed.matmul.default(w, xh.transpose(1, 2)))
+    s = s.view(steps, 4, hid, -1)
+    g = 2 * s[:, 2:3] - 1  # tanh of the g gate, [T, 1, H, N]; the backward needs it too
     c0 = c.t()
     cs = torch.ops.edgefed.lstm_cells.default(
-        s[:, 1], s[:, 0] * (2 * s[:, 2] - 1), c0, reverse
+        s[:, 1], s[:, 0] * g.squeeze(1), c0, reverse
     )  # [T, H, N]
     ctx.kind, ctx.reverse, ctx.feat = "lstm", reverse, feat
-    ctx.save_for_backward(w_ih, w_hh, xh, s, cs, c0)
+    ctx.set_materialize_grads(False)  # _lstm_backward takes None for unused outputs
+    ctx.save_for_backward(w_ih, w_hh, xh, s, g, cs, c0)
     last = 0 if reverse else steps - 1
     return out, out.select(0, last), cs[last].t()
 
 
 def _lstm_backward(ctx: Any, dout_all: Tensor, dh: Tensor, dc: Tensor) -> Any:
-    """Backward through time of :func:`_lstm_forward` (feature-major ``[K, T, N]``).
+    """Backward through time of :func:`_lstm_forward` (feature-major ``[T, K, N]``).
 
     Every gate derivative is precomputed at once as ``q`` ``[4H, T, N]``; the loop
     (:func:`lstm_bptt`, one Scan) keeps ``e = dc + dh * bc``, ``dg = [e; e; e; dh] * q``,
     ``dh = W_hh^T dg + dout`` (one Gemm) and ``dc = e * f``.
     """
-    w_ih, w_hh, xh, s, cs, c0 = ctx.saved_tensors
+    w_ih, w_hh, xh, s, g, cs, c0 = ctx.saved_tensors
     steps, hid, feat = int(s.shape[0]), int(s.shape[2]), ctx.feat
     needs = ctx.needs_input_grad
     tc = torch.tanh(cs)
     cprev = _shifted(cs, c0.unsqueeze(0), ctx.reverse)
     # d gate / d pre = s (1 - s); for g = 2 s(2z) - 1 it is 4 s (1 - s): the 4 goes on i
-    other = torch.cat(
-        [2 * s[:, 2:3] - 1, cprev.unsqueeze(1), 4 * s[:, 0:1], tc.unsqueeze(1)], 1
-    )  # [T, 4, H, N]
+    other = torch.cat([g, cprev.unsqueeze(1), 4 * s[:, 0:1], tc.unsqueeze(1)], 1)  # [T, 4, H, N]
     q = ((s - s * s) * other).view(steps, 4 * hid, -1)
-    # [T, H, N]: from torch's [T, N, H] or batch-first [N, T, H] ONE axis moves (onnxruntime's
-    # fast transpose path); [H, T, N] from [N, T, H] took the per-element path (~300 us).
-    dout = dout_all.transpose(1, 2)
-    first = 0 if ctx.reverse else steps - 1  # the first step the backward meets
-    dgs, dh, dc = torch.ops.edgefed.lstm_bptt.default(
-        dout.select(0, first) + dh.t(),
-        dc.t(),
+    # grads are None for unused outputs (set_materialize_grads(False)): e.g. only h_n used,
+    # or out[:, -1], which _RecurrentMode reads from h_n (no zero-filled [T, N, H] gradient)
+    dh = torch.zeros_like(c0) if dh is None else dh.t()
+    dc = torch.zeros_like(c0) if dc is None else dc.t()
+    dnext = c0.new_empty(0)
+    if dout_all is not None:
+        # [T, H, N]: from torch's [T, N, H] or batch-first [N, T, H] ONE axis moves
+        # (onnxruntime's fast transpose); [H, T, N] from [N, T, H] took the per-element path
+        dout = dout_all.transpose(1, 2)
+        first = 0 if ctx.reverse else steps - 1  # the first step the backward meets
+        dh = dout.select(0, first) + dh
+        dnext = _shifted(dout, torch.zeros_like(dout.narrow(0, 0, 1)), ctx.reverse)
+    dgs, dh, dc, dw = torch.ops.edgefed.lstm_bptt.default(
+        dh,
+        dc,
         q,
         s[:, 3] * (1 - tc * tc),
         s[:, 1],
-        _shifted(dout, torch.zeros_like(dout.narrow(0, 0, 1)), ctx.reverse),  # added after
+        dnext,  # added after each step
+        xh,
         w_hh,
+        bool(needs[0]),
         ctx.reverse,
     )  # ONE Scan
-    wants_w = needs[3] or needs[4] or needs[5] or needs[6]
-    dw = torch.ops.edgefed.matmul.default(dgs, xh.transpose(1, 2)).sum(0) if wants_w else None
     db = dw.select(1, feat + hid) if needs[5] or needs[6] else None
     dx = None
     if needs[0]:
@@ -488,6 +544,7 @@ class _Layer(torch.autograd.Function):
             n = torch.tanh(gx.narrow(2, 2 * hid, hid) + rz.select(2, 0) * ghn)
             saved = {"rz": rz, "n": n, "ghn": ghn}
         ctx.kind, ctx.reverse, ctx.hid, ctx.steps = kind, reverse, hid, steps
+        ctx.set_materialize_grads(False)  # backward takes None for unused outputs
         names = sorted(saved)
         ctx.names = names
         ctx.save_for_backward(x, w_ih, w_hh, out, hprev, *(saved[k] for k in names))
@@ -501,7 +558,9 @@ class _Layer(torch.autograd.Function):
         st = dict(zip(ctx.names, rest, strict=True))
         kind, hid, steps = ctx.kind, ctx.hid, ctx.steps
         order = list(range(steps)) if ctx.reverse else list(range(steps - 1, -1, -1))
-        dout, dh = _steps(grads[0]), grads[1]
+        # None for an unused output (set_materialize_grads(False)), e.g. out[:, -1] read from h_n
+        dout = None if grads[0] is None else _steps(grads[0])
+        dh = torch.zeros_like(out[0]) if grads[1] is None else grads[1]
         needs = ctx.needs_input_grad
         per: list[Any] = [None] * steps
         if kind == "gru":
@@ -513,7 +572,7 @@ class _Layer(torch.autograd.Function):
             zs = _steps(z)
             dhs: list[Any] = [None] * steps
             for t in order:
-                dh = dout[t] + dh
+                dh = dh if dout is None else dout[t] + dh
                 dhs[t] = dh
                 dg = torch.cat([dh, dh, dh], 1) * qh[t]
                 per[t] = dg
@@ -523,7 +582,7 @@ class _Layer(torch.autograd.Function):
             dc0 = None
         else:
             deriv = _steps(1 - out * out if kind == "tanh" else (out > 0).to(out.dtype))
-            dh = dout[order[0]] + dh
+            dh = dh if dout is None else dout[order[0]] + dh
             for t, nxt in zip(order, [*order[1:], None], strict=True):
                 dp = dh * deriv[t]
                 per[t] = dp
@@ -538,7 +597,8 @@ class _Layer(torch.autograd.Function):
 
 def _run(kind: str, args: tuple[Any, ...]) -> Any:
     """torch.{lstm,gru,rnn_*}(input, hx, weights, has_biases, layers, dropout, train, bidi,
-    batch_first) through :class:`_Layer`; None: not handled here (torch's path)."""
+    batch_first) through :class:`_Layer`: (torch's result, :class:`_LastLayer` or None); None:
+    not handled here (torch's path)."""
     x, hx, weights, has_biases, layers, dropout, train, bidi, batch_first = args
     dirs = 2 if bidi else 1
     per = 4 if has_biases else 2
@@ -566,23 +626,86 @@ def _run(kind: str, args: tuple[Any, ...]) -> Any:
             if kind == "lstm":
                 cn.append(res[2])
         x = outs[0] if dirs == 1 else torch.cat(outs, -1)
+    last = None
     if unbatched:
         out, h_n = x.squeeze(1), torch.stack(hn, 0).squeeze(1)
         c_n = torch.stack(cn, 0).squeeze(1) if cn else None
     else:
         out = x.transpose(0, 1) if batch_first else x
         h_n, c_n = torch.stack(hn, 0), torch.stack(cn, 0) if cn else None
-    return (out, h_n, c_n) if kind == "lstm" else (out, h_n)
+        last = _LastLayer(int(batch_first), int(x.shape[0]), outs, hn[-dirs:])
+    return ((out, h_n, c_n) if kind == "lstm" else (out, h_n)), last
+
+
+class _LastLayer(NamedTuple):
+    """The last layer of one GRU / LSTM / RNN call, to read its first / last time step from
+    the final states.
+
+    Why: ``out[:, -1]`` (classify from the last step) made autograd build a zero-filled
+    ``[N, T, H]`` output gradient (Expand + Where + ScatterND, ~150 us profiled) which the
+    backward then transposed and shifted; the same values read from ``h_n`` leave the output
+    gradient unused (None): the backward starts from ``dh`` alone.
+    """
+
+    time_dim: int  # in the returned output: 1 batch-first, 0 time-major
+    steps: int
+    outs: list[Tensor]  # per direction, time-major [T, N, H]
+    hs: list[Tensor]  # per direction, the final state [N, H] (reverse: the state at t = 0)
+
+    def step(self, t: int) -> Tensor:
+        """``out.select(time_dim, t)`` for ``t`` the first or last step (exact same values)."""
+        parts = []
+        for d, (o, h) in enumerate(zip(self.outs, self.hs, strict=True)):
+            ends_here = t == (0 if d == 1 else self.steps - 1)
+            parts.append(h if ends_here else o.select(0, t))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def match(self, func: Any, args: tuple, kwargs: Any) -> int | None:
+        """The time step ``func(out, ...)`` selects if it is ``out[:, t]`` / ``out[t]`` /
+        ``out.select(time_dim, t)`` with ``t`` the first or last step, else None."""
+        if kwargs:
+            return None
+        if func is Tensor.select and len(args) == 3:
+            dim, t = args[1], args[2]
+            if not isinstance(dim, int) or dim % 3 != self.time_dim:
+                return None
+        elif func is Tensor.__getitem__ and len(args) == 2:
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            full = slice(None)
+            while len(idx) > self.time_dim + 1 and idx[-1] == full:
+                idx = idx[:-1]
+            if len(idx) != self.time_dim + 1 or any(i != full for i in idx[:-1]):
+                return None
+            t = idx[-1]
+        else:
+            return None
+        if not isinstance(t, int) or isinstance(t, bool) or not -self.steps <= t < self.steps:
+            return None
+        t %= self.steps
+        return t if t in (0, self.steps - 1) else None
 
 
 class _RecurrentMode(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        # id(returned output) -> (weak reference to it, its last layer): see _LastLayer
+        self._lasts: dict[int, tuple[weakref.ref, _LastLayer]] = {}
+
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kind = _KINDS.get(func)
         # packed sequences call (data, batch_sizes, hx, weights, ...): weights 4th, not 3rd
         if kind is not None and not kwargs and len(args) == 9 and isinstance(args[2], list | tuple):
             res = _run(kind, tuple(args))
             if res is not None:
-                return res
+                out, last = res
+                if last is not None:
+                    self._lasts[id(out[0])] = (weakref.ref(out[0]), last)
+                return out
+        if args and isinstance(args[0], Tensor) and id(args[0]) in self._lasts:
+            ref, last = self._lasts[id(args[0])]
+            t = last.match(func, tuple(args), kwargs) if ref() is args[0] else None
+            if t is not None:
+                return last.step(t)
         return func(*args, **(kwargs or {}))
 
 
