@@ -49,7 +49,7 @@ def _scores(q: Tensor, k: Tensor, mask: Any, scale: float) -> tuple[Tensor, Tens
     """Softmax weights of (q * scale) k^T + mask and the scaled q; q, k: [B, L, D];
     ``mask``: None or (additive mask broadcastable to [*lead, L, S], lead) with B = prod(lead)."""
     qs = q * scale
-    s = torch.matmul(qs, k.transpose(-1, -2))
+    s = torch.bmm(qs, k.transpose(1, 2))
     if mask is None:
         return torch.softmax(s, -1), qs
     m, lead = mask
@@ -72,19 +72,19 @@ def _forward(
         ad, keep = a, None
     ctx.save_for_backward(qs, k, v, a, ad, keep)
     ctx.scale = scale
-    return torch.matmul(ad, v)
+    return torch.bmm(ad, v)
 
 
 def _backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv ([B, L, D] each) of :func:`_forward`'s output gradient ``g``."""
     qs, k, v, a, ad, keep = ctx.saved_tensors
-    dv = torch.matmul(ad.transpose(-1, -2), g)
-    da = torch.matmul(g, v.transpose(-1, -2))
+    dv = torch.bmm(ad.transpose(1, 2), g)
+    da = torch.bmm(g, v.transpose(1, 2))
     if keep is not None:
         da = da * keep
     ds = a * (da - (da * a).sum(-1, keepdim=True))
-    dq = torch.matmul(ds, k) * ctx.scale
-    dk = torch.matmul(ds.transpose(-1, -2), qs)
+    dq = torch.bmm(ds, k) * ctx.scale
+    dk = torch.bmm(ds.transpose(1, 2), qs)
     return dq, dk, dv
 
 
@@ -121,22 +121,27 @@ class _PackedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, proj: Tensor, heads: int, mask: Any, p: float, scale: float):
-        three, seq, n, e = proj.shape
+        _, seq, n, e = proj.shape
         d = e // heads
-        # [3, L, N*H, D] -> [3, N*H, L, D]: one Transpose for q, k and v together
-        t = proj.reshape(three, seq, n * heads, d).permute(0, 2, 1, 3)
-        ctx.dims = (seq, n, e, heads)
+        # back to the projection's own [L, N, 3, E] order (onnxruntime cancels that against
+        # MultiheadAttention's transpose), then ONE Transpose to [3, N*H, L, D] for q, k, v
+        t = proj.permute(1, 2, 0, 3).reshape(seq, -1, 3, heads, d).permute(2, 1, 3, 0, 4)
+        t = t.reshape(3, -1, seq, d)
+        ctx.dims = (seq, e, heads)
         ctx.lead = (n, heads)
         out = _forward(ctx, t[0], t[1], t[2], _batched_mask(mask, (n, heads)), p, scale)
-        return out.reshape(n, heads, seq, d)
+        return out.reshape(-1, heads, seq, d)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
-        seq, n, e, heads = ctx.dims
+        seq, e, heads = ctx.dims
         d = e // heads
-        dq, dk, dv = _backward(ctx, g.reshape(n * heads, seq, d))
-        dt = torch.stack([dq, dk, dv])  # [3, N*H, L, D]
-        return dt.permute(0, 2, 1, 3).reshape(3, seq, n, e), None, None, None, None
+        dq, dk, dv = _backward(ctx, g.reshape(-1, seq, d))
+        dt = torch.stack([dq, dk, dv]).reshape(3, -1, heads, seq, d)  # [3, N, H, L, D]
+        # the projection's [L, N, 3, E] order in ONE Transpose; returned as the [3, L, N, E]
+        # view whose transpose back (in MultiheadAttention's backward) onnxruntime cancels
+        dproj = dt.permute(3, 1, 0, 2, 4).reshape(seq, -1, 3, e)
+        return dproj.permute(2, 0, 1, 3), None, None, None, None
 
 
 def _batched_mask(mask: Tensor | None, lead: Any) -> Any:
