@@ -237,3 +237,11 @@ def test_cross_attention_step_passes_the_gate() -> None:
     torch.manual_seed(0)
     proto = _export_and_count(CrossAttention(), torch.randn(4, 6, 3), 2)
     assert _random_nodes(proto) == 1
+
+
+def test_other_exports_keep_sdpa_after_the_hook_is_installed() -> None:
+    decomposition_table()  # installs the Python kernel (idempotent)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    ep = torch.export.export(layer, (torch.randn(2, 5, 8),))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert aten.scaled_dot_product_attention.default in targets  # not our decomposition
