@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch._decomp import core_aten_decompositions, get_decompositions
 
-from . import batch_norm, conv_grads, index_grads, pool_ops
+from . import attention, batch_norm, conv_grads, index_grads, pool_ops
 
 aten = torch.ops.aten
 
@@ -304,6 +304,7 @@ def decomposition_table(training: bool = True) -> dict[Any, Callable[..., Any]]:
     table[aten.hardsigmoid_backward.default] = hardsigmoid_backward
     table.update(index_grads.table())
     table.update(batch_norm.table())
+    table.update(attention.table())  # sdpa with a hand-written backward (attention.py)
     # Non-overlapping max pooling goes through pool_ops (the exporter's MaxPool-with-indices
     # is 14x slower in onnxruntime); other windows keep torch's reference backward.
     ref_backward = table[aten.max_pool2d_with_indices_backward.default]
