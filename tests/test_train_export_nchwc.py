@@ -154,14 +154,14 @@ def test_gate_checks_variants_against_the_same_torch_reference() -> None:
     }
     loss_fn = _loss_fn("cross_entropy")[1]
     worst, results = verify_step_variants(
-        g,
-        variants,
+        g,  # type: ignore[arg-type]
         m,
         loss_fn,
         SGD(momentum=0.9),
         x,
         y,
-        freeze_bn_stats=False,  # type: ignore[arg-type]
+        False,
+        variants=variants,
     )
     assert set(worst) >= {"loss", "param"}
     ok = results["good"]

@@ -571,7 +571,7 @@ def export_training_step(
     was_training = {m: m.training for m in model.modules()}
     try:
         worst, alt_results = verify_step_variants(
-            graph, variants, model, loss_fn, optimizer, x0, y0, freeze_bn_stats
+            graph, model, loss_fn, optimizer, x0, y0, freeze_bn_stats, variants=variants
         )
         worst["inference"] = verify_inference(graph, model, x0)
     finally:

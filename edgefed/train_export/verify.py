@@ -157,30 +157,26 @@ def _worst(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
 
 
-def verify_step(
-    graph: StepGraph,
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    optimizer: Optimizer,
-    x0: Tensor,
-    y0: Tensor,
-    freeze_bn_stats: bool,
-) -> dict[str, float]:
-    """Raise VerificationError unless the ONNX step matches torch; return the worst errors."""
-    return verify_step_variants(graph, {}, model, loss_fn, optimizer, x0, y0, freeze_bn_stats)[0]
+def verify_step(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """Raise VerificationError unless the ONNX step matches torch; return the worst errors.
+
+    Parameters as :func:`verify_step_variants` without ``variants``.
+    """
+    return verify_step_variants(*args, **kwargs, variants={})[0]
 
 
 def verify_step_variants(
     graph: StepGraph,
-    variants: Mapping[str, bytes],
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     optimizer: Optimizer,
     x0: Tensor,
     y0: Tensor,
     freeze_bn_stats: bool,
+    *,
+    variants: Mapping[str, bytes],
 ) -> tuple[dict[str, float], dict[str, dict[str, float] | Exception]]:
-    """:func:`verify_step` for the step graph and, in the same pass, for alternative graphs
+    """The verification gate for the step graph and, in the same pass, for alternative graphs
     of the same step (same inputs and outputs, e.g. the NCHWc variant).
 
     Why one pass: each variant gets the SAME gate as the step graph (same batches, same
