@@ -417,9 +417,9 @@ def export_training_step(
 ) -> StepGraph:
     """Export one training step of ``model`` and its inference graph; verified before return.
 
-    ``nchwc_alternative``: also embed a gate-verified variant whose depthwise convolutions
-    run onnxruntime's NCHWc kernels (:mod:`.nchwc`); the torch-free trainer prefers it
-    after a one-batch check and falls back to the default-domain graph.
+    ``nchwc_alternative``: also embed a gate-verified variant whose depthwise and k x k
+    convolutions run onnxruntime's NCHWc kernels (:mod:`.nchwc`); the torch-free trainer
+    prefers it after a one-batch check and falls back to the default-domain graph.
 
     Raises :class:`UnsupportedOpError` (names op and layer), :class:`VerificationError` (the
     ONNX step disagrees with torch autograd + torch.optim), :class:`TrainExportError`.
