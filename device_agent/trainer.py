@@ -8,8 +8,8 @@ B as outputs through io_binding, then the sets swap. Inputs are validated agains
 This module needs nothing from ``edgefed._core``: numpy + onnxruntime only.
 
 Kernel dispatch (one point, a reference path always there, like MLAS): an exported step may
-carry an alternative graph in its metadata (``edgefed.alt.nchwc``: depthwise convolutions on
-onnxruntime's NCHWc kernels, MobileNet-style step 168 -> 118 ms; see
+carry an alternative graph in its metadata (``edgefed.alt.nchwc``: depthwise and k x k
+convolutions on onnxruntime's NCHWc kernels, MobileNet-style step 168 -> 118 ms; see
 edgefed/train_export/nchwc.py). The trainer loads it, runs it ONCE against the default graph
 on the first samples of the first batch (same loss and outputs within a tolerance) and uses
 it from then on; when the alternative does not load (an onnxruntime build without NCHWc),

@@ -143,7 +143,10 @@ def test_nchwc_alternative_is_embedded_verified_and_used_by_the_trainer(caplog) 
     assert alt_meta["verification"]["batches"]
     alt = _alt_of(g.onnx)
     convs = [n for n in alt.graph.node if n.domain == nchwc.DOMAIN and n.op_type == "Conv"]
-    assert len(convs) == 4  # two depthwise forwards + their input gradients
+    groups = sorted(
+        onnx.helper.get_attribute_value(a) for n in convs for a in n.attribute if a.name == "group"
+    )
+    assert groups == [1, 16, 16, 16, 16]  # the 3-channel stem; 2 depthwise forwards + 2 grads
     with caplog.at_level(logging.INFO, logger="device_agent.trainer"):
         tr = _train(g.onnx, g, m)
     assert tr.kernel_path == "nchwc", tr.dispatch_note
@@ -174,8 +177,10 @@ def test_trainer_self_check_rejects_an_alternative_that_disagrees(caplog) -> Non
     alt = _alt_of(g.onnx)
     for n in alt.graph.node:  # a wrong weight layout: loads and runs, computes nonsense
         if n.op_type == "Transpose" and n.output[0].startswith("nchwc_"):
+            perm = list(onnx.helper.get_attribute_value(n.attribute[0]))
+            perm[2], perm[3] = perm[3], perm[2]  # the kernel's axes swapped: same size
             del n.attribute[:]
-            n.attribute.append(onnx.helper.make_attribute("perm", [0, 1, 3, 2]))
+            n.attribute.append(onnx.helper.make_attribute("perm", perm))
     wrong = _with_metadata(g.onnx, alt)
     with caplog.at_level(logging.WARNING, logger="device_agent.trainer"):
         tr = _train(wrong, g, m)  # trains like torch: the default graph took over

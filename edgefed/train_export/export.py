@@ -29,7 +29,7 @@ import json
 import operator
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from .fusion import (
 from .mutations import remove_inplace
 from .optimizers import SGD, Optimizer
 from .recurrent import rnn_mode
-from .verify import BATCHES, verify_inference, verify_step
+from .verify import BATCHES, verify_inference, verify_step_variants
 
 FORMAT = "edgefed.train_step/1"
 DEFAULT_OPSET = 20
@@ -417,9 +417,9 @@ def export_training_step(
 ) -> StepGraph:
     """Export one training step of ``model`` and its inference graph; verified before return.
 
-    ``nchwc_alternative``: also embed a gate-verified variant whose depthwise convolutions
-    run onnxruntime's NCHWc kernels (:mod:`.nchwc`); the torch-free trainer prefers it
-    after a one-batch check and falls back to the default-domain graph.
+    ``nchwc_alternative``: also embed a gate-verified variant whose depthwise and k x k
+    convolutions run onnxruntime's NCHWc kernels (:mod:`.nchwc`); the torch-free trainer
+    prefers it after a one-batch check and falls back to the default-domain graph.
 
     Raises :class:`UnsupportedOpError` (names op and layer), :class:`VerificationError` (the
     ONNX step disagrees with torch autograd + torch.optim), :class:`TrainExportError`.
@@ -566,51 +566,40 @@ def export_training_step(
         inf_onnx,
         {n: t.numpy().copy() for n, t in {**params, **{b: buffers[b] for b in float_bufs}}.items()},
     )
+    alt = nchwc.nchwc_alternative(onnx.load_from_string(step_onnx)) if nchwc_alternative else None
+    variants = {} if alt is None else {"nchwc": alt.SerializeToString()}
     was_training = {m: m.training for m in model.modules()}
     try:
-        worst = verify_step(graph, model, loss_fn, optimizer, x0, y0, freeze_bn_stats)
+        worst, alt_results = verify_step_variants(
+            graph, model, loss_fn, optimizer, x0, y0, freeze_bn_stats, variants=variants
+        )
         worst["inference"] = verify_inference(graph, model, x0)
     finally:
         for m, t in was_training.items():
             m.training = t
     manifest["verification"] = {"batches": list(BATCHES), **worst}
-    if nchwc_alternative:
-        _attach_nchwc(
-            graph,
-            model,
-            lambda g: verify_step(g, model, loss_fn, optimizer, x0, y0, freeze_bn_stats),
-        )
+    if "nchwc" in variants:
+        _attach_nchwc(graph, variants["nchwc"], alt_results["nchwc"])
     return graph
 
 
-def _attach_nchwc(
-    graph: StepGraph, model: nn.Module, gate: Callable[[StepGraph], dict[str, float]]
-) -> None:
+def _attach_nchwc(graph: StepGraph, alt_bytes: bytes, gate: dict[str, float] | Exception) -> None:
     """Embed the gate-verified NCHWc variant in the step graph (see :mod:`.nchwc`).
 
-    Nothing is embedded when the graph has no depthwise layer that suits the kernels, or
-    when the variant fails the gate or does not load here (then with a warning): the
-    default graph alone is a complete step.
+    ``gate``: the variant's result from the same gate run as the step graph (same batches,
+    same torch reference and tolerances; :func:`.verify.verify_step_variants`). A variant
+    that failed it or did not load here is dropped with a warning: the default graph
+    alone is a complete step.
     """
-    alt = nchwc.nchwc_alternative(onnx.load_from_string(graph.onnx))
-    if alt is None:
+    if isinstance(gate, Exception):
+        warnings.warn(f"NCHWc step variant dropped: {gate}", stacklevel=3)
         return
-    alt_bytes = alt.SerializeToString()
-    was_training = {m: m.training for m in model.modules()}
-    try:
-        worst = gate(replace(graph, onnx=alt_bytes))
-    except Exception as e:  # any failure (gate, load) means: ship the default graph only
-        warnings.warn(f"NCHWc step variant dropped: {e}", stacklevel=3)
-        return
-    finally:
-        for m, t in was_training.items():
-            m.training = t
     graph.onnx = nchwc.embed(graph.onnx, alt_bytes)
     graph.manifest["alternatives"] = {
         "nchwc": {
             "metadata_key": nchwc.METADATA_KEY,
             "sha256": hashlib.sha256(alt_bytes).hexdigest(),
-            "verification": {"batches": list(BATCHES), **worst},
+            "verification": {"batches": list(BATCHES), **gate},
         }
     }
 

@@ -13,8 +13,8 @@ turned into inputs and torch's ``nn.Dropout`` modules are hooked to use the same
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -157,7 +157,15 @@ def _worst(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
 
 
-def verify_step(
+def verify_step(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """Raise VerificationError unless the ONNX step matches torch; return the worst errors.
+
+    Parameters as :func:`verify_step_variants` without ``variants``.
+    """
+    return verify_step_variants(*args, **kwargs, variants={})[0]
+
+
+def verify_step_variants(
     graph: StepGraph,
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -165,11 +173,30 @@ def verify_step(
     x0: Tensor,
     y0: Tensor,
     freeze_bn_stats: bool,
-) -> dict[str, float]:
-    """Raise VerificationError unless the ONNX step matches torch; return the worst errors."""
+    *,
+    variants: Mapping[str, bytes],
+) -> tuple[dict[str, float], dict[str, dict[str, float] | Exception]]:
+    """The verification gate for the step graph and, in the same pass, for alternative graphs
+    of the same step (same inputs and outputs, e.g. the NCHWc variant).
+
+    Why one pass: each variant gets the SAME gate as the step graph (same batches, same
+    torch reference, same tolerances) while torch runs once per batch; a second full gate
+    per variant repeated the torch reference for nothing. Raises VerificationError when the
+    step graph fails; a variant that fails the gate or does not load is reported as the
+    exception in the second result (the caller drops it), with no effect on the step graph.
+    """
     man = graph.manifest
     data, noise_names = _noise_inputs(graph.onnx)
     sess = _session(data)
+    alts: dict[str, tuple[ort.InferenceSession, list[str]]] = {}
+    alt_result: dict[str, dict[str, float] | Exception] = {}
+    for key, alt_bytes in variants.items():
+        try:
+            alt_data, alt_noise = _noise_inputs(alt_bytes)
+            alts[key] = (_session(alt_data), alt_noise)
+            alt_result[key] = {}
+        except Exception as e:  # does not load here: the variant is dropped, not the step
+            alt_result[key] = e
     baked = set(man["baked"])
     tnames: list[str] = man["trainable"]
     worst: dict[str, float] = {}
@@ -259,54 +286,97 @@ def verify_step(
                 f"graph has {len(noise_names)} random nodes but the model ran "
                 f"{len(hooks.noise)} dropouts: cannot verify"
             )
-        for nm, u in zip(noise_names, hooks.noise, strict=True):
-            feed[nm] = u.numpy()
-        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
         new_state = optimizer.read_torch_state(opt, [tp[nm] for nm in tnames])
-        problems: list[str] = []
-        lt = float(lval.detach())
-        lo = float(res["loss"])
-        err = abs(lo - lt)
-        worst["loss"] = max(worst.get("loss", 0.0), err)
-        if not np.isfinite(lo) or err > LOSS_RTOL * max(1.0, abs(lt)):
-            problems.append(f"loss onnx={lo!r} torch={lt!r}")
-        for e in man["outputs"][1:]:
-            role, key, oname = e["role"], e["key"], e["name"]
-            got = res[oname]
-            if role == "param":
-                want = tp[key].detach().numpy()
-                base = old[key].numpy()
-                delta_err = _worst(got - base, want - base)
-                scale = float(np.max(np.abs(want - base), initial=0.0))
-                tol = UPDATE_RTOL * scale + ABS_TOL
-                label = "param"
-            elif role == "state":
-                kind = oname.split(":")[1]
-                want = new_state[kind][tnames.index(key)].numpy()
-                delta_err = _worst(got, want)
-                tol = UPDATE_RTOL * float(np.max(np.abs(want), initial=0.0)) + ABS_TOL
-                label = "state"
-            elif role == "step":
-                want = np.float32(step + 1)
-                delta_err = _worst(np.asarray(got), np.asarray(want))
-                tol = 0.0
-                label = "state"
-            elif role == "buffer":
-                want = bufs[key].detach().numpy()
-                delta_err = _worst(got, want)
-                tol = UPDATE_RTOL * float(np.max(np.abs(want), initial=0.0)) + ABS_TOL
-                label = "buffer"
-            else:
-                raise VerificationError(f"unknown output role {role}")
-            worst[label] = max(worst.get(label, 0.0), delta_err)
-            if not delta_err <= tol:
-                problems.append(f"{oname}: max abs diff {delta_err:.3g} > tol {tol:.3g}")
+        ref_t = _Reference(lval, tp, old, new_state, bufs, tnames, step)
+        problems = _compare(_outputs(sess, feed, noise_names, hooks.noise), ref_t, man, worst)
         if problems:
             raise VerificationError(
                 f"exported step disagrees with torch autograd/torch.optim at batch {n}: "
                 + "; ".join(problems[:8])
             )
-    return worst
+        for key, (alt, alt_noise) in list(alts.items()):
+            alt_worst = alt_result[key]
+            assert isinstance(alt_worst, dict)
+            try:
+                res = _outputs(alt, feed, alt_noise, hooks.noise)
+                alt_problems = _compare(res, ref_t, man, alt_worst)
+            except Exception as e:  # fails to run: dropped like a failed gate
+                alt_problems = [f"does not run: {e}"]
+            if alt_problems:
+                alt_result[key] = VerificationError(
+                    f"variant {key} disagrees with torch autograd/torch.optim at batch {n}: "
+                    + "; ".join(alt_problems[:8])
+                )
+                del alts[key]
+    return worst, alt_result
+
+
+def _outputs(
+    sess: ort.InferenceSession, feed: dict[str, Any], noise: list[str], drawn: list[Tensor]
+) -> dict[str, np.ndarray]:
+    """One graph's outputs by name, its random nodes fed the noise torch drew."""
+    f = {**feed, **{nm: u.numpy() for nm, u in zip(noise, drawn, strict=True)}}
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, f), strict=True))
+
+
+class _Reference(NamedTuple):
+    """torch's result of one verification batch, shared by the step graph and its variants."""
+
+    loss: Tensor
+    params: dict[str, nn.Parameter]
+    old: dict[str, Tensor]
+    state: dict[str, list[Tensor]]
+    buffers: dict[str, Tensor]
+    trainable: list[str]
+    step: float
+
+
+def _compare(
+    res: dict[str, np.ndarray], ref: _Reference, man: dict[str, Any], worst: dict[str, float]
+) -> list[str]:
+    """The gate's tolerances applied to one graph's outputs; updates ``worst`` in place."""
+    tp, old, new_state, bufs, tnames, step = (
+        ref.params, ref.old, ref.state, ref.buffers, ref.trainable, ref.step
+    )  # fmt: skip
+    problems: list[str] = []
+    lt = float(ref.loss.detach())
+    lo = float(res["loss"])
+    err = abs(lo - lt)
+    worst["loss"] = max(worst.get("loss", 0.0), err)
+    if not np.isfinite(lo) or err > LOSS_RTOL * max(1.0, abs(lt)):
+        problems.append(f"loss onnx={lo!r} torch={lt!r}")
+    for e in man["outputs"][1:]:
+        role, key, oname = e["role"], e["key"], e["name"]
+        got = res[oname]
+        if role == "param":
+            want = tp[key].detach().numpy()
+            base = old[key].numpy()
+            delta_err = _worst(got - base, want - base)
+            scale = float(np.max(np.abs(want - base), initial=0.0))
+            tol = UPDATE_RTOL * scale + ABS_TOL
+            label = "param"
+        elif role == "state":
+            kind = oname.split(":")[1]
+            want = new_state[kind][tnames.index(key)].numpy()
+            delta_err = _worst(got, want)
+            tol = UPDATE_RTOL * float(np.max(np.abs(want), initial=0.0)) + ABS_TOL
+            label = "state"
+        elif role == "step":
+            want = np.float32(step + 1)
+            delta_err = _worst(np.asarray(got), np.asarray(want))
+            tol = 0.0
+            label = "state"
+        elif role == "buffer":
+            want = bufs[key].detach().numpy()
+            delta_err = _worst(got, want)
+            tol = UPDATE_RTOL * float(np.max(np.abs(want), initial=0.0)) + ABS_TOL
+            label = "buffer"
+        else:
+            raise VerificationError(f"unknown output role {role}")
+        worst[label] = max(worst.get(label, 0.0), delta_err)
+        if not delta_err <= tol:
+            problems.append(f"{oname}: max abs diff {delta_err:.3g} > tol {tol:.3g}")
+    return problems
 
 
 def verify_inference(graph: StepGraph, model: nn.Module, x0: Tensor) -> float:
