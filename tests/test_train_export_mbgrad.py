@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from device_agent.trainer import StepTrainer
-from edgefed.train_export import SGD, conv_grads, decompositions, export_training_step
+from edgefed.train_export import SGD, StepGraph, conv_grads, decompositions, export_training_step
 
 # (batch, channels, height, width, kh, kw, padding, dilation), stride 1
 ROWS_GEOMETRIES = [
@@ -55,6 +55,22 @@ def test_rows_weight_grad_detects_a_wrong_gradient() -> None:
     assert not torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _train_both(
+    m: nn.Module, g: StepGraph, xb: np.ndarray, yb: np.ndarray, batch: int
+) -> tuple[StepTrainer, nn.Module]:
+    """Three epochs of SGD momentum 0.9 in the torch-free trainer and in torch, from ``m``."""
+    tr = StepTrainer(g.onnx, g.manifest)
+    tr.set_params({k: v.detach().numpy() for k, v in m.state_dict().items()}, strict=False)
+    tr.train_epochs(xb, yb, epochs=3, batch_size=batch, lr=0.1, shuffle=False)
+    ref = copy.deepcopy(m)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(ref(torch.from_numpy(xb)), torch.from_numpy(yb)).backward()
+        opt.step()
+    return tr, ref
+
+
 class OddDepthwiseNet(nn.Module):
     """A user's block: 20 channels, a non-square map, a dilated rectangular depthwise kernel,
     BatchNorm + ReLU6 and Hardswish (the MobileNetV2/V3 activations)."""
@@ -84,15 +100,7 @@ def test_exported_odd_depthwise_step_trains_like_torch(batch: int) -> None:
     rng = np.random.default_rng(batch)
     xb = (rng.standard_normal((batch, 3, 6, 9)) + 1.0).astype(np.float32)
     yb = np.arange(batch) % 3
-    tr = StepTrainer(g.onnx, g.manifest)
-    tr.set_params({k: v.detach().numpy() for k, v in m.state_dict().items()}, strict=False)
-    tr.train_epochs(xb, yb, epochs=3, batch_size=batch, lr=0.1, shuffle=False)
-    ref = copy.deepcopy(m)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(ref(torch.from_numpy(xb)), torch.from_numpy(yb)).backward()
-        opt.step()
+    tr, ref = _train_both(m, g, xb, yb, batch)
     for k, v in ref.state_dict().items():
         if k in tr.params:
             np.testing.assert_allclose(tr.params[k], v.detach().numpy(), rtol=1e-4, atol=2e-5)
@@ -127,15 +135,7 @@ def test_bn_affine_nodes_keep_precision_when_mean_dwarfs_std() -> None:
     rng = np.random.default_rng(4)
     xb = (rng.standard_normal((6, 5, 7, 6)) * 0.5 + 300.0).astype(np.float32)
     yb = np.arange(6) % 3
-    tr = StepTrainer(g.onnx, g.manifest)
-    tr.set_params({k: v.detach().numpy() for k, v in m.state_dict().items()}, strict=False)
-    tr.train_epochs(xb, yb, epochs=3, batch_size=6, lr=0.1, shuffle=False)
-    ref = copy.deepcopy(m)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(ref(torch.from_numpy(xb)), torch.from_numpy(yb)).backward()
-        opt.step()
+    tr, ref = _train_both(m, g, xb, yb, 6)
     sd = ref.state_dict()
     for k in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "conv.weight"):
         np.testing.assert_allclose(tr.params[k], sd[k].numpy(), rtol=1e-4, atol=2e-5)
