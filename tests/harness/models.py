@@ -49,15 +49,26 @@ def build_model_dir(d: Path) -> Path:
     return d
 
 
+EMULATED_STEP = "[agent]\nemulate_step_s = 0.001\n"
+
+
 def slow_and_fast(fleet: object, model_dir: Path, tmp: Path, slow: str = "dev-2") -> str:
-    """Give ``slow`` the 150,000-row set (seconds per task) and every other device of a
-    harness ``Fleet`` 15,000 rows (10x faster), so an asynchronous run outlasts one slow
-    task; returns the slow device."""
+    """Give ``slow`` the 150,000-row set and every other device of a harness ``Fleet``
+    15,000 rows, so an asynchronous run outlasts one slow task; returns the slow device.
+
+    Rows alone did not make the times: the tiny model trains 150,000 rows in ~0.7 s on a
+    quiet machine, under the ~1 s the fast devices' updates took to close a buffer, so all
+    three landed in version 1 and nothing was outstanding (a CI failure). Every device
+    also gets ``[agent] emulate_step_s`` (each step lasts >= 1 ms, the CPU idle): a slow
+    task >= 4.7 s and a fast one >= 0.47 s on any machine, the 10x the tests rely on (the
+    slow task is out when version 1 closes and lands before the run's last version)."""
     for d in fleet.devices:  # type: ignore[attr-defined]
         if d == slow:
             fleet.data[d] = model_dir / "data-slow.npz"  # type: ignore[attr-defined]
-            continue
-        x, y = tiny_data(15_000, int(d.split("-")[1]))
-        fleet.data[d] = tmp / f"data-mid-{d}.npz"  # type: ignore[attr-defined]
-        np.savez(fleet.data[d], x=x, y=y)  # type: ignore[attr-defined]
+        else:
+            x, y = tiny_data(15_000, int(d.split("-")[1]))
+            fleet.data[d] = tmp / f"data-mid-{d}.npz"  # type: ignore[attr-defined]
+            np.savez(fleet.data[d], x=x, y=y)  # type: ignore[attr-defined]
+        conf = fleet.agent_config(d)  # type: ignore[attr-defined]
+        conf.write_text(conf.read_text().replace("[agent]\n", EMULATED_STEP, 1))
     return slow
