@@ -4,11 +4,12 @@
 Why: onnxruntime runs every elementwise node as one pass over the whole map, so on the
 MobileNet-style step the depthwise weight gradient (per-offset Slice + Mul + ReduceSum) and
 the BatchNorm / ReLU6 backward passes dominate, not the convolutions. Each form below is a
-torch function of (x, g) exported alone with ``torch.onnx.export(dynamo=True)``, checked
-against the first form, and timed in onnxruntime (1 thread) in interleaved rounds as the
-CPU time of the calling thread (with one intra-op thread onnxruntime runs every kernel on
-the caller's thread; on this shared 2-core machine wall time doubles under load while the
-thread's CPU time does not). Main's form comes first in every row.
+torch function of (x, g) exported alone with ``torch.onnx.export(dynamo=True)`` or, for the
+depthwise weight gradient's two lowerings, the graph ``depthwise_grad.standalone`` builds;
+each is checked against the first form, and timed in onnxruntime (1 thread) in
+interleaved rounds as the CPU time of the calling thread (with one intra-op thread
+onnxruntime runs every kernel on the caller's thread; on this shared 2-core machine wall
+time doubles under load while the thread's CPU time does not). Main's form comes first in every row.
 Run: PYTHONPATH=. python benchmarks/mobilenet_passes.py [--rounds 9]
 Writes benchmarks/out/mobilenet_passes.json.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -33,25 +35,26 @@ sys.path[:0] = [str(HERE)]
 
 from _util import machine, write_json  # noqa: E402
 
-from edgefed.train_export import batch_norm, conv_grads, decompositions  # noqa: E402
+from edgefed.train_export import batch_norm, decompositions, depthwise_grad  # noqa: E402
 
 # (N, C, H, W) of the zoo MobileNet's three depthwise layers at scale 'bench', batch 32
 SHAPES = [(32, 64, 16, 16), (32, 128, 8, 8), (32, 96, 8, 8)]
 
 
-def _dw(rows_limit: int) -> Callable[..., torch.Tensor]:
-    """The exporter's depthwise 3x3 weight gradient with ``ROWS_MAX_WIDTH`` set for the trace
-    (0: main's per-offset Slice + Mul + ReduceSum form)."""
+def _dw_slices(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The per-offset Slice + Mul + ReduceSum form (what wide maps keep): the exporter's
+    depthwise 3x3 weight gradient traced with the marker's width limit at 0."""
+    old, depthwise_grad.ROWS_MAX_WIDTH = depthwise_grad.ROWS_MAX_WIDTH, 0
+    try:
+        c = int(x.shape[1])
+        return decompositions._weight_grad(g, x, (c, 1, 3, 3), [1, 1], [1, 1], [1, 1], c)
+    finally:
+        depthwise_grad.ROWS_MAX_WIDTH = old
 
-    def fn(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        old, conv_grads.ROWS_MAX_WIDTH = conv_grads.ROWS_MAX_WIDTH, rows_limit
-        try:
-            c = int(x.shape[1])
-            return decompositions._weight_grad(g, x, (c, 1, 3, 3), [1, 1], [1, 1], [1, 1], c)
-        finally:
-            conv_grads.ROWS_MAX_WIDTH = old
 
-    return fn
+def _dw_lowered(form: str) -> Callable[[tuple[int, ...]], onnx.ModelProto]:
+    """The marker's lowering ``form`` (depthwise_grad.py) for a (N, C, H, W) shape."""
+    return lambda s: depthwise_grad.standalone(s[1], s[2], s[3], (3, 3), (1, 1), (1, 1), form)
 
 
 def affine_mul_add(xc: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -79,29 +82,39 @@ class _Fn(nn.Module):
         return self.fn(*a)
 
 
-def session(fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> Any:
-    with torch.no_grad():
-        prog = torch.onnx.export(_Fn(fn), args, dynamo=True, verbose=False)
+Form = Callable[..., torch.Tensor] | Callable[[tuple[int, ...]], onnx.ModelProto]
+
+
+def session(fn: Form, args: tuple[torch.Tensor, ...], lowered: bool) -> Any:
+    """``fn`` exported alone, or (``lowered``) the ONNX graph ``fn`` builds for the shape."""
+    if lowered:
+        model = fn(tuple(args[0].shape))
+    else:
+        with torch.no_grad():
+            model = torch.onnx.export(_Fn(fn), args, dynamo=True, verbose=False).model_proto
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.enable_mem_pattern = False
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(
-        prog.model_proto.SerializeToString(), so, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def compare(
-    forms: dict[str, Callable[..., torch.Tensor]],
+    forms: dict[str, Form],
     args: tuple[torch.Tensor, ...],
     rounds: int,
     reps: int,
+    lowered: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
-    sess = {k: session(f, args) for k, f in forms.items()}
+    """``lowered``: the forms that build an ONNX graph (inputs g, x) instead of a function
+    of (x, g, ...)."""
+    sess = {k: session(f, args, k in lowered) for k, f in forms.items()}
     feeds = {
-        k: {i.name: a.numpy() for i, a in zip(s.get_inputs(), args, strict=True)}
+        k: {"g": args[1].numpy(), "x": args[0].numpy()}
+        if k in lowered
+        else {i.name: a.numpy() for i, a in zip(s.get_inputs(), args, strict=True)}
         for k, s in sess.items()
     }
     ref = None
@@ -132,7 +145,11 @@ def main() -> None:
     pieces: list[tuple[str, dict[str, Callable[..., torch.Tensor]], Callable[..., tuple]]] = [
         (
             "dw_weight_grad",
-            {"slices (main)": _dw(0), "rows (mbgrad13)": _dw(conv_grads.ROWS_MAX_WIDTH)},
+            {
+                "slices": _dw_slices,
+                "rows (default graph)": _dw_lowered("rows"),
+                "stacked nchwc.Conv (NCHWc variant)": _dw_lowered("stacked"),
+            },
             lambda s: (torch.randn(*s, generator=gen) + 3.0, torch.randn(*s, generator=gen)),
         ),
         (
@@ -152,7 +169,8 @@ def main() -> None:
     ]
     for piece, forms, make in pieces:
         for shape in SHAPES:
-            ms = compare(forms, make(shape), a.rounds, a.reps)
+            lowered = frozenset(k for k in forms if k.startswith(("rows", "stacked")))
+            ms = compare(forms, make(shape), a.rounds, a.reps, lowered)
             rows.append({"piece": piece, "shape": list(shape), **ms})
             print(f"{piece} {shape}: " + "  ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
     print("load", os.getloadavg())

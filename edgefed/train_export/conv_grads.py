@@ -169,51 +169,6 @@ def depthwise_weight_grad_conv(
     return out[:, :, :kh, :kw].reshape(c, 1, kh, kw)
 
 
-ROWS_MAX_WIDTH = 64  # wider padded rows keep the per-offset form: the GEMM does ~Wp / kw times the
-# direct multiply-adds; 15.3 -> 10.1 ms at width 28, 38.2 -> 23.6 at 56, 13.8 vs 14.4 at 112
-
-
-def _band(wp: int, wo: int, kw: int, dil: int, like: Tensor) -> Tensor:
-    """B (wp * wo, kw): B[(w + j * dil) * wo + w, j] = 1, the j-th diagonal of a (wp, wo) map."""
-    b = np.zeros((wp * wo, kw), np.float32)
-    for j in range(kw):
-        for w in range(wo):
-            b[(w + j * dil) * wo + w, j] = 1.0
-    return torch.tensor(b.tolist(), dtype=like.dtype)  # a constant in the graph
-
-
-def depthwise_weight_grad_rows(
-    grad_out: Tensor, x: Tensor, w_shape: Any, padding: Any, dilation: Any
-) -> Tensor:
-    """Stride-1 depthwise 2-D weight gradient as kh batched GEMMs over channel-major rows.
-
-    ``dW[c, i, j] = sum_{n,h,w} xp[n, c, h + i*dh, w + j*dw] * g[n, c, h, w]``. For each
-    kernel row i, ONE batched MatMul (batch = channels) of the row-shifted padded input
-    ``[C, Wp, N*Ho]`` by the gradient ``[C, N*Ho, Wo]`` gives every column pairing
-    ``M_i[c, w', w]`` summed over batch and rows; the kernel columns are the diagonals
-    ``w' = w + j*dw`` of M_i, read by one MatMul with a constant 0/1 band matrix on a tiny
-    ``[C, kh, Wp*Wo]`` tensor. So the map is touched by two transposes, one pad and kh row
-    slices instead of kh*kw slices, multiplies and reductions: 8.8 -> 4.8 ms on 32x64x16x16,
-    5.2 -> 3.1 ms on 32x128x8x8 (onnxruntime, 1 thread, ``benchmarks/mobilenet_passes.py``).
-    ``bmm``, not ``matmul``: the traced matmul becomes Expand copies of both operands.
-    The GEMM does ``Wp / kw`` times the direct multiply-adds, so wide rows keep the
-    per-offset form (``ROWS_MAX_WIDTH``).
-    """
-    c = int(x.shape[1])
-    kh, kw = int(w_shape[2]), int(w_shape[3])
-    ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
-    (ph, pw), (dh, dw) = padding, dilation
-    xp = torch.nn.functional.pad(x.transpose(0, 1), [pw, pw, ph, ph])  # C, N, Hp, Wp
-    wp = int(xp.shape[3])
-    gt = grad_out.transpose(0, 1).reshape(c, -1, wo)  # C, N*Ho, Wo
-    rows = []
-    for i in range(kh):
-        xi = xp[:, :, i * dh : i * dh + ho, :].reshape(c, -1, wp)  # C, N*Ho, Wp
-        rows.append(torch.bmm(xi.transpose(1, 2), gt))  # C, Wp, Wo (bmm: no Expand copy)
-    m = torch.stack(rows, dim=1).reshape(c, kh, wp * wo)
-    return torch.matmul(m, _band(wp, wo, kw, dw, x)).reshape(c, 1, kh, kw)
-
-
 def convolution(
     x: Tensor,
     weight: Tensor,
@@ -236,7 +191,6 @@ __all__ = [
     "dense_depthwise_1d",
     "depthwise_1d_backward",
     "depthwise_weight_grad_conv",
-    "depthwise_weight_grad_rows",
     "pointwise_input_grad",
     "transposed_convolution_backward",
 ]

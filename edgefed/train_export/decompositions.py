@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch._decomp import core_aten_decompositions, get_decompositions
 
-from . import attention, batch_norm, conv_grads, index_grads, pool_ops
+from . import attention, batch_norm, conv_grads, depthwise_grad, index_grads, pool_ops
 
 aten = torch.ops.aten
 
@@ -216,8 +216,9 @@ def _depthwise_weight_grad(grad_out: Tensor, x: Tensor, w_shape: Any, *conv: Any
     Strided layers take ONE grouped Conv instead (``conv_grads.depthwise_weight_grad_conv``):
     5.9 -> 4.0 ms at stride 2 on 32x64x16x16, while at stride 1 the contiguous slices here
     win (9.2 vs 13.4 ms, 5.4 vs 6.7 ms on 32x128x8x8; microbenchmark, 1 thread, load 2.5).
-    Narrow stride-1 maps (MobileNet's) take kh batched GEMMs instead
-    (``conv_grads.depthwise_weight_grad_rows``: 8.8 -> 4.8 ms on 32x64x16x16).
+    Narrow stride-1 maps (MobileNet's) become one marker node that the exporter lowers
+    twice, to row GEMMs (default graph) and to one NCHWc convolution (NCHWc variant):
+    see :mod:`.depthwise_grad`.
     """
     stride, padding, dilation = conv
     c, _, kh, kw = (int(s) for s in w_shape)
@@ -227,8 +228,8 @@ def _depthwise_weight_grad(grad_out: Tensor, x: Tensor, w_shape: Any, *conv: Any
     dh, dw = dilation
     sums = []
     wp = int(x.shape[3]) + 2 * pw
-    if sh == sw == 1 and wp <= conv_grads.ROWS_MAX_WIDTH:
-        return conv_grads.depthwise_weight_grad_rows(grad_out, x, w_shape, padding, dilation)
+    if depthwise_grad.applies(x, w_shape, stride, padding):
+        return torch.ops.edgefed.depthwise_weight_grad.default(grad_out, x, kh, kw, ph, pw, dh, dw)
     if sh == sw == 1:  # every offset is ONE contiguous slice of the row-flattened padded map
         extra = -(-(kw - 1) * dw // wp)  # rows so that the last offset's slice stays inside
         xf = torch.nn.functional.pad(x, [pw, pw, ph, ph + extra]).flatten(2)

@@ -29,11 +29,15 @@ def registry(opset: int = 20) -> Any:
     """
     from torch.onnx._internal.exporter import _registration
 
-    from . import recurrent
+    from . import depthwise_grad, recurrent
     from .pool_ops import onnx_translations
 
     reg = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, 18))
-    ours = {**onnx_translations(), **recurrent.onnx_translations()}
+    ours = {
+        **onnx_translations(),
+        **recurrent.onnx_translations(),
+        **depthwise_grad.onnx_translations(),
+    }
     for target, fn in ours.items():  # our custom ops and their ONNX
         reg.register_op(target, fn)
     return reg

@@ -42,7 +42,7 @@ from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import nchwc
+from . import depthwise_grad, nchwc
 from .decompositions import decomposition_table
 from .diagnose import check_supported, registry
 from .errors import TrainExportError
@@ -185,7 +185,9 @@ def _trace_and_export(
     model: nn.Module,
     run: Callable[[], Any],
     training: bool = True,
-) -> bytes:
+) -> tuple[bytes, onnx.ModelProto]:
+    """The default-domain graph's bytes, and the traced graph with its lowering markers
+    (:mod:`.depthwise_grad`), from which the NCHWc variant is built."""
     examples = [s.example for s in slots]
     _assert_distinct(examples)
     table = decomposition_table(training)
@@ -224,12 +226,13 @@ def _trace_and_export(
     except Exception as e:  # the exporter's errors are long; keep the first lines
         raise TrainExportError(f"ONNX export failed: {str(e)[:2000]}") from e
     assert prog is not None
-    proto = prog.model_proto
+    traced = prog.model_proto
+    proto = depthwise_grad.lower_all(traced)
     _check_graph(proto, [s.name for s in slots], output_names)
     data = proto.SerializeToString()
     if len(data) > _TWO_GB:
         raise TrainExportError(f"graph is {len(data)} bytes: over the 2 GB single-file limit")
-    return data
+    return data, traced
 
 
 def _fake_inputs(slots: list[_Slot]) -> list[Tensor]:
@@ -518,7 +521,7 @@ def export_training_step(
             lval = loss_fn(model(xe), ye)
             torch.autograd.grad(lval, ps, allow_unused=True)
 
-        step_onnx = _trace_and_export(step, slots, out_names, opset, model, run_step)
+        step_onnx, traced = _trace_and_export(step, slots, out_names, opset, model, run_step)
         inf_slots = [_Slot("x", "x", None, xe.clone(), True)]
         inf_slots += [_Slot(f"param:{n}", "param", n, params[n].clone()) for n in tnames]
         inf_slots += [_Slot(f"frozen:{n}", "frozen", n, params[n].clone()) for n in frozen_in]
@@ -531,7 +534,7 @@ def export_training_step(
             return torch.func.functional_call(model, values, (flat[0],))
 
         _set_modes(model, False, False)
-        inf_onnx = _trace_and_export(
+        inf_onnx, _ = _trace_and_export(
             infer, inf_slots, ["output"], opset, model, lambda: model(xe), training=False
         )
         with torch.no_grad():
@@ -566,7 +569,7 @@ def export_training_step(
         inf_onnx,
         {n: t.numpy().copy() for n, t in {**params, **{b: buffers[b] for b in float_bufs}}.items()},
     )
-    alt = nchwc.nchwc_alternative(onnx.load_from_string(step_onnx)) if nchwc_alternative else None
+    alt = nchwc.nchwc_alternative(traced) if nchwc_alternative else None
     variants = {} if alt is None else {"nchwc": alt.SerializeToString()}
     was_training = {m: m.training for m in model.modules()}
     try:

@@ -40,7 +40,10 @@ import zlib
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from . import depthwise_grad
+from .onnx_builder import Builder
 
 DOMAIN = "com.microsoft.nchwc"
 METADATA_KEY = "edgefed.alt.nchwc"
@@ -103,28 +106,7 @@ def _kind(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> str | None:
     return "depthwise"
 
 
-class _Builder:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._n = 0
-
-    def name(self, base: str) -> str:
-        self._n += 1
-        return f"nchwc_{base}_{self._n}"
-
-    def const(self, base: str, value: np.ndarray) -> str:
-        t = numpy_helper.from_array(value, self.name(base))
-        self.inits.append(t)
-        return t.name
-
-    def node(self, op: str, inputs: list[str], domain: str = "", **attrs: object) -> str:
-        out = self.name(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], domain=domain, **attrs))
-        return out
-
-
-def _block_size(b: _Builder) -> str:
+def _block_size(b: Builder) -> str:
     """int64 [1] tensor holding the NCHWc block size, computed inside the graph."""
     probe = b.node("ReorderInput", [b.const("probe", np.zeros((1, 4, 1, 1), np.float32))], DOMAIN)
     shape = b.node("Shape", [probe])
@@ -134,7 +116,7 @@ def _block_size(b: _Builder) -> str:
     )
 
 
-def _blocked_weight(b: _Builder, w: str, shape: list[int], blk: str, kind: str, flip: bool) -> str:
+def _blocked_weight(b: Builder, w: str, shape: list[int], blk: str, kind: str, flip: bool) -> str:
     """The weight in the layout the NCHWc kernel reads, reordered in the graph.
 
     ``regular``: OIhw -> [O/blk, I/blk, kh, kw, blk_i, blk_o] (MLAS's OIHWBiBo);
@@ -171,7 +153,7 @@ def _blocked_weight(b: _Builder, w: str, shape: list[int], blk: str, kind: str, 
 # strided 3x3 16->32 0.81 -> 0.41 ms, the 3-channel stem (NCHW input) 0.53 -> 0.28 ms; 1x1
 # pointwise LOSES (0.38 -> 0.67, 0.46 -> 0.71 ms: reordering the input and output costs
 # more than the GEMM it replaces), so "pointwise" is left out.
-KINDS = frozenset({"depthwise", "regular", "nchw"})
+KINDS = frozenset({"depthwise", "regular", "nchw", "weight_grad"})
 
 
 def nchwc_alternative(
@@ -186,9 +168,13 @@ def nchwc_alternative(
     shapes = _static_shapes(model)
     nodes = list(model.graph.node)
     targets = {i: k for i, n in enumerate(nodes) if (k := _kind(n, shapes)) in kinds}
-    if not targets:
+    for i, n in enumerate(nodes):  # depthwise weight gradients traced as markers
+        if depthwise_grad.is_marker(n):
+            stacked = depthwise_grad.stacked_applies(n, MIN_CHANNELS_MULTIPLE)
+            targets[i] = "weight_grad" if stacked and "weight_grad" in kinds else "rows"
+    if not any(k != "rows" for k in targets.values()):
         return None
-    b = _Builder()
+    b = Builder("nchwc")
     blk = _block_size(b)
     head = list(b.nodes)
     out_nodes: list[onnx.NodeProto] = []
@@ -199,6 +185,13 @@ def nchwc_alternative(
             out_nodes.append(n)
             continue
         b.nodes = []
+        if kind in ("weight_grad", "rows"):
+            if kind == "rows":
+                depthwise_grad.lower_rows(b, n)
+            else:
+                depthwise_grad.lower_stacked(b, n, blk, blocked)
+            out_nodes.extend(b.nodes)
+            continue
         a = _attrs(n)
         w_shape = shapes[n.input[1]]
         c_out, kh, kw = w_shape[0], w_shape[2], w_shape[3]
@@ -230,6 +223,7 @@ def nchwc_alternative(
     alt.graph.ClearField("node")
     alt.graph.node.extend(head + out_nodes)
     alt.graph.initializer.extend(b.inits)
+    depthwise_grad.drop_marker_opset(alt)
     alt.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return alt
 
@@ -245,4 +239,13 @@ def embed(step: bytes, alt: bytes) -> bytes:
     return model.SerializeToString()
 
 
-__all__ = ["DOMAIN", "METADATA_KEY", "embed", "nchwc_alternative"]
+def embedded(step: bytes) -> onnx.ModelProto | None:
+    """The alternative :func:`embed` stored in ``step``, or None (for tools and tests; the
+    torch-free trainer reads it through onnxruntime's model metadata instead)."""
+    meta = {p.key: p.value for p in onnx.load_from_string(step).metadata_props}
+    if METADATA_KEY not in meta:
+        return None
+    return onnx.load_from_string(zlib.decompress(base64.b64decode(meta[METADATA_KEY])))
+
+
+__all__ = ["DOMAIN", "METADATA_KEY", "embed", "embedded", "nchwc_alternative"]
