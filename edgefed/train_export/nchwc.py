@@ -15,8 +15,11 @@ Design (one dispatch point, a reference path always there, like MLAS):
   it). This module rewrites a COPY: depthwise forward Convs, stride-1 depthwise
   ConvTransposes (the input gradient, as a Conv with the flipped kernel), group-1 k x k
   forward Convs (k > 1; weight reordered OIhw -> OIhw{blk}i{blk}o the same way) and
-  3-channel stems (NCHW input, only the output blocked) become NCHWc nodes; one
-  ReorderInput serves every NCHWc consumer of a tensor. 1x1 pointwise convolutions stay:
+  3-channel stems (NCHW input, only the output blocked) become NCHWc nodes, and so do the
+  stride-1 depthwise weight gradients the trace left as markers (one stacked depthwise
+  ``nchwc.Conv`` each, :func:`.depthwise_grad.lower_stacked`; markers with channels not a
+  multiple of 16 get the default graph's rows form); one ReorderInput serves every NCHWc
+  consumer of a tensor. 1x1 pointwise convolutions stay:
   reordering their input and output costs more than they gain (see ``KINDS``). The
   exporter's gate checks the copy in the same pass as the step graph, against the same
   torch reference (:func:`.verify.verify_step_variants`), and drops it when it fails or
@@ -152,7 +155,8 @@ def _blocked_weight(b: Builder, w: str, shape: list[int], blk: str, kind: str, f
 # MobileNet-style step's shapes, reorders included): depthwise 3x3 4.14 -> 1.05 ms, the
 # strided 3x3 16->32 0.81 -> 0.41 ms, the 3-channel stem (NCHW input) 0.53 -> 0.28 ms; 1x1
 # pointwise LOSES (0.38 -> 0.67, 0.46 -> 0.71 ms: reordering the input and output costs
-# more than the GEMM it replaces), so "pointwise" is left out.
+# more than the GEMM it replaces), so "pointwise" is left out. "weight_grad": the stacked
+# depthwise weight gradient, 2.4-2.6x faster than the rows form (depthwise_grad.py).
 KINDS = frozenset({"depthwise", "regular", "nchw", "weight_grad"})
 
 
@@ -161,7 +165,9 @@ def nchwc_alternative(
 ) -> onnx.ModelProto | None:
     """The NCHWc variant of a step graph, or None when it has nothing to gain or is random.
 
-    ``kinds``: which convolution forms (see :func:`_kind`) to move; all by default.
+    ``model``: the traced step, whose depthwise weight-gradient markers are lowered here
+    (:mod:`.depthwise_grad`), or an already lowered one. ``kinds``: which convolution forms
+    (see :func:`_kind`, and "weight_grad" for the markers) to move; all by default.
     """
     if any(n.op_type in _RANDOM for n in model.graph.node):
         return None
