@@ -28,10 +28,14 @@ ROWS_GEOMETRIES = [
 # the stacked form needs channels % 16 == 0 (every NCHWc block size divides 16)
 STACKED_GEOMETRIES = [
     (16, 9, 7, 3, 3, (1, 1), (1, 1)),
+    (16, 4, 6, 5, 5, (2, 2), (1, 1)),
+    (32, 8, 9, 3, 3, (2, 2), (2, 2)),
+    (16, 2, 3, 3, 3, (1, 1), (1, 1)),
     (32, 6, 11, 3, 3, (0, 2), (1, 1)),
     (16, 10, 8, 5, 3, (2, 1), (2, 1)),
     (16, 7, 12, 2, 4, (1, 0), (1, 2)),
     (48, 5, 5, 1, 3, (0, 1), (1, 1)),
+    (16, 3, 6, 5, 3, (2, 1), (1, 1)),  # a map shorter than its padding
 ]
 
 
@@ -119,7 +123,7 @@ def test_exported_step_lowers_every_marker_and_variant_trains_alike() -> None:
         assert not [n for n in graph.graph.node if depthwise_grad.is_marker(n)]
         assert depthwise_grad.MARKER_DOMAIN not in {o.domain for o in graph.opset_import}
     # the default graph holds the rows form (band MatMuls), the variant one stacked
-    # nchwc.Conv per depthwise weight gradient: 2 forward + 2 input-gradient + 2 stacked
+    # nchwc.Conv per depthwise weight gradient
     assert (
         sum(n.op_type == "Concat" and n.output[0].startswith("dwgrad_") for n in step.graph.node)
         == 2
