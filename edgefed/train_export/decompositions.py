@@ -4,8 +4,10 @@ Why own decompositions: onnxscript's torchlib has no ONNX function for several b
 and some forward ops export to ONNX nodes with different semantics (BatchNormalization in
 training mode normalises with the RUNNING statistics in the exporter's output: silently wrong).
 
-* ``convolution_backward``: input gradient as a transposed convolution; weight gradient as
-  im2col (strided slices of the padded input, stacked) + one MatMul per group. The "batch as
+* ``convolution_backward``: input gradient as a transposed convolution (1x1 layers: a 1x1
+  Conv by the transposed weight); weight gradient as im2col (slices of the padded input,
+  stacked; strided layers slice a space-to-depth view so every slice is unit-step) + one
+  MatMul per group. The "batch as
   channels" convolution formulation exports fine but onnxruntime runs it 2-3x slower than torch
   (the whole gradient map becomes a huge kernel); a GEMM over the patch matrix is what MLAS is
   fast at.
@@ -46,16 +48,19 @@ def _im2col_weight_grad(
     sh, sw = stride
     ph, pw = padding
     dh, dw = dilation
-    xt = x.transpose(0, 1)  # C, N, H, W: channel-major so the patch matrix needs no permute
-    if ph or pw:
-        xt = torch.nn.functional.pad(xt, [pw, pw, ph, ph])
     cols = []
-    for i in range(kh):
-        for j in range(kw):
-            h0, w0 = i * dh, j * dw
-            cols.append(
-                xt[:, :, h0 : h0 + sh * (ho - 1) + 1 : sh, w0 : w0 + sw * (wo - 1) + 1 : sw]
-            )
+    if sh > 1 or sw > 1:  # unit-step slices of a space-to-depth view (see strided_patches)
+        cols = conv_grads.strided_patches(x, (ho, wo), (kh, kw), stride, padding, dilation)
+    if not cols:
+        xt = x.transpose(0, 1)  # C, N, H, W: channel-major so the patch matrix needs no permute
+        if ph or pw:
+            xt = torch.nn.functional.pad(xt, [pw, pw, ph, ph])
+        for i in range(kh):
+            for j in range(kw):
+                h0, w0 = i * dh, j * dw
+                cols.append(
+                    xt[:, :, h0 : h0 + sh * (ho - 1) + 1 : sh, w0 : w0 + sw * (wo - 1) + 1 : sw]
+                )
     patches = torch.stack(cols, dim=1) if len(cols) > 1 else cols[0].unsqueeze(1)
     # patches: C, K, N, Ho, Wo -> groups, Cg*K, M   (M = N*Ho*Wo); reshapes only, no Gather
     g = groups
@@ -118,7 +123,7 @@ def convolution_backward(
     ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
     pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)
     if output_mask[0] and pointwise and h * w_ >= 16:  # (1x1 maps: one GEMM in ConvTranspose)
-        gi = conv_grads.pointwise_input_grad(grad_out, weight, x.shape)
+        gi = conv_grads.pointwise_input_grad(grad_out, weight)
     elif output_mask[0]:
         op = [
             h + 2 * padding[0] - dilation[0] * (kh - 1) - 1 - (ho - 1) * stride[0],
