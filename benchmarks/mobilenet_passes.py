@@ -99,6 +99,17 @@ def compare(
     rounds: int,
     reps: int,
 ) -> dict[str, float]:
+    """Median ms per form (see :func:`compare_rounds`)."""
+    return {k: float(np.median(v)) for k, v in compare_rounds(forms, args, rounds, reps).items()}
+
+
+def compare_rounds(
+    forms: dict[str, Callable[..., torch.Tensor]],
+    args: tuple[torch.Tensor, ...],
+    rounds: int,
+    reps: int,
+) -> dict[str, list[float]]:
+    """Per form, the thread-CPU ms of each interleaved round (outputs checked equal first)."""
     sess = {k: session(f, args) for k, f in forms.items()}
     feeds = {
         k: {i.name: a.numpy() for i, a in zip(s.get_inputs(), args, strict=True)}
@@ -118,7 +129,7 @@ def compare(
             for _ in range(reps):
                 s.run(None, feeds[k])
             times[k].append((time.thread_time() - t) / reps * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
 
 
 def main() -> None:
