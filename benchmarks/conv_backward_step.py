@@ -129,7 +129,17 @@ def main() -> None:
         c = r["cpu"]
         rng = f"{min(c):.1f}-{max(c):.1f}"
         print(f"{k:28} {med(r['wall']):8.2f} {med(c):8.2f} {rng:>15} {t_cpu / med(c):10.3f}x")
+    # paired per-round ratios: both sides ran within the same few seconds of every round
+    paired = {}
+    for kind in ("nchwc", "default graph"):
+        b = next((k for k in res if k.startswith("base") and k.endswith(kind)), None)
+        n = next((k for k in res if k.startswith("branch") and k.endswith(kind)), None)
+        if b and n:
+            r = sorted(x / y for x, y in zip(res[b]["cpu"], res[n]["cpu"], strict=True))
+            paired[kind] = {"min": r[0], "median": med(r), "max": r[-1]}
+            print(f"base/branch cpu, {kind}: median {med(r):.3f}x (rounds {r[0]:.3f}-{r[-1]:.3f})")
     print("load", os.getloadavg())
+    res["paired_base_over_branch_cpu"] = paired  # type: ignore[assignment]
     write_json("conv_backward_step", {"machine": machine(), "base": a.base, "runs": res})
 
 
