@@ -17,7 +17,6 @@ Writes benchmarks/out/conv_backward_step.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 
 from _util import machine, write_json  # noqa: E402
 from train_export_zoo import zoo  # noqa: E402
-from train_step import _interleaved_rounds  # noqa: E402
+from train_step import _interleaved_rounds, torch_sgd_step  # noqa: E402
 
 import edgefed  # noqa: E402
 from device_agent.trainer import StepTrainer  # noqa: E402
@@ -102,15 +101,7 @@ def main() -> None:
         x, y = e.data(BATCH, torch.Generator().manual_seed(1))
         xn, yn = x.numpy(), y.numpy()
         torch.set_num_threads(1)
-        ref = copy.deepcopy(model).train()
-        opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
-
-        def torch_step() -> None:
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(ref(x), y).backward()
-            opt.step()
-
-        fns = {"torch eager": torch_step}
+        fns = {"torch eager": torch_sgd_step(model, x, y)}
         for side in ("base", "branch"):
             d = tmp / f"{side}_step"
             for alternative in (True, False):

@@ -6,15 +6,13 @@ the torch-free trainer like torch at batch sizes other than the traced one."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_export_mbgrad import _train_both
 from torch import nn
 
-from device_agent.trainer import StepTrainer
 from edgefed.train_export import SGD, conv_grads, decompositions, export_training_step
 
 # (batch, c_in, c_out, height, width, kh, kw, stride, padding, dilation, groups)
@@ -105,15 +103,7 @@ def test_exported_strided_step_trains_like_torch(batch: int) -> None:
     rng = np.random.default_rng(batch)
     xb = rng.standard_normal((batch, *shape)).astype(np.float32)
     yb = np.arange(batch) % 3
-    tr = StepTrainer(g.onnx, g.manifest)
-    tr.set_params({k: v.detach().numpy() for k, v in m.state_dict().items()}, strict=False)
-    tr.train_epochs(xb, yb, epochs=3, batch_size=batch, lr=0.1, shuffle=False)
-    ref = copy.deepcopy(m)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(ref(torch.from_numpy(xb)), torch.from_numpy(yb)).backward()
-        opt.step()
+    tr, ref = _train_both(m, g, xb, yb, batch)
     for k, v in ref.state_dict().items():
         if k in tr.params:
             np.testing.assert_allclose(tr.params[k], v.detach().numpy(), rtol=1e-4, atol=2e-5)
