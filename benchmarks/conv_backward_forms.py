@@ -88,7 +88,16 @@ def wg_s2d_per_tap_gemm(geom: tuple[int, ...]) -> Form:
     return fn
 
 
-def pw_wg_main(ci: int, co: int) -> Form:
+def pw_wg_bmm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """main's 1x1 weight gradient: per-sample bmm, then ReduceSum over the batch."""
+    n, co, ci = x.shape[0], int(g.shape[1]), int(x.shape[1])
+    out = torch.bmm(g.reshape(n, co, -1), x.reshape(n, ci, -1).transpose(1, 2)).sum(0)
+    return out.reshape(co, ci, 1, 1)
+
+
+def pw_wg_exporter(ci: int, co: int) -> Form:
+    """This checkout's exporter (its dispatch: bmm + ReduceSum, one GEMM on 1x1 maps)."""
+
     def fn(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return decompositions._weight_grad(g, x, (co, ci, 1, 1), [1, 1], [0, 0], [1, 1], 1)
 
@@ -167,12 +176,6 @@ def ig_subpixel(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.reshape(n, 2, 2, c, ha, ha).permute(0, 3, 4, 1, 5, 2).reshape(n, c, 2 * ha, 2 * ha)
 
 
-def pw_wg_se_mm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """A 1x1 map's 1x1 weight gradient as one GEMM over the batch (reshapes only)."""
-    n = x.shape[0]
-    return torch.mm(g.reshape(n, -1).t(), x.reshape(n, -1)).reshape(g.shape[1], x.shape[1], 1, 1)
-
-
 def pieces(gen: torch.Generator) -> list[tuple[str, list, dict[str, Form], tuple]]:
     rows: list[tuple[str, list, dict[str, Form], tuple]] = []
     for geom in STRIDED:
@@ -200,7 +203,7 @@ def pieces(gen: torch.Generator) -> list[tuple[str, list, dict[str, Form], tuple
         x = torch.randn(BATCH, ci, hw, hw, generator=gen)
         g = torch.randn(BATCH, co, hw, hw, generator=gen)
         forms = {
-            "bmm + ReduceSum (main)": pw_wg_main(ci, co),
+            "bmm + ReduceSum (main)": pw_wg_bmm,
             "channel-major GEMM (rejected)": pw_wg_channel_major(ci, co),
             "channels-last GEMM (rejected)": pw_wg_nhwc(ci, co),
         }
@@ -217,9 +220,12 @@ def pieces(gen: torch.Generator) -> list[tuple[str, list, dict[str, Form], tuple
     for ci, co, hw in SE:
         x = torch.randn(BATCH, ci, hw, hw, generator=gen)
         g = torch.randn(BATCH, co, hw, hw, generator=gen)
-        forms = {"bmm + ReduceSum (main)": pw_wg_main(ci, co), "one GEMM (1x1 map)": pw_wg_se_mm}
+        forms = {
+            "bmm + ReduceSum (main)": pw_wg_bmm,
+            "one GEMM (1x1 map, wgrad13)": pw_wg_exporter(ci, co),
+        }
         rows.append(("se_weight_grad", [ci, co, hw], forms, (x, g)))
-        forms = {"ConvTranspose (main)": ig_conv_transpose, "1x1 Conv by W^T": pw_ig_conv}
+        forms = {"ConvTranspose (main)": ig_conv_transpose, "1x1 Conv by W^T (wgrad13)": pw_ig_conv}
         rows.append(
             ("se_input_grad", [ci, co, hw], forms, (g, torch.randn(co, ci, 1, 1, generator=gen)))
         )
