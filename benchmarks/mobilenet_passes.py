@@ -108,8 +108,21 @@ def compare(
     reps: int,
     lowered: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
-    """``lowered``: the forms that build an ONNX graph (inputs g, x) instead of a function
-    of (x, g, ...)."""
+    """Median ms per form (see :func:`compare_rounds`)."""
+    rounds_ms = compare_rounds(forms, args, rounds, reps, lowered)
+    return {k: float(np.median(v)) for k, v in rounds_ms.items()}
+
+
+def compare_rounds(
+    forms: dict[str, Form],
+    args: tuple[torch.Tensor, ...],
+    rounds: int,
+    reps: int,
+    lowered: frozenset[str] = frozenset(),
+) -> dict[str, list[float]]:
+    """Per form, the thread-CPU ms of each interleaved round (outputs checked equal first).
+    ``lowered``: the forms that build an ONNX graph (inputs g, x) instead of a function of
+    (x, g, ...)."""
     sess = {k: session(f, args, k in lowered) for k, f in forms.items()}
     feeds = {
         k: {"g": args[1].numpy(), "x": args[0].numpy()}
@@ -131,7 +144,7 @@ def compare(
             for _ in range(reps):
                 s.run(None, feeds[k])
             times[k].append((time.thread_time() - t) / reps * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from _util import machine, write_json  # noqa: E402
 from train_export_zoo import zoo  # noqa: E402
-from train_step import _interleaved_ms  # noqa: E402
+from train_step import _interleaved_ms, torch_sgd_step  # noqa: E402
 
 import edgefed.train_export.export as export_mod  # noqa: E402
 from device_agent.trainer import StepTrainer  # noqa: E402
@@ -80,15 +79,7 @@ def bench(name: str, model, graphs, threads: int, steps: int, repeats: int) -> l
     x, y = ZOO[name].data(BATCH, torch.Generator().manual_seed(1))
     xn, yn = x.numpy(), y.numpy()
     torch.set_num_threads(threads)
-    ref = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
-
-    def torch_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(ref(x), y).backward()
-        opt.step()
-
-    fns = [torch_step]
+    fns = [torch_sgd_step(model, x, y)]
     for g in graphs:
         tr = StepTrainer(g.onnx, g.manifest, threads=threads)
         tr.set_params({k: v.detach().numpy() for k, v in model.state_dict().items()})

@@ -63,6 +63,21 @@ def _interleaved_rounds(fns, steps: int, repeats: int) -> list[dict[str, list[fl
     return runs
 
 
+def torch_sgd_step(model, x, y, loss_fn=None):
+    """A closure running one torch eager SGD-momentum step on a copy of ``model`` (lr 0.01,
+    momentum 0.9, cross entropy unless ``loss_fn``): the baseline every step is timed against."""
+    ref = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    loss = loss_fn or torch.nn.functional.cross_entropy
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss(ref(x), y).backward()
+        opt.step()
+
+    return step
+
+
 def _interleaved_ms(fns, steps: int, repeats: int) -> list[float]:
     """Median wall-clock ms/step per function over interleaved rounds."""
     return [float(np.median(r["wall"])) for r in _interleaved_rounds(fns, steps, repeats)]

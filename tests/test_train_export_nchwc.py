@@ -113,10 +113,10 @@ def test_variant_moves_only_the_suited_convolutions() -> None:
     assert kept == [
         ("Conv", 1, (1, 1)),  # pointwise 32 -> 12 (1x1 loses on NCHWc)
         ("Conv", 1, (1, 1)),  # 12 -> 16 3x3: 12 input channels
+        ("Conv", 1, (1, 1)),  # input gradient of the pointwise (a 1x1 Conv by W^T)
         ("Conv", 12, (1, 1)),  # depthwise, 12 channels
         ("Conv", 32, (1, 1)),  # the strided depthwise weight gradient (its kernel is data)
-        ("ConvTranspose", 1, (1, 1)),  # input gradients of the pointwise ...
-        ("ConvTranspose", 1, (1, 1)),  # ... and of the 12 -> 16 3x3
+        ("ConvTranspose", 1, (1, 1)),  # input gradient of the 12 -> 16 3x3
         ("ConvTranspose", 1, (2, 2)),  # input gradient of the strided 16 -> 32 3x3
         ("ConvTranspose", 12, (1, 1)),  # depthwise 12 input gradient
         ("ConvTranspose", 32, (2, 2)),  # strided depthwise input gradient

@@ -133,17 +133,55 @@ def depthwise_1d_backward(
     return gi, gw, gb
 
 
-def pointwise_input_grad(grad_out: Tensor, weight: Tensor, x_shape: Any) -> Tensor:
-    """1x1 convolution input gradient as a batched MatMul ``W^T @ g`` (per sample).
+def pointwise_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
+    """1x1 convolution input gradient as a 1x1 Conv of ``grad_out`` by ``W^T`` (``[C, O, 1, 1]``).
 
-    onnxruntime's ConvTranspose runs a GEMM and then a col2im pass even for 1x1 kernels:
-    1.60 vs 1.35 ms (32x16x16x16 -> 64 channels) and 1.29 vs 1.02 ms (32x32x8x8 -> 128),
-    1 thread, microbenchmark.
+    onnxruntime's ConvTranspose runs a GEMM and then a col2im pass even for 1x1 kernels, and
+    a per-sample ``bmm`` needs the weight expanded (copied) per sample; its plain Conv runs a
+    1x1 stride-1 kernel as one GEMM per sample straight on the map: 0.41 -> 0.32 ms
+    (32x16x16x16 -> 64 channels), 0.48 -> 0.29 (64 -> 16), 0.32 -> 0.17 (32x32x8x8 -> 128),
+    1 thread, ``benchmarks/conv_backward_forms.py`` (bmm form before, ConvTranspose before that).
     """
-    n, o = grad_out.shape[0], int(weight.shape[0])
-    wt = weight.reshape(o, -1).t()  # C, O (tiny: the expand below copies it per sample)
-    g = grad_out.reshape(n, o, -1)
-    return torch.bmm(wt.expand(n, *wt.shape), g).reshape(x_shape)
+    wt = weight.transpose(0, 1)  # C, O, 1, 1 (tiny)
+    return aten.convolution.default(grad_out, wt, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+
+
+def strided_patches(
+    x: Tensor, out_hw: Sequence[int], k_hw: Sequence[int], *conv: Sequence[int]
+) -> list[Tensor]:
+    """The ``kh * kw`` input windows of a strided convolution, channel-major ``[C, N, Ho, Wo]``
+    each (row-major over the kernel), read as CONTIGUOUS slices of a space-to-depth view.
+
+    Why: onnxruntime copies a strided Slice element by element, and im2col of a stride-2
+    layer is ``kh * kw`` of them. Padding the channel-major input to a multiple of the stride
+    and splitting every spatial axis into (plane row, phase) turns the map into ``sh * sw``
+    phase planes ``[C, sh, sw, N, Hq, Wq]`` (ONE Transpose); kernel offset ``d * i`` is phase
+    ``(d * i) % s`` at plane offset ``(d * i) // s``, so every window is a unit-step slice.
+    1.37 -> 0.93 ms (3->16 stem, 32x3x32x32), 1.76 -> 1.21 ms (16->32, 32x16x16x16), whole
+    im2col weight gradient, 1 thread, ``benchmarks/conv_backward_forms.py``.
+    ``conv``: stride, padding, dilation. Returns [] when the geometry does not fit (callers
+    keep their strided slices then).
+    """
+    (ho, wo), (kh, kw) = out_hw, k_hw
+    (sh, sw), (ph, pw), (dh, dw) = conv
+    c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
+    hq, wq = ho + dh * (kh - 1) // sh, wo + dw * (kw - 1) // sw  # plane sizes
+    need_h, need_w = sh * hq, sw * wq  # padded extent the planes cover
+    if need_h < ph or need_w < pw:
+        return []
+    xt = x.transpose(0, 1)  # C, N, H, W
+    if need_h < h + ph or need_w < w + pw:  # rows / columns no window reads
+        xt = xt[:, :, : need_h - ph, : need_w - pw]
+    ch, cw = min(h, need_h - ph), min(w, need_w - pw)
+    xt = torch.nn.functional.pad(xt, [pw, need_w - pw - cw, ph, need_h - ph - ch])
+    xq = xt.reshape(c, -1, hq, sh, wq, sw).permute(0, 3, 5, 1, 2, 4)  # C, sh, sw, N, Hq, Wq
+    cols = []
+    for i in range(kh):
+        a, u = divmod(dh * i, sh)
+        for j in range(kw):
+            b, v = divmod(dw * j, sw)
+            cols.append(xq[:, u, v, :, a : a + ho, b : b + wo])
+    return cols
 
 
 def depthwise_weight_grad_conv(
@@ -192,5 +230,6 @@ __all__ = [
     "depthwise_1d_backward",
     "depthwise_weight_grad_conv",
     "pointwise_input_grad",
+    "strided_patches",
     "transposed_convolution_backward",
 ]

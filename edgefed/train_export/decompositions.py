@@ -4,8 +4,10 @@ Why own decompositions: onnxscript's torchlib has no ONNX function for several b
 and some forward ops export to ONNX nodes with different semantics (BatchNormalization in
 training mode normalises with the RUNNING statistics in the exporter's output: silently wrong).
 
-* ``convolution_backward``: input gradient as a transposed convolution; weight gradient as
-  im2col (strided slices of the padded input, stacked) + one MatMul per group. The "batch as
+* ``convolution_backward``: input gradient as a transposed convolution (1x1 layers: a 1x1
+  Conv by the transposed weight); weight gradient as im2col (slices of the padded input,
+  stacked; strided layers slice a space-to-depth view so every slice is unit-step) + one
+  MatMul per group. The "batch as
   channels" convolution formulation exports fine but onnxruntime runs it 2-3x slower than torch
   (the whole gradient map becomes a huge kernel); a GEMM over the patch matrix is what MLAS is
   fast at.
@@ -46,16 +48,19 @@ def _im2col_weight_grad(
     sh, sw = stride
     ph, pw = padding
     dh, dw = dilation
-    xt = x.transpose(0, 1)  # C, N, H, W: channel-major so the patch matrix needs no permute
-    if ph or pw:
-        xt = torch.nn.functional.pad(xt, [pw, pw, ph, ph])
     cols = []
-    for i in range(kh):
-        for j in range(kw):
-            h0, w0 = i * dh, j * dw
-            cols.append(
-                xt[:, :, h0 : h0 + sh * (ho - 1) + 1 : sh, w0 : w0 + sw * (wo - 1) + 1 : sw]
-            )
+    if sh > 1 or sw > 1:  # unit-step slices of a space-to-depth view (see strided_patches)
+        cols = conv_grads.strided_patches(x, (ho, wo), (kh, kw), stride, padding, dilation)
+    if not cols:
+        xt = x.transpose(0, 1)  # C, N, H, W: channel-major so the patch matrix needs no permute
+        if ph or pw:
+            xt = torch.nn.functional.pad(xt, [pw, pw, ph, ph])
+        for i in range(kh):
+            for j in range(kw):
+                h0, w0 = i * dh, j * dw
+                cols.append(
+                    xt[:, :, h0 : h0 + sh * (ho - 1) + 1 : sh, w0 : w0 + sw * (wo - 1) + 1 : sw]
+                )
     patches = torch.stack(cols, dim=1) if len(cols) > 1 else cols[0].unsqueeze(1)
     # patches: C, K, N, Ho, Wo -> groups, Cg*K, M   (M = N*Ho*Wo); reshapes only, no Gather
     g = groups
@@ -117,8 +122,8 @@ def convolution_backward(
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
     pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)
-    if output_mask[0] and pointwise and h * w_ >= 16:  # (1x1 maps: one GEMM in ConvTranspose)
-        gi = conv_grads.pointwise_input_grad(grad_out, weight, x.shape)
+    if output_mask[0] and pointwise:
+        gi = conv_grads.pointwise_input_grad(grad_out, weight)
     elif output_mask[0]:
         op = [
             h + 2 * padding[0] - dilation[0] * (kh - 1) - 1 - (ho - 1) * stride[0],
@@ -143,8 +148,15 @@ def _weight_grad(grad_out: Tensor, x: Tensor, w_shape: Sequence[int], *conv: Any
     kh, kw = int(w_shape[2]), int(w_shape[3])
     depthwise = groups > 1 and groups == int(x.shape[1]) == int(w_shape[0]) and w_shape[1] == 1
     pointwise = groups == 1 and kh == kw == 1 and list(stride) == [1, 1] and not any(padding)
+    if pointwise and int(x.shape[2]) * int(x.shape[3]) == 1:
+        # 1x1 maps (squeeze-excitation): ONE GEMM over the batch, reshapes only; 0.057 ->
+        # 0.024 ms on 32x96 -> 24 (bmm + ReduceSum below), benchmarks/conv_backward_forms.py
+        n = x.shape[0]
+        return torch.mm(grad_out.reshape(n, -1).t(), x.reshape(n, -1)).reshape(w_shape)
     if pointwise:
-        # per-sample products summed over the batch: no channel-major copies of x and grad
+        # per-sample products summed over the batch: no channel-major copies of x and grad.
+        # One GEMM over channel-major (0.43 -> 0.76 ms on 32x16x16x16 -> 64) or channels-last
+        # (1.05 ms) transposed operands loses: the transposes cost more than the ReduceSum.
         n = x.shape[0]
         go = grad_out.reshape(n, int(grad_out.shape[1]), -1)
         xs = x.reshape(n, int(x.shape[1]), -1)
