@@ -39,7 +39,7 @@ import numpy as np
 from edgefed.coordinator.artifact import artifact_dir_for, write_engine_artifact
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from edgefed.coordinator.fleet_clock import Availability, FleetProfile
-from edgefed.coordinator.journal import Journal, journal_path
+from edgefed.coordinator.journal import Journal, crash_point, journal_path
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
 
@@ -200,6 +200,7 @@ def _fill_buffer(engine: RoundEngine, collector: Collector) -> None:
         tasks = engine.dispatch(online, collector.clock())
         if tasks:
             collector.send(tasks)
+            _crash_point_published(engine, collector)
         collector.collect(engine.next_deadline(collector.clock()))
 
 
@@ -218,7 +219,14 @@ def _sharded_buffer(engine: RoundEngine, collector: Collector) -> Any:
     if collector.stopped:
         return None
     collector.send(engine.dispatch(online, collector.clock()))
+    _crash_point_published(engine, collector)
     return collector.collect(collector.clock() + engine.cfg.round_timeout)
+
+
+def _crash_point_published(engine: RoundEngine, collector: Collector) -> None:
+    """TEST HOOK (coordinator/journal.py ``crash_point``): inert unless set."""
+    client = getattr(collector, "client", None)
+    crash_point("published", engine.round, getattr(client, "flush", None))
 
 
 class InProcessCollector(Collector):
