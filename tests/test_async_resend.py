@@ -78,13 +78,14 @@ def test_restart_sends_journaled_tasks_again_byte_for_byte(fl_model_dir, tmp_pat
 
     eng = _restarted(fl_model_dir, ck)
     assert eng.outstanding == 3
-    again = dict(eng.dispatch(DEVICES, now=100.0))  # every device busy: only the resend
+    again = dict(eng.take_resend())  # what the loop sends as soon as the buffer is open
     assert sorted(again) == DEVICES
     for d in DEVICES:
         assert again[d] == first[d], d  # the same seed, uplink, graph decision, weights
     signer, topic = DownlinkSigner(generate_keypair()[0]), "edgefed/rel/task/dev-0"
     assert signer.sign(topic, again["dev-0"], 1) == signer.sign(topic, first["dev-0"], 1)
-    assert dict(eng.dispatch(DEVICES, now=101.0)) == {}  # sent again once, not every time
+    assert dict(eng.take_resend()) == {}  # sent again once, not every time
+    assert dict(eng.dispatch(DEVICES, now=101.0)) == {}  # every device busy
 
     # a device that DID get the original trains once; the copy is answered from its outbox
     w = _workers(fl_model_dir, tmp_path)
@@ -116,7 +117,7 @@ def test_answered_tasks_are_not_sent_again(fl_model_dir, tmp_path) -> None:
 
     eng = _restarted(fl_model_dir, ck)
     assert eng.aggregator is not None and eng.aggregator.count == 1
-    again = dict(eng.dispatch(DEVICES, now=100.0))
+    again = dict(eng.take_resend())
     assert again == {"dev-0": second["dev-0"], "dev-1": first["dev-1"], "dev-2": first["dev-2"]}
     assert unpack(again["dev-0"])[0]["round"] == 2
 
@@ -136,7 +137,7 @@ def test_journal_without_plan_still_resends_the_same_task(fl_model_dir, tmp_path
     jp.write_bytes(b"\n".join([lines[0], json.dumps(ev).encode()]) + b"\n")
 
     eng = _restarted(fl_model_dir, ck)
-    again = dict(eng.dispatch(DEVICES, now=100.0))
+    again = dict(eng.take_resend())
     assert sorted(again) == DEVICES
     for d in DEVICES:
         (h0, p0), (h1, p1) = unpack(first[d]), unpack(again[d])

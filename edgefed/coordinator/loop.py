@@ -189,6 +189,9 @@ def _fill_buffer(engine: RoundEngine, collector: Collector) -> None:
     """One asynchronous model version: keep idle online devices busy with tasks on the
     current model and collect until ``buffer_size`` updates were accepted."""
     engine.open_buffer(collector.clock())
+    resend = engine.take_resend()  # after a restart: tasks a kill may have kept in
+    if resend:
+        collector.send(resend)
     while not collector.stopped and not engine.buffer_full():
         engine.expire(collector.clock())
         if engine.outstanding:
@@ -211,6 +214,7 @@ def _sharded_buffer(engine: RoundEngine, collector: Collector) -> Any:
     reported (or ``round_timeout``); returns their merged sums. A device gets at most one
     task per buffer here: the coordinator learns which tasks were answered from the merge."""
     engine.open_buffer(collector.clock(), sharded=True)
+    tasks = engine.take_resend()  # after a restart: tasks a kill may have kept in
     engine.expire(collector.clock())
     if engine.outstanding:
         online = collector.online_now()
@@ -218,7 +222,8 @@ def _sharded_buffer(engine: RoundEngine, collector: Collector) -> Any:
         online = collector.wait_online(engine.cfg.min_devices)
     if collector.stopped:
         return None
-    collector.send(engine.dispatch(online, collector.clock()))
+    tasks.update(engine.dispatch(online, collector.clock()))  # (updates reach the workers)
+    collector.send(tasks)
     _crash_point_published(engine, collector)
     return collector.collect(collector.clock() + engine.cfg.round_timeout)
 

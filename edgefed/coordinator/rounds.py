@@ -131,8 +131,8 @@ class RoundEngine:
         # async: the write-ahead journal of the open buffer (coordinator/journal.py)
         self.journal: Journal | None = None
         self.task_seq = 0  # async: the round field of the last dispatched tasks
-        # async, after a restart: journaled tasks to send again, device -> (seq, graph, plan)
-        self._resend: dict[str, tuple[int, str, list[Any] | None]] = {}
+        # async, after a restart: the journaled tasks to send again (see _rebuild_journaled)
+        self._resend = LazyTasks({})
         self._staleness: list[int] = []
         if config.upload_budget_s == AUTO and self.asynchronous:
             raise ValueError(
@@ -325,10 +325,9 @@ class RoundEngine:
         below their last one and signatures use it as anti-replay sequence, so it must grow
         per device even while the model version stays. The version a task was built on is
         its ``model_version`` (``r<version>``); staleness = current version - that."""
-        tasks = self._take_resend()  # once after a restart: tasks a kill may have kept in
         chosen = self.idle(online)
         if not chosen:
-            return tasks
+            return LazyTasks({})
         seq = max([self.task_seq, *(self.device(d).last_round for d in chosen)]) + 1
         assignment = {d: self.graph_for(d) for d in chosen}
         plan = self._plan(assignment)
@@ -336,7 +335,16 @@ class RoundEngine:
             self.journal.dispatched(seq, self.round, assignment, plan)
             crash_point("dispatched", self.round)  # TEST HOOK (journal.py): inert unless set
         self._hold(seq, self.round, assignment, now)
-        return _joined(tasks, self._tasks(seq, assignment, plan))
+        return self._tasks(seq, assignment, plan)
+
+    def take_resend(self) -> LazyTasks:
+        """Async: the journaled tasks a restart sends again (see :meth:`_rebuild_journaled`),
+        once; the loop sends them as soon as a buffer is open, before it reads any update,
+        so each is still held (and signed) with its own round."""
+        tasks, self._resend = self._resend, LazyTasks({})
+        if tasks:
+            log.info("sending again %d journaled tasks: %s", len(tasks), ", ".join(tasks))
+        return tasks
 
     def _hold(self, seq: int, version: int, assignment: dict[str, str], now: float) -> None:
         """Record tasks ``device -> graph`` of dispatch ``seq`` on model ``version`` as out."""
@@ -657,7 +665,7 @@ class RoundEngine:
             self._out = {d: replace(t, issued=now) for d, t in self._out.items()}
         events = journal.read(self.round, self.run_id)
         restored, replayed = len(self._out), 0
-        self._resend = {}
+        journaled: dict[str, tuple[int, str, list[Any] | None]] = {}
         if events:
             self.open_buffer(now, sharded)
             for ev in events:
@@ -667,10 +675,13 @@ class RoundEngine:
                     self._hold(seq, int(d["version"]), tasks, now)
                     plan = d.get("plan") or {}  # absent from older journals
                     for dev, gid in tasks.items():
-                        self._resend[dev] = (seq, gid, plan.get(dev))
+                        journaled[dev] = (seq, gid, plan.get(dev))
                 else:
                     self.handle_update(*decode_update(ev))
                     replayed += 1
+        self._resend = self._rebuild_journaled({  # those answered (replayed above) need nothing
+            d: r for d, r in journaled.items() if d in self._out and self._out[d].round == r[0]
+        })  # fmt: skip
         journal.start(self.round, self.run_id, events)
         self.journal = journal
         if restored or events:
@@ -680,19 +691,18 @@ class RoundEngine:
                 "%d to send again",
                 self.round, restored, len(events), replayed,
                 self.aggregator.count if self.aggregator else 0, len(self._out),
-                len(self._resend_due()),
+                len(self._resend),
             )  # fmt: skip
 
-    def _resend_due(self) -> dict[str, tuple[int, str, list[Any] | None]]:
-        """The journaled tasks still out as journaled (not answered since)."""
-        return {
-            d: r for d, r in self._resend.items()
-            if d in self._out and self._out[d].round == r[0]
-        }  # fmt: skip
+    def _rebuild_journaled(self, due: dict[str, tuple[int, str, list[Any] | None]]) -> LazyTasks:
+        """Async, in :meth:`resume`: the tasks ``due`` (device -> (task round, graph, plan)),
+        which the journal says were dispatched on this version and are still out, rebuilt
+        to send again (:meth:`take_resend`).
 
-    def _take_resend(self) -> LazyTasks:
-        """Async, once after :meth:`resume`: the tasks of this version the journal says were
-        dispatched and that are still out, rebuilt to send again.
+        Rebuilt here, not at that dispatch: the replayed buffer may be full already, and
+        the version closes (new weights) before the loop sends them; a task is the weights
+        of the version it was journaled on, encoded now (only the joining of its bytes
+        waits, see coordinator/tasks.py).
 
         Why: the journal line is fsynced BEFORE the task is published (it must be: a task
         out that the coordinator forgot would have its update dropped as ``late``), so a
@@ -705,7 +715,10 @@ class RoundEngine:
         and the agent does the same; it never trains twice. Should a device answer twice
         anyway (an agent that lost its outbox), the first accepted update releases the task
         and the second is ``late`` (sharded: one worker keeps one key per device, the merge
-        one per round).
+        one per round). The set is fixed here (the tasks still out after the replay) and
+        sent before any update is read, so what a restart sends does not depend on how
+        fast the broker delivers (nor does a test), and each task is still held with its
+        round when it is signed.
 
         Why rebuilt rather than journaled bytes: a task carries the model's weights (a
         model-sized fsync per task). The journal keeps the version (its weights are the
@@ -717,7 +730,6 @@ class RoundEngine:
         Tasks restored from the checkpoint (older versions) are not sent again: their
         weights are gone, and the process that published them lived on to close a version
         and fsync a checkpoint, long after the broker acknowledged them."""
-        due, self._resend = self._resend_due(), {}
         groups: dict[int, dict[str, tuple[str, list[Any] | None]]] = {}
         for d, (seq, gid, plan) in sorted(due.items()):
             groups.setdefault(seq, {})[d] = (gid, plan)
@@ -731,8 +743,9 @@ class RoundEngine:
             plan = {d: p if p is not None else [*fresh[d][:2], True] for d, p in plans.items()}
             out = _joined(out, self._tasks(seq, assignment, plan))
         if out:
-            log.info("sending again %d journaled tasks of version %d: %s", len(out), self.round,
-                     ", ".join(f"{d} (task {due[d][0]})" for d in sorted(out)))  # fmt: skip
+            which = ", ".join(f"{d} (task {due[d][0]})" for d in sorted(out))
+            log.info("rebuilt %d journaled tasks of version %d to send again: %s",
+                     len(out), self.round, which)  # fmt: skip
         return out
 
 
