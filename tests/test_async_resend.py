@@ -1,6 +1,6 @@
 """A restarted asynchronous coordinator sends again the tasks its journal says were
 dispatched on the current version and are still out (coordinator/rounds.py
-``RoundEngine._take_resend``): the journal line is written before the task is published,
+``RoundEngine._rebuild_journaled``): the journal line is written before the task is published,
 so a kill in between left tasks no device received, and the fleet waited ``round_timeout``.
 
 Engine level, on real files (checkpoint, fsynced journal) and real device workers training

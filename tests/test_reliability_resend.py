@@ -1,6 +1,6 @@
 """Reliability: an asynchronous coordinator process dies between journaling a dispatch and
 publishing its tasks, or right after publishing them; restarted, it sends the journaled
-tasks still out again (coordinator/rounds.py ``RoundEngine._take_resend``).
+tasks still out again (coordinator/rounds.py ``RoundEngine._rebuild_journaled``).
 
 Real processes on a real mosquitto: agent processes training the harness's user model
 (tests/harness/models.py) and a coordinator process ended at an exact place by the

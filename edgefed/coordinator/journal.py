@@ -25,7 +25,7 @@ Tasks that expired are not journaled: restored tasks get a fresh ``round_timeout
 
 A dispatch is journaled before its tasks are published, so a kill in between restores tasks
 no device received: the restarted engine sends the tasks of the journal's version that are
-still out again (``RoundEngine._take_resend`` says why that is harmless for a device that
+still out again (``RoundEngine._rebuild_journaled`` says why that is harmless for a device that
 did receive one). It rebuilds them from the checkpoint's weights and the dispatch line,
 which also carries each task's ``plan`` (seed, uplink spec, graph included or not: a few
 bytes), so they come back byte for byte; journaling the task bytes instead would fsync a
@@ -125,7 +125,7 @@ class Journal:
     ) -> None:
         """Tasks ``device -> graph`` of dispatch ``seq`` on model ``version``; ``plan``:
         device -> ``[seed, uplink spec, graph included]``, what rebuilds each task byte for
-        byte after a restart (see ``RoundEngine._take_resend``)."""
+        byte after a restart (see ``RoundEngine._rebuild_journaled``)."""
         ev: dict[str, Any] = {"seq": seq, "version": version, "tasks": tasks}
         if plan is not None:
             ev["plan"] = plan
