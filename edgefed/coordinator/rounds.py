@@ -133,6 +133,8 @@ class RoundEngine:
         self.task_seq = 0  # async: the round field of the last dispatched tasks
         # async, after a restart: the journaled tasks to send again (see _rebuild_journaled)
         self._resend = LazyTasks({})
+        self._resent: dict[str, int] = {}  # sharded: device -> task round sent again
+        self._copies: set[str] = set()  # sharded: ...whose update was counted since
         self._staleness: list[int] = []
         if config.upload_budget_s == AUTO and self.asynchronous:
             raise ValueError(
@@ -342,6 +344,7 @@ class RoundEngine:
         once; the loop sends them as soon as a buffer is open, before it reads any update,
         so each is still held (and signed) with its own round."""
         tasks, self._resend = self._resend, LazyTasks({})
+        self._resent = {d: r for d in tasks if (r := self.task_round(d)) is not None}
         if tasks:
             log.info("sending again %d journaled tasks: %s", len(tasks), ", ".join(tasks))
         return tasks
@@ -558,7 +561,7 @@ class RoundEngine:
                 self.device(dev).accepted += 1
         agg.add_sums(res.sums, res.weights, len(res.keys))  # type: ignore[union-attr]
         for drop in res.worker_drops:
-            self._drop(drop)
+            self._drop(self._copy_of_counted(drop))
         for _ in range(max(0, res.worker_rejected_updates - len(res.worker_drops))):
             self._drop(Drop("(worker)", DropReason.INVALID, "rejected by an aggregator worker"))
         for _, drop in sorted(res.dropped.items()):
@@ -572,12 +575,28 @@ class RoundEngine:
             if held is not None and held.round == rnd:
                 self._release(dev)
                 self._staleness.append(self.round - held.version)
+            if self._resent.get(dev) == rnd:  # a copy of it may still reach a worker
+                self._copies.add(dev)
             self.seen.check_and_add((dev, rnd, uid))
             self._records[(dev, rnd, uid)] = (0, None)
             self.device(dev).accepted += 1
         for drop in res.worker_drops:  # stale, or the device's error: no update will come
             if drop.reason in (DropReason.STALE, DropReason.DEVICE_ERROR):
                 self._release(drop.device)
+
+    def _copy_of_counted(self, drop: Drop) -> Drop:
+        """Sharded async: a worker's ``late`` for a device whose task was sent again after a
+        restart (:meth:`take_resend`) and whose update for that task was counted since is
+        the device's answer to the copy -- its stored update, the same key -- reaching a
+        worker after the task was released. A worker knows only its open buffer's keys, so
+        it cannot tell; here it is what the unsharded intake calls it: a duplicate."""
+        dev = drop.device
+        if drop.reason is not DropReason.LATE or dev not in self._copies:
+            return drop
+        self._copies.discard(dev)
+        rnd = self._resent.pop(dev)
+        why = f"copy of its update for task {rnd}, counted already (task sent again)"
+        return Drop(dev, DropReason.DUPLICATE, why, redelivery=True)
 
     # ---- checkpoints -----------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
