@@ -216,9 +216,14 @@ def _sharded_buffer(engine: RoundEngine, collector: Collector) -> Any:
     engine.open_buffer(collector.clock(), sharded=True)
     tasks = engine.take_resend()  # after a restart: tasks a kill may have kept in
     engine.expire(collector.clock())
-    if engine.outstanding:
+    if engine.outstanding >= engine.cfg.buffer_size:  # the tasks out can fill the buffer
         online = collector.online_now()
     else:
+        # They cannot: this one dispatch must reach devices, so wait until the fleet is
+        # there. Reading only what had arrived (online_now) found nobody right after a
+        # restart, while the presence was still on its way (the collector reads none while
+        # the workers collect): the buffer then waited round_timeout for updates of tasks
+        # never sent.
         online = collector.wait_online(engine.cfg.min_devices)
     if collector.stopped:
         return None

@@ -344,7 +344,7 @@ class RoundEngine:
         once; the loop sends them as soon as a buffer is open, before it reads any update,
         so each is still held (and signed) with its own round."""
         tasks, self._resend = self._resend, LazyTasks({})
-        self._resent = {d: r for d in tasks if (r := self.task_round(d)) is not None}
+        self._resent.update({d: r for d in tasks if (r := self.task_round(d)) is not None})
         if tasks:
             log.info("sending again %d journaled tasks: %s", len(tasks), ", ".join(tasks))
         return tasks
@@ -594,8 +594,7 @@ class RoundEngine:
         if drop.reason is not DropReason.LATE or dev not in self._copies:
             return drop
         self._copies.discard(dev)
-        rnd = self._resent.pop(dev)
-        why = f"copy of its update for task {rnd}, counted already (task sent again)"
+        why = f"copy of its update for task {self._resent.pop(dev, '?')}, counted already"
         return Drop(dev, DropReason.DUPLICATE, why, redelivery=True)
 
     # ---- checkpoints -----------------------------------------------------------------
