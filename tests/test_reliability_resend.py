@@ -99,6 +99,41 @@ def test_task_journaled_but_never_published_is_sent_after_restart(
         assert trained - 1 <= accepted[d] <= trained, (d, trained, accepted)
 
 
+def test_sharded_restart_between_checkpoint_and_dispatch_reaches_the_fleet(
+    mosquitto, fleet_factory, monkeypatch
+) -> None:
+    """Sharded: killed after version 1's checkpoint, before anything was dispatched on it
+    (the journal is empty). The restarted coordinator's one dispatch of the buffer must
+    reach the idle devices: it waits for their presence instead of taking the empty
+    "online now" of a process that just connected (which left the buffer waiting for
+    round_timeout, 300 s here)."""
+    from test_coordinator_sharded import _configure
+
+    fleet = _fleet(fleet_factory, mosquitto.url)
+    _configure(fleet, "resendck", 2)
+    monkeypatch.setenv(CRASH_ENV, "checkpointed:1")
+    fleet.start_coordinator()
+    monkeypatch.delenv(CRASH_ENV)
+    fleet.start_agents()
+    assert fleet.procs["coordinator"].wait(timeout=120) == CRASH_EXIT_CODE, fleet.log(
+        "coordinator"
+    )[-3000:]
+    assert json.loads(journal_path(fleet.checkpoint).read_text().splitlines()[-1]) == {
+        "format": "edgefed.async-journal/1", "version": 1,
+        "run_id": load_checkpoint(fleet.checkpoint).meta["run_id"],
+    }  # fmt: skip
+    fleet.start_coordinator()  # to the end, well before round_timeout
+    assert fleet.procs["coordinator"].wait(timeout=150) == 0, fleet.log("coordinator")[-3000:]
+    # version 1's metrics line was due after the point it died at; its checkpoint has it
+    after = load_checkpoint(fleet.checkpoint).meta["history"]
+    assert [r["round"] for r in after] == list(range(1, ROUNDS + 1))
+    assert [r["round"] for r in fleet.rounds()] == list(range(2, ROUNDS + 1))
+    drops = [d for r in after for d in r["drop_log"]]
+    assert not [d for d in drops if d["reason"] in ("deadline", "late")], drops
+    accepted = _accepted(fleet)
+    assert sum(accepted.values()) == sum(r["participants"] for r in after), (accepted, after)
+
+
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 def test_task_already_received_is_answered_once(
     mosquitto, fleet_factory, monkeypatch, tmp_path: Path, signed: bool

@@ -171,9 +171,10 @@ def crash_point(point: str, version: int, flush: Callable[[], object] | None = N
     """TEST HOOK, inert unless ``EDGEFED_TEST_CRASH_AT`` is ``<point>:<version>``: then the
     process ends at once at ``point`` on model ``version`` with exit code 86, no cleanup
     (``os._exit``: as abrupt as SIGKILL, but at an exact place, which a signal from a test
-    cannot hit). Points: ``dispatched`` (a dispatch is journaled, its tasks not yet built
-    or published) and ``published`` (its tasks are published; ``flush`` first waits for
-    the broker's acknowledgements)."""
+    cannot hit). Points: ``checkpointed`` (the version's checkpoint is written and its
+    journal started, nothing dispatched on it), ``dispatched`` (a dispatch is journaled,
+    its tasks not yet built or published) and ``published`` (its tasks are published;
+    ``flush`` first waits for the broker's acknowledgements)."""
     if os.environ.get(CRASH_ENV) != f"{point}:{version}":
         return
     if flush is not None:

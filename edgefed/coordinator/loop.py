@@ -149,6 +149,7 @@ def run_rounds(
                 _save(ck, engine, collector)
                 if journal is not None:  # after the checkpoint: a crash between keeps both
                     journal.start(engine.round, engine.run_id)
+                    crash_point("checkpointed", engine.round)  # TEST HOOK: inert unless set
                 write_engine_artifact(artifact_dir_for(ck), engine)
             if metrics is not None:
                 metrics.write(m, rounds)
