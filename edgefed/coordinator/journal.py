@@ -22,6 +22,19 @@ checkpoint and restarting the journal; or the checkpoint was deleted) describes 
 the checkpoint already contains or a run that is gone: it is ignored. A torn last line
 (killed mid-write) is ignored too: that event had not taken effect outside the process.
 Tasks that expired are not journaled: restored tasks get a fresh ``round_timeout``.
+
+A dispatch is journaled before its tasks are published, so a kill in between restores tasks
+no device received: the restarted engine sends the tasks of the journal's version that are
+still out again (``RoundEngine._rebuild_journaled`` says why that is harmless for a device that
+did receive one). It rebuilds them from the checkpoint's weights and the dispatch line,
+which also carries each task's ``plan`` (seed, uplink spec, graph included or not: a few
+bytes), so they come back byte for byte; journaling the task bytes instead would fsync a
+model-sized payload per task. The format stays ``edgefed.async-journal/1``: ``plan`` is an
+optional key (a journal without it, from an older coordinator, rebuilds the tasks with a
+fresh seed; an older coordinator reading a new journal ignores it).
+
+:func:`crash_point` is a TEST HOOK for the crash tests: inert unless its environment
+variable is set.
 """
 
 from __future__ import annotations
@@ -30,13 +43,20 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from edgefed.atomic import atomic_write
 
-__all__ = ["Journal", "decode_update", "journal_path"]
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_EXIT_CODE",
+    "Journal",
+    "crash_point",
+    "decode_update",
+    "journal_path",
+]
 
 FORMAT = "edgefed.async-journal/1"
 
@@ -96,9 +116,20 @@ class Journal:
         atomic_write(self.path, body, self.durable)
         self._f = open(self.path, "ab")  # noqa: SIM115 (kept open between events)
 
-    def dispatched(self, seq: int, version: int, tasks: dict[str, str]) -> None:
-        """Tasks ``device -> graph`` of dispatch ``seq`` on model ``version``."""
-        self._append({"dispatch": {"seq": seq, "version": version, "tasks": tasks}})
+    def dispatched(
+        self,
+        seq: int,
+        version: int,
+        tasks: dict[str, str],
+        plan: dict[str, list[Any]] | None = None,
+    ) -> None:
+        """Tasks ``device -> graph`` of dispatch ``seq`` on model ``version``; ``plan``:
+        device -> ``[seed, uplink spec, graph included]``, what rebuilds each task byte for
+        byte after a restart (see ``RoundEngine._rebuild_journaled``)."""
+        ev: dict[str, Any] = {"seq": seq, "version": version, "tasks": tasks}
+        if plan is not None:
+            ev["plan"] = plan
+        self._append({"dispatch": ev})
 
     def update(self, device: str, data: bytes) -> None:
         """An update message that changed the engine's state.
@@ -129,3 +160,25 @@ class Journal:
 def decode_update(event: dict[str, Any]) -> tuple[str, bytes]:
     device, b64 = event["update"]
     return str(device), base64.b64decode(b64)
+
+
+# ---- TEST HOOK: fault injection for the crash tests (tests/test_reliability_resend.py) ----
+CRASH_ENV = "EDGEFED_TEST_CRASH_AT"  # "<point>:<version>", e.g. "dispatched:1"
+CRASH_EXIT_CODE = 86
+
+
+def crash_point(point: str, version: int, flush: Callable[[], object] | None = None) -> None:
+    """TEST HOOK, inert unless ``EDGEFED_TEST_CRASH_AT`` is ``<point>:<version>``: then the
+    process ends at once at ``point`` on model ``version`` with exit code 86, no cleanup
+    (``os._exit``: as abrupt as SIGKILL, but at an exact place, which a signal from a test
+    cannot hit). Points: ``checkpointed`` (the version's checkpoint is written and its
+    journal started, nothing dispatched on it), ``dispatched`` (a dispatch is journaled,
+    its tasks not yet built or published) and ``published`` (its tasks are published;
+    ``flush`` first waits for the broker's acknowledgements)."""
+    if os.environ.get(CRASH_ENV) != f"{point}:{version}":
+        return
+    if flush is not None:
+        flush()
+    log.warning("%s=%s: exiting now (test hook)", CRASH_ENV, os.environ[CRASH_ENV])
+    logging.shutdown()
+    os._exit(CRASH_EXIT_CODE)

@@ -39,7 +39,7 @@ import numpy as np
 from edgefed.coordinator.artifact import artifact_dir_for, write_engine_artifact
 from edgefed.coordinator.checkpoint import load_checkpoint, save_checkpoint
 from edgefed.coordinator.fleet_clock import Availability, FleetProfile
-from edgefed.coordinator.journal import Journal, journal_path
+from edgefed.coordinator.journal import Journal, crash_point, journal_path
 from edgefed.coordinator.metrics import MetricsWriter, RoundMetrics
 from edgefed.coordinator.rounds import RoundEngine
 
@@ -149,6 +149,7 @@ def run_rounds(
                 _save(ck, engine, collector)
                 if journal is not None:  # after the checkpoint: a crash between keeps both
                     journal.start(engine.round, engine.run_id)
+                    crash_point("checkpointed", engine.round)  # TEST HOOK: inert unless set
                 write_engine_artifact(artifact_dir_for(ck), engine)
             if metrics is not None:
                 metrics.write(m, rounds)
@@ -189,6 +190,9 @@ def _fill_buffer(engine: RoundEngine, collector: Collector) -> None:
     """One asynchronous model version: keep idle online devices busy with tasks on the
     current model and collect until ``buffer_size`` updates were accepted."""
     engine.open_buffer(collector.clock())
+    resend = engine.take_resend()  # after a restart: tasks a kill may have kept in
+    if resend:
+        collector.send(resend)
     while not collector.stopped and not engine.buffer_full():
         engine.expire(collector.clock())
         if engine.outstanding:
@@ -200,6 +204,7 @@ def _fill_buffer(engine: RoundEngine, collector: Collector) -> None:
         tasks = engine.dispatch(online, collector.clock())
         if tasks:
             collector.send(tasks)
+            _crash_point_published(engine, collector)
         collector.collect(engine.next_deadline(collector.clock()))
 
 
@@ -210,15 +215,29 @@ def _sharded_buffer(engine: RoundEngine, collector: Collector) -> Any:
     reported (or ``round_timeout``); returns their merged sums. A device gets at most one
     task per buffer here: the coordinator learns which tasks were answered from the merge."""
     engine.open_buffer(collector.clock(), sharded=True)
+    tasks = engine.take_resend()  # after a restart: tasks a kill may have kept in
     engine.expire(collector.clock())
-    if engine.outstanding:
+    if engine.outstanding >= engine.cfg.buffer_size:  # the tasks out can fill the buffer
         online = collector.online_now()
     else:
+        # They cannot: this one dispatch must reach devices, so wait until the fleet is
+        # there. Reading only what had arrived (online_now) found nobody right after a
+        # restart, while the presence was still on its way (the collector reads none while
+        # the workers collect): the buffer then waited round_timeout for updates of tasks
+        # never sent.
         online = collector.wait_online(engine.cfg.min_devices)
     if collector.stopped:
         return None
-    collector.send(engine.dispatch(online, collector.clock()))
+    tasks.update(engine.dispatch(online, collector.clock()))  # (updates reach the workers)
+    collector.send(tasks)
+    _crash_point_published(engine, collector)
     return collector.collect(collector.clock() + engine.cfg.round_timeout)
+
+
+def _crash_point_published(engine: RoundEngine, collector: Collector) -> None:
+    """TEST HOOK (coordinator/journal.py ``crash_point``): inert unless set."""
+    client = getattr(collector, "client", None)
+    crash_point("published", engine.round, getattr(client, "flush", None))
 
 
 class InProcessCollector(Collector):

@@ -32,7 +32,7 @@ from edgefed.coordinator.adaptive import AUTO, DEFAULT_LADDER, AdaptiveUplink
 from edgefed.coordinator.aggregation import Aggregator, make_aggregator
 from edgefed.coordinator.checkpoint import Checkpoint
 from edgefed.coordinator.intake import AcceptedUpdate, HeldTask, RoundContext, accept
-from edgefed.coordinator.journal import Journal, decode_update
+from edgefed.coordinator.journal import Journal, crash_point, decode_update
 from edgefed.coordinator.metrics import RoundMetrics
 from edgefed.coordinator.model import FederatedModel
 from edgefed.coordinator.staleness import parse_staleness_weight
@@ -131,6 +131,10 @@ class RoundEngine:
         # async: the write-ahead journal of the open buffer (coordinator/journal.py)
         self.journal: Journal | None = None
         self.task_seq = 0  # async: the round field of the last dispatched tasks
+        # async, after a restart: the journaled tasks to send again (see _rebuild_journaled)
+        self._resend = LazyTasks({})
+        self._resent: dict[str, int] = {}  # sharded: device -> task round sent again
+        self._copies: set[str] = set()  # sharded: ...whose update was counted since
         self._staleness: list[int] = []
         if config.upload_budget_s == AUTO and self.asynchronous:
             raise ValueError(
@@ -231,11 +235,23 @@ class RoundEngine:
         self._budget = self.adaptive.budget if self.adaptive is not None else None
         return self._tasks(rnd, self._sampled)
 
-    def _tasks(self, rnd: int, assignment: dict[str, str]) -> LazyTasks:
-        """The tasks of round (async: task round) ``rnd`` for ``assignment``, counted."""
+    def _tasks(
+        self, rnd: int, assignment: dict[str, str], plan: dict[str, list[Any]] | None = None
+    ) -> LazyTasks:
+        """The tasks of round (async: task round) ``rnd`` for ``assignment``, counted.
+        ``plan`` (async, see :meth:`_plan`): each device's seed, uplink spec and whether
+        the graph goes along, decided (and journaled) beforehand."""
         for d in assignment:
             self.device(d).sampled += 1
             self.device(d).last_round = max(self.device(d).last_round, rnd)
+        seed = lambda: self.rng.randrange(2**31)  # noqa: E731
+        uplinks = {d: self.uplink_for(d) for d in assignment}
+        with_graph = None
+        if plan is not None:
+            seed = iter([int(plan[d][0]) for d in assignment]).__next__
+            uplinks = {d: str(plan[d][1]) for d in assignment}
+            with_graph = {d for d in assignment if plan[d][2]}
+            self._specs.update(uplinks)
         tasks = build_tasks(
             rnd,
             self.model_version,
@@ -245,12 +261,24 @@ class RoundEngine:
             self.strategy.configure_round(self.round + 1),
             assignment,
             {d: self.device(d) for d in assignment},
-            lambda: self.rng.randrange(2**31),
+            seed,
             self.run_id,
-            {d: self.uplink_for(d) for d in assignment},
+            uplinks,
+            with_graph,
         )
         self._bytes_down += tasks.bytes
         return tasks
+
+    def _plan(self, assignment: dict[str, str]) -> dict[str, list[Any]]:
+        """Async: device -> ``[seed, uplink spec, graph included]``, every choice a task's
+        bytes depend on beyond the model version and the config, drawn in the order
+        :func:`build_tasks` would draw them (same seeds as before this was journaled)."""
+        graphs = self.model.graphs
+        return {
+            d: [self.rng.randrange(2**31), self.uplink_for(d),
+                graphs[gid].sha not in self.device(d).graphs]
+            for d, gid in assignment.items()
+        }  # fmt: skip
 
     # ---- asynchronous buffers (FedBuff) ------------------------------------------------
     def open_buffer(self, now: float, sharded: bool = False) -> None:
@@ -304,10 +332,22 @@ class RoundEngine:
             return LazyTasks({})
         seq = max([self.task_seq, *(self.device(d).last_round for d in chosen)]) + 1
         assignment = {d: self.graph_for(d) for d in chosen}
+        plan = self._plan(assignment)
         if self.journal is not None:  # before the tasks exist outside this process
-            self.journal.dispatched(seq, self.round, assignment)
+            self.journal.dispatched(seq, self.round, assignment, plan)
+            crash_point("dispatched", self.round)  # TEST HOOK (journal.py): inert unless set
         self._hold(seq, self.round, assignment, now)
-        return self._tasks(seq, assignment)
+        return self._tasks(seq, assignment, plan)
+
+    def take_resend(self) -> LazyTasks:
+        """Async: the journaled tasks a restart sends again (see :meth:`_rebuild_journaled`),
+        once; the loop sends them as soon as a buffer is open, before it reads any update,
+        so each is still held (and signed) with its own round."""
+        tasks, self._resend = self._resend, LazyTasks({})
+        self._resent.update({d: r for d in tasks if (r := self.task_round(d)) is not None})
+        if tasks:
+            log.info("sending again %d journaled tasks: %s", len(tasks), ", ".join(tasks))
+        return tasks
 
     def _hold(self, seq: int, version: int, assignment: dict[str, str], now: float) -> None:
         """Record tasks ``device -> graph`` of dispatch ``seq`` on model ``version`` as out."""
@@ -521,7 +561,7 @@ class RoundEngine:
                 self.device(dev).accepted += 1
         agg.add_sums(res.sums, res.weights, len(res.keys))  # type: ignore[union-attr]
         for drop in res.worker_drops:
-            self._drop(drop)
+            self._drop(self._copy_of_counted(drop))
         for _ in range(max(0, res.worker_rejected_updates - len(res.worker_drops))):
             self._drop(Drop("(worker)", DropReason.INVALID, "rejected by an aggregator worker"))
         for _, drop in sorted(res.dropped.items()):
@@ -535,12 +575,27 @@ class RoundEngine:
             if held is not None and held.round == rnd:
                 self._release(dev)
                 self._staleness.append(self.round - held.version)
+            if self._resent.get(dev) == rnd:  # a copy of it may still reach a worker
+                self._copies.add(dev)
             self.seen.check_and_add((dev, rnd, uid))
             self._records[(dev, rnd, uid)] = (0, None)
             self.device(dev).accepted += 1
         for drop in res.worker_drops:  # stale, or the device's error: no update will come
             if drop.reason in (DropReason.STALE, DropReason.DEVICE_ERROR):
                 self._release(drop.device)
+
+    def _copy_of_counted(self, drop: Drop) -> Drop:
+        """Sharded async: a worker's ``late`` for a device whose task was sent again after a
+        restart (:meth:`take_resend`) and whose update for that task was counted since is
+        the device's answer to the copy -- its stored update, the same key -- reaching a
+        worker after the task was released. A worker knows only its open buffer's keys, so
+        it cannot tell; here it is what the unsharded intake calls it: a duplicate."""
+        dev = drop.device
+        if drop.reason is not DropReason.LATE or dev not in self._copies:
+            return drop
+        self._copies.discard(dev)
+        why = f"copy of its update for task {self._resent.pop(dev, '?')}, counted already"
+        return Drop(dev, DropReason.DUPLICATE, why, redelivery=True)
 
     # ---- checkpoints -----------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
@@ -628,21 +683,96 @@ class RoundEngine:
             self._out = {d: replace(t, issued=now) for d, t in self._out.items()}
         events = journal.read(self.round, self.run_id)
         restored, replayed = len(self._out), 0
+        journaled: dict[str, tuple[int, str, list[Any] | None]] = {}
         if events:
             self.open_buffer(now, sharded)
             for ev in events:
                 if "dispatch" in ev:
                     d = ev["dispatch"]
-                    self._hold(int(d["seq"]), int(d["version"]), dict(d["tasks"]), now)
+                    seq, tasks = int(d["seq"]), dict(d["tasks"])
+                    self._hold(seq, int(d["version"]), tasks, now)
+                    plan = d.get("plan") or {}  # absent from older journals
+                    for dev, gid in tasks.items():
+                        journaled[dev] = (seq, gid, plan.get(dev))
                 else:
                     self.handle_update(*decode_update(ev))
                     replayed += 1
+        self._resend = self._rebuild_journaled({  # those answered (replayed above) need nothing
+            d: r for d, r in journaled.items() if d in self._out and self._out[d].round == r[0]
+        })  # fmt: skip
         journal.start(self.round, self.run_id, events)
         self.journal = journal
         if restored or events:
             log.info(
                 "resumed version %d: %d tasks outstanding at the checkpoint, %d journal events "
-                "(%d update messages replayed, %d in the open buffer), %d tasks out now",
+                "(%d update messages replayed, %d in the open buffer), %d tasks out now, "
+                "%d to send again",
                 self.round, restored, len(events), replayed,
                 self.aggregator.count if self.aggregator else 0, len(self._out),
+                len(self._resend),
             )  # fmt: skip
+
+    def _rebuild_journaled(self, due: dict[str, tuple[int, str, list[Any] | None]]) -> LazyTasks:
+        """Async, in :meth:`resume`: the tasks ``due`` (device -> (task round, graph, plan)),
+        which the journal says were dispatched on this version and are still out, rebuilt
+        to send again (:meth:`take_resend`).
+
+        Rebuilt here, not at that dispatch: the replayed buffer may be full already, and
+        the version closes (new weights) before the loop sends them; a task is the weights
+        of the version it was journaled on, encoded now (only the joining of its bytes
+        waits, see coordinator/tasks.py).
+
+        Why: the journal line is fsynced BEFORE the task is published (it must be: a task
+        out that the coordinator forgot would have its update dropped as ``late``), so a
+        kill in between restores a task no device ever received, and nothing else would send
+        it: the device idles and the coordinator waits ``round_timeout`` for it, then drops
+        it as ``deadline``. Sending every such task again is harmless for a device that
+        did get it: same run, same round (dispatch sequence) and version, so the agent
+        answers it with its stored update (same update id: dropped as a duplicate, the
+        key is counted once), or a signed agent's verifier takes the same sequence again
+        and the agent does the same; it never trains twice. Should a device answer twice
+        anyway (an agent that lost its outbox), the first accepted update releases the task
+        and the second is ``late`` (sharded: one worker keeps one key per device, the merge
+        one per round). The set is fixed here (the tasks still out after the replay) and
+        sent before any update is read, so what a restart sends does not depend on how
+        fast the broker delivers (nor does a test), and each task is still held with its
+        round when it is signed.
+
+        Why rebuilt rather than journaled bytes: a task carries the model's weights (a
+        model-sized fsync per task). The journal keeps the version (its weights are the
+        checkpoint's), the round and graph, and the plan -- seed, uplink spec, whether the
+        graph went along (:meth:`_plan`) -- so the rebuilt task is the original byte for byte
+        (and, Ed25519 being deterministic, so is its signature). A journal written before
+        the plan was journaled rebuilds with a fresh seed, today's uplink spec and the graph
+        included: the same task identity (round, version, graph), a different seed.
+        Tasks restored from the checkpoint (older versions) are not sent again: their
+        weights are gone, and the process that published them lived on to close a version
+        and fsync a checkpoint, long after the broker acknowledged them."""
+        groups: dict[int, dict[str, tuple[str, list[Any] | None]]] = {}
+        for d, (seq, gid, plan) in sorted(due.items()):
+            groups.setdefault(seq, {})[d] = (gid, plan)
+        out = LazyTasks({})
+        for seq, group in sorted(groups.items()):
+            assignment = {d: gid for d, (gid, _) in group.items()}
+            plans = {
+                d: list(p) if p is not None and len(p) == 3 else None for d, (_, p) in group.items()
+            }
+            fresh = self._plan({d: assignment[d] for d, p in plans.items() if p is None})
+            plan = {d: p if p is not None else [*fresh[d][:2], True] for d, p in plans.items()}
+            out = _joined(out, self._tasks(seq, assignment, plan))
+        if out:
+            which = ", ".join(f"{d} (task {due[d][0]})" for d in sorted(out))
+            log.info("rebuilt %d journaled tasks of version %d to send again: %s",
+                     len(out), self.round, which)  # fmt: skip
+        return out
+
+
+def _joined(a: LazyTasks, b: LazyTasks) -> LazyTasks:
+    """Both mappings' tasks (and byte counts) in one."""
+    if not a:
+        return b
+    out = LazyTasks({})
+    for part in (a, b):
+        out.update(part)
+        out.bytes += part.bytes
+    return out

@@ -10,7 +10,7 @@ time instead of one per sampled device (1 byte per parameter each with int8 weig
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from edgefed.codec import CompressionSpec, UpdateMeta, encode_update
@@ -61,9 +61,14 @@ def build_tasks(
     seed: Callable[[], int],
     run_id: str | None = None,
     uplinks: Mapping[str, str] | None = None,  # device -> its update spec (adaptive)
+    with_graph: Collection[str] | None = None,  # devices sent the graph (None: who lacks it)
 ) -> LazyTasks:
     """Every sampled device's task: the global weights (encoded once, shared), its graph's
-    header and, only when the device does not hold that graph yet, the graph itself."""
+    header and, only when the device does not hold that graph yet, the graph itself.
+
+    ``with_graph`` fixes who gets the graph instead: a restarted asynchronous coordinator
+    re-sending a journaled task rebuilds it byte for byte (coordinator/journal.py), so it
+    must repeat the original decision, not take a new one from what it knows now."""
     meta = UpdateMeta(rnd, "coordinator", 0, model_version, kind="weights")
     weights = encode_update(dict(params), meta, CompressionSpec.parse(cfg.downlink))
     hyper = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
@@ -79,7 +84,8 @@ def build_tasks(
             cfg.error_feedback, cfg.round_timeout, run_id,
         )  # fmt: skip
         parts = {"weights": weights}
-        if g.sha not in st.graphs:  # the step graph only when the device lacks it
+        lacks = g.sha not in st.graphs if with_graph is None else d in with_graph
+        if lacks:  # the step graph only when the device lacks it
             parts.update(graph_parts(g))
             st.graphs = [*st.graphs, g.sha][-16:]
         tasks[d] = PackedMessage(header.to_dict(), parts)
