@@ -240,7 +240,7 @@ def _depthwise_weight_grad(grad_out: Tensor, x: Tensor, w_shape: Any, *conv: Any
     dh, dw = dilation
     sums = []
     wp = int(x.shape[3]) + 2 * pw
-    if depthwise_grad.applies(x, w_shape, stride, padding):
+    if depthwise_grad.applies(x, stride, padding):
         return torch.ops.edgefed.depthwise_weight_grad.default(grad_out, x, kh, kw, ph, pw, dh, dw)
     if sh == sw == 1:  # every offset is ONE contiguous slice of the row-flattened padded map
         extra = -(-(kw - 1) * dw // wp)  # rows so that the last offset's slice stays inside

@@ -55,7 +55,7 @@ ROWS_MAX_WIDTH = 64  # wider padded rows keep the per-offset form: the GEMM does
 _GEOMETRY = ("kh", "kw", "ph", "pw", "dh", "dw", "c", "h", "w", "ho", "wo")
 
 
-def applies(x: Tensor, w_shape: Any, stride: Any, padding: Any) -> bool:
+def applies(x: Tensor, stride: Any, padding: Any) -> bool:
     """Whether a depthwise layer's weight gradient takes the marker (stride 1, narrow map)."""
     return list(stride) == [1, 1] and int(x.shape[3]) + 2 * int(padding[1]) <= ROWS_MAX_WIDTH
 
@@ -64,6 +64,7 @@ def applies(x: Tensor, w_shape: Any, stride: Any, padding: Any) -> bool:
 def depthwise_weight_grad(
     grad_out: Tensor, x: Tensor, kh: int, kw: int, ph: int, pw: int, dh: int, dw: int
 ) -> Tensor:
+    """Eager: torch's own convolution backward (stride 1, groups = channels)."""
     c = int(x.shape[1])
     w = x.new_empty(c, 1, kh, kw)
     return aten.convolution_backward.default(
