@@ -43,13 +43,12 @@ from onnx.defs import OpSchema
 from onnxscript import FLOAT, values
 from torch import Tensor
 
-from .onnx_builder import Builder
+from .onnx_builder import NCHWC_DOMAIN, Builder, nchwc_block_size, with_nodes
 
 aten = torch.ops.aten
 
 MARKER_DOMAIN = "edgefed.marker"
 MARKER_OP = "DepthwiseWeightGrad"
-NCHWC_DOMAIN = "com.microsoft.nchwc"
 ROWS_MAX_WIDTH = 64  # wider padded rows keep the per-offset form: the GEMM does ~Wp / kw times
 # the direct multiply-adds; 15.3 -> 10.1 ms at width 28, 38.2 -> 23.6 at 56, 13.8 vs 14.4 at 112
 _GEOMETRY = ("kh", "kw", "ph", "pw", "dh", "dw", "c", "h", "w", "ho", "wo")
@@ -197,11 +196,7 @@ def lower_all(model: onnx.ModelProto) -> onnx.ModelProto:
         b.nodes = []
         lower_rows(b, n)
         nodes.extend(b.nodes)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    out.graph.ClearField("node")
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(b.inits)
+    out = with_nodes(model, nodes, b.inits)
     drop_marker_opset(out)
     return out
 
@@ -221,9 +216,7 @@ def standalone(
     if form == "rows":
         lower_rows(b, node)
     elif form == "stacked":
-        from .nchwc import _block_size  # here: nchwc imports this module
-
-        lower_stacked(b, node, _block_size(b), {})
+        lower_stacked(b, node, nchwc_block_size(b), {})
     else:
         raise ValueError(f"form {form!r}: expected 'rows' or 'stacked'")
     f32 = onnx.TensorProto.FLOAT

@@ -46,9 +46,9 @@ import onnx
 from onnx import helper
 
 from . import depthwise_grad
-from .onnx_builder import Builder
+from .onnx_builder import NCHWC_DOMAIN, Builder, nchwc_block_size, with_nodes
 
-DOMAIN = "com.microsoft.nchwc"
+DOMAIN = NCHWC_DOMAIN
 METADATA_KEY = "edgefed.alt.nchwc"
 MIN_CHANNELS_MULTIPLE = 16  # every NCHWc block size (8 AVX2, 16 AVX-512) divides it
 MIN_BLOCK = 8  # the smallest block size: fewer input channels may stay NCHW
@@ -107,16 +107,6 @@ def _kind(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> str | None:
         ):
             return None
     return "depthwise"
-
-
-def _block_size(b: Builder) -> str:
-    """int64 [1] tensor holding the NCHWc block size, computed inside the graph."""
-    probe = b.node("ReorderInput", [b.const("probe", np.zeros((1, 4, 1, 1), np.float32))], DOMAIN)
-    shape = b.node("Shape", [probe])
-    return b.node(
-        "Slice",
-        [shape, b.const("one", np.array([1], np.int64)), b.const("two", np.array([2], np.int64))],
-    )
 
 
 def _blocked_weight(b: Builder, w: str, shape: list[int], blk: str, kind: str, flip: bool) -> str:
@@ -181,7 +171,7 @@ def nchwc_alternative(
     if not any(k != "rows" for k in targets.values()):
         return None
     b = Builder("nchwc")
-    blk = _block_size(b)
+    blk = nchwc_block_size(b)
     head = list(b.nodes)
     out_nodes: list[onnx.NodeProto] = []
     blocked: dict[str, str] = {}  # NCHW tensor -> its ReorderInput output (shared)
@@ -223,12 +213,8 @@ def nchwc_alternative(
             helper.make_node("ReorderOutput", [yb], [n.output[0]], domain=DOMAIN, channels=c_out)
         )
         out_nodes.extend(b.nodes)
-    alt = onnx.ModelProto()
-    alt.CopyFrom(model)
+    alt = with_nodes(model, head + out_nodes, b.inits)
     del alt.metadata_props[:]
-    alt.graph.ClearField("node")
-    alt.graph.node.extend(head + out_nodes)
-    alt.graph.initializer.extend(b.inits)
     depthwise_grad.drop_marker_opset(alt)
     alt.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return alt

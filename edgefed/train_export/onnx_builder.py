@@ -1,4 +1,5 @@
-"""A tiny ONNX node builder for the exporter's graph rewrites (nchwc.py, depthwise_grad.py).
+"""A tiny ONNX node builder for the exporter's graph rewrites (nchwc.py, depthwise_grad.py),
+and the NCHWc facts both rewrites build on.
 
 Why not onnxscript: these rewrites splice nodes into an already exported ModelProto, next
 to nodes they keep, and need unique names in that graph; building NodeProtos directly is
@@ -46,4 +47,29 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, [output], domain=domain, **attrs))
 
 
-__all__ = ["Builder"]
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+
+
+def nchwc_block_size(b: Builder) -> str:
+    """int64 [1] tensor holding the NCHWc block size (16 with AVX-512, 8 with AVX2), read
+    inside the graph: ``Shape(ReorderInput(zeros[1, 4, 1, 1]))[1]``, so one graph serves
+    every machine whose onnxruntime has the NCHWc kernels."""
+    probe = b.const("probe", np.zeros((1, 4, 1, 1), np.float32))
+    shape = b.node("Shape", [b.node("ReorderInput", [probe], NCHWC_DOMAIN)])
+    return b.node("Slice", [shape, b.ints("one", [1]), b.ints("two", [2])])
+
+
+def with_nodes(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph holds ``nodes`` (in that order) and, besides its own
+    initializers, ``inits``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.ClearField("node")
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(inits)
+    return out
+
+
+__all__ = ["NCHWC_DOMAIN", "Builder", "nchwc_block_size", "with_nodes"]
