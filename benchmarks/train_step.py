@@ -63,11 +63,11 @@ def _interleaved_rounds(fns, steps: int, repeats: int) -> list[dict[str, list[fl
     return runs
 
 
-def torch_sgd_step(model, x, y, loss_fn=None):
-    """A closure running one torch eager SGD-momentum step on a copy of ``model`` (lr 0.01,
-    momentum 0.9, cross entropy unless ``loss_fn``): the baseline every step is timed against."""
+def torch_sgd_step(model, x, y, loss_fn=None, momentum: float = 0.9):
+    """A closure running one torch eager SGD step on a copy of ``model`` (lr 0.01, cross
+    entropy unless ``loss_fn``): the baseline every step is timed against."""
     ref = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=momentum)
     loss = loss_fn or torch.nn.functional.cross_entropy
 
     def step() -> None:
@@ -111,14 +111,7 @@ def bench_model(
     rows = []
     for threads in threads_list:
         torch.set_num_threads(threads)
-        ref = copy.deepcopy(model).train()
-        opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=OPTIMIZERS[opt_name])
-
-        def torch_step(opt=opt, ref=ref) -> None:
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(ref(x), y).backward()
-            opt.step()
-
+        torch_step = torch_sgd_step(model, x, y, momentum=OPTIMIZERS[opt_name])
         tr = StepTrainer(g.onnx, g.manifest, threads=threads)
         tr.set_params({k: v.detach().numpy() for k, v in model.state_dict().items()})
         tr._scalars["lr"][()] = 0.01

@@ -19,7 +19,6 @@ device RSS (MobileNet-style, batch 32) < 150 MB.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -37,7 +36,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from _util import machine, write_json  # noqa: E402
 from train_export_zoo import zoo  # noqa: E402
-from train_step import _interleaved_rounds  # noqa: E402
+from train_step import _interleaved_rounds, torch_sgd_step  # noqa: E402
 
 from device_agent.trainer import StepTrainer  # noqa: E402
 from edgefed.train_export import export_training_step  # noqa: E402
@@ -78,13 +77,7 @@ def bench(name: str, model, g, threads: int, steps: int, repeats: int) -> dict:
     xn, yn = x.numpy(), y.numpy()
     loss_fn = _loss_fn(e.kwargs.get("loss", "cross_entropy"))[1]
     torch.set_num_threads(threads)
-    ref = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
-
-    def torch_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(ref(x), y).backward()
-        opt.step()
+    torch_step = torch_sgd_step(model, x, y, loss_fn)
 
     # What a device runs (kernel dispatch: the step's NCHWc alternative when it loads and
     # passes the trainer's one-batch check) and the default-domain graph alone, side by side.
